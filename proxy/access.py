@@ -1,0 +1,70 @@
+"""Proofs that a credential may read a scope (a session or an execution).
+
+A 200 from upstream for any artifact of a scope, asked with credential T, proves that T may read
+that scope. We remember the proof for ``ttl`` seconds under an HMAC of T (never T itself), with a
+secret generated once per cache directory and kept in a 0600 file. Proofs live on disk so they
+survive restarts. All methods block: call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+
+import diskcache
+
+_SECRET_FILE = "secret"  # noqa: S105 (a file name)
+
+
+def _load_or_create_secret(directory: Path) -> bytes:
+    path = directory / _SECRET_FILE
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    value = path.read_text().strip()
+    if len(value) < 32:
+        raise OSError(f"{path} is damaged; remove it to start with a new secret")
+    return bytes.fromhex(value)
+
+
+class AccessProofs:
+    """HMAC-keyed, TTL-bounded proofs of (credential, scope) access, stored on disk."""
+
+    def __init__(self, directory: str | Path, ttl: float) -> None:
+        self.directory = Path(directory)
+        self.ttl = ttl
+        self._secret = _load_or_create_secret(self.directory)
+        self._proofs = diskcache.Cache(
+            str(self.directory / "access"), size_limit=64 * 1024**2, statistics=False
+        )
+        self._proofs.expire()
+
+    def fingerprint(self, authorization: str | None) -> str | None:
+        """A stable, non-reversible name for a credential; ``None`` when there is none."""
+        if not authorization:
+            return None
+        return hmac.new(self._secret, authorization.encode(), hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def _key(fingerprint: str, scope_kind: str, scope_id: str) -> str:
+        return json.dumps([fingerprint, scope_kind, scope_id], separators=(",", ":"))
+
+    def has_proof(self, fingerprint: str | None, scope_kind: str, scope_id: str) -> bool:
+        if fingerprint is None:
+            return False
+        return self._proofs.get(self._key(fingerprint, scope_kind, scope_id)) is not None
+
+    def record(self, fingerprint: str | None, scope_kind: str, scope_id: str) -> None:
+        if fingerprint is None:
+            return
+        self._proofs.set(self._key(fingerprint, scope_kind, scope_id), 1, expire=self.ttl)
+
+    def close(self) -> None:
+        self._proofs.close()

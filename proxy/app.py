@@ -1,0 +1,88 @@
+"""The application factory: routes, lifespan and the one exception-to-response map."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from proxy.artifacts import ArtifactRoute
+from proxy.config import Config
+from proxy.errors import ProxyError, ResponseAborted, handle_proxy_error, json_response
+from proxy.metrics import Metrics
+from proxy.services import Services
+
+log = logging.getLogger(__name__)
+
+
+class _AbortGuard:
+    """Turns :class:`ResponseAborted` into a cut connection instead of a logged traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except ResponseAborted as exc:
+            log.warning("response aborted: %s", exc)
+
+
+def create_app(config: Config | None = None) -> Starlette:
+    """A proxy app for ``config`` (defaults if omitted). Nothing is opened until its lifespan."""
+    config = config or Config()
+    services = Services(config, Metrics())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await services.open()
+        log.info("serving %s from cache in %s", config.upstream_origin, config.cache_dir)
+        try:
+            yield
+        finally:
+            await services.close()
+
+    async def healthz(_request: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def readyz(_request: Request) -> Response:
+        ready = services.serving and await anyio.to_thread.run_sync(services.store.ready)
+        return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready"})
+
+    async def metrics(_request: Request) -> Response:
+        stats = await anyio.to_thread.run_sync(services.store.stats)
+        body = services.metrics.render(stats)
+        response = Response(body)
+        response.raw_headers = [
+            (b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8"),
+            (b"Content-Length", str(len(body)).encode()),
+        ]
+        return response
+
+    async def passthrough(scope: Scope, receive: Receive, send: Send) -> None:
+        await services.passthrough(scope, receive, send)
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/v1/artifacts", ArtifactRoute(services)),
+        ],
+        middleware=[Middleware(_AbortGuard)],
+        exception_handlers={ProxyError: handle_proxy_error},
+        lifespan=lifespan,
+    )
+    # Everything else goes upstream verbatim: no 404s of our own, no slash redirects.
+    app.router.default = passthrough
+    app.router.redirect_slashes = False
+    app.state.services = services
+    return app

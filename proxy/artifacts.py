@@ -1,0 +1,301 @@
+"""``GET /v1/artifacts``: the cached route.
+
+Hit:  parse key -> look up (length check) -> access check -> stream the file, hashing it.
+Miss: parse key -> join or start the key's fill -> access check if joining with another
+      credential -> stream the growing file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import anyio.to_thread
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from proxy.errors import ProxyError, ResponseAborted, UpstreamUnavailable, json_response
+from proxy.fills import FillFailed, Reader
+from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
+from proxy.keys import ArtifactKey, parse_key
+from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
+from proxy.services import Services
+from proxy.store import Entry
+from proxy.upstream import Answer, artifact_request, open_stream, read_answer
+
+CACHE_CONTROL = (b"Cache-Control", b"private, max-age=31536000, immutable")
+
+
+class _Corrupt(Exception):
+    """A stored entry's bytes do not match its metadata."""
+
+
+class ArtifactRoute:
+    """The ASGI app for ``/v1/artifacts``; anything but GET is passed through."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        if scope["method"] != "GET":
+            await self.s.passthrough(scope, receive, send)
+            return
+        try:
+            key = parse_key(scope["query_string"])
+        except ProxyError:
+            self._count("error")
+            raise
+        if key is None:  # filename= lookups name no immutable object
+            self._count("bypass")
+            await self.s.passthrough(scope, receive, send)
+            return
+        authorization = request.headers.get("authorization")
+        fingerprint = self.s.access.fingerprint(authorization)
+        try:
+            response = await self._hit(request, key, authorization, fingerprint)
+            if response is None:
+                response = await self._miss(request, key, authorization, fingerprint)
+        except ProxyError:
+            self._count("error")
+            raise
+        await response(scope, receive, send)
+
+    def _count(self, outcome: str) -> None:
+        self.s.metrics.requests.labels(outcome).inc()
+
+    # -- access -------------------------------------------------------------------------------
+
+    async def _authorize(
+        self, key: ArtifactKey, authorization: str | None, fingerprint: str | None
+    ) -> Response | None:
+        """``None`` if the credential may read ``key``'s scope, else upstream's refusal."""
+        checks = self.s.metrics.access_checks
+        scope_kind, scope_id = key.scope_kind, key.scope_id
+        if await anyio.to_thread.run_sync(
+            self.s.access.has_proof, fingerprint, scope_kind, scope_id
+        ):
+            checks.labels("proof").inc()
+            return None
+        request = artifact_request(self.s.client, self.s.config, key, authorization)
+        try:
+            async with open_stream(self.s.client, request) as upstream:
+                if upstream.status_code == 200:  # the status line is the proof; skip the body
+                    await anyio.to_thread.run_sync(
+                        self.s.access.record, fingerprint, scope_kind, scope_id
+                    )
+                    checks.labels("granted").inc()
+                    return None
+                answer = await read_answer(upstream)
+        except ProxyError:
+            checks.labels("unavailable").inc()
+            raise
+        checks.labels("denied").inc()
+        self._count("error")
+        if answer is None:
+            raise UpstreamUnavailable("upstream refused access with an oversized body")
+        return _replay(answer)
+
+    # -- hit ----------------------------------------------------------------------------------
+
+    def _lookup(self, key: ArtifactKey) -> Entry | None:
+        """The entry if present and of the recorded length; a damaged one is evicted. Blocks."""
+        entry = self.s.store.get(key.cache_key)
+        if entry is not None and entry.size_on_disk != entry.meta.length:
+            entry.close()
+            self._corrupt(key)
+            return None
+        return entry
+
+    def _corrupt(self, key: ArtifactKey) -> None:
+        self.s.metrics.integrity_failures.inc()
+        self.s.store.evict(key.cache_key)
+
+    async def _hit(
+        self,
+        request: Request,
+        key: ArtifactKey,
+        authorization: str | None,
+        fingerprint: str | None,
+    ) -> Response | None:
+        entry = await anyio.to_thread.run_sync(self._lookup, key)
+        if entry is None:
+            return None
+        try:
+            refusal = await self._authorize(key, authorization, fingerprint)
+            if refusal is not None:
+                entry.close()
+                return refusal
+            response = await self._entry_response(request, key, entry)
+        except BaseException:
+            entry.close()
+            raise
+        if response is not None:
+            self._count("hit")
+        return response
+
+    async def _entry_response(
+        self, request: Request, key: ArtifactKey, entry: Entry
+    ) -> Response | None:
+        """The hit's response; ``None`` if a small entry failed its check (then refetch)."""
+        meta = entry.meta
+        common: RawHeaders = [
+            (b"ETag", meta.etag.encode()),
+            CACHE_CONTROL,
+            (b"Accept-Ranges", b"bytes"),
+            (b"X-Cache", b"HIT"),
+        ]
+        if none_match(request.headers.get("if-none-match"), meta.etag):
+            entry.close()
+            return _raw(Response(status_code=304), common)
+        try:
+            span = byte_range(
+                request.headers.get("range"),
+                request.headers.get("if-range"),
+                meta.etag,
+                meta.length,
+            )
+        except RangeNotSatisfiable:
+            entry.close()
+            return json_response(
+                416,
+                {"detail": "Range Not Satisfiable"},
+                [(b"Content-Range", f"bytes */{meta.length}".encode()), *common],
+            )
+        start, end = span if span is not None else (0, meta.length)
+        headers: RawHeaders = [
+            (CONTENT_TYPE, meta.content_type.encode("latin-1")),
+            (CONTENT_LENGTH, str(end - start).encode()),
+            *common,
+        ]
+        if span is not None:
+            headers.append((b"Content-Range", f"bytes {start}-{end - 1}/{meta.length}".encode()))
+        verify = span is None  # a range is length-checked only: hashing it means reading it all
+        served = self.s.metrics.served_bytes.labels("cache")
+        if end - start <= self.s.config.chunk_size:
+            try:
+                body = await anyio.to_thread.run_sync(_read, entry, start, end, verify)
+            except _Corrupt:
+                await anyio.to_thread.run_sync(self._corrupt, key)
+                return None
+            finally:
+                entry.close()
+            served.inc(len(body))
+            return _raw(Response(body, status_code=206 if span else 200), headers)
+        chunks = self._stream_entry(key, entry, start, end, verify)
+        response = StreamingResponse(
+            chunks, status_code=206 if span else 200, background=BackgroundTask(entry.close)
+        )
+        return _raw(response, headers)
+
+    async def _stream_entry(
+        self, key: ArtifactKey, entry: Entry, start: int, end: int, verify: bool
+    ) -> AsyncIterator[bytes]:
+        """The entry's bytes in chunks, hashed on the way; the last chunk waits for the check."""
+        sha256 = hashlib.sha256() if verify else None
+        fd = entry.file.fileno()
+        served = self.s.metrics.served_bytes.labels("cache")
+        chunk_size = self.s.config.chunk_size
+
+        def read(size: int, offset: int) -> bytes:
+            data = os.pread(fd, size, offset)
+            if sha256 is not None:
+                sha256.update(data)
+            return data
+
+        try:
+            position = start
+            while position < end:
+                size = min(chunk_size, end - position)
+                data = await anyio.to_thread.run_sync(read, size, position)
+                position += len(data)
+                short = len(data) != size
+                if short or (
+                    position == end and sha256 and sha256.hexdigest() != entry.meta.sha256
+                ):
+                    await anyio.to_thread.run_sync(self._corrupt, key)
+                    raise ResponseAborted(f"cached {key.object_id} failed its integrity check")
+                served.inc(size)
+                yield data
+        finally:
+            entry.close()
+
+    # -- miss ---------------------------------------------------------------------------------
+
+    async def _miss(
+        self,
+        request: Request,
+        key: ArtifactKey,
+        authorization: str | None,
+        fingerprint: str | None,
+    ) -> Response:
+        fill = self.s.fills.get(key)
+        if fill is None:
+            fill = self.s.fills.start(key, authorization, fingerprint)
+            outcome = b"MISS"
+        else:
+            outcome = b"COALESCED"
+        reader = fill.join()  # before any await: keeps the fill's file open for us
+        try:
+            if outcome == b"COALESCED" and (fingerprint is None or fingerprint != fill.fingerprint):
+                refusal = await self._authorize(key, authorization, fingerprint)
+                if refusal is not None:
+                    reader.close()
+                    return refusal
+            await fill.started.wait()
+            if fill.error is not None:
+                raise fill.error
+            if fill.answer is not None and fill.fingerprint == fingerprint:
+                reader.close()
+                self._count("error")
+                return _replay(fill.answer)
+            if not fill.streaming:  # refused for someone else, or no room: go on our own
+                reader.close()
+                self._count("bypass")
+                return await self.s.passthrough.forward(request)
+        except BaseException:
+            reader.close()
+            raise
+        self._count("miss" if outcome == b"MISS" else "coalesced")
+        headers: RawHeaders = [(CONTENT_TYPE, fill.content_type.encode("latin-1"))]
+        if fill.expected_length is not None:
+            headers.append((CONTENT_LENGTH, str(fill.expected_length).encode()))
+        headers += [CACHE_CONTROL, (b"X-Cache", outcome)]
+        response = StreamingResponse(
+            self._stream_fill(reader), background=BackgroundTask(reader.close)
+        )
+        return _raw(response, headers)
+
+    async def _stream_fill(self, reader: Reader) -> AsyncIterator[bytes]:
+        served = self.s.metrics.served_bytes.labels("upstream")
+        try:
+            async for data in reader.fill.chunks(self.s.config.chunk_size):
+                served.inc(len(data))
+                yield data
+        except FillFailed as exc:
+            raise ResponseAborted(str(exc)) from exc
+        finally:
+            reader.close()
+
+
+def _read(entry: Entry, start: int, end: int, verify: bool) -> bytes:
+    """Read ``[start, end)`` of a small entry, checking the sha256 of a whole one. Blocks."""
+    data = os.pread(entry.file.fileno(), end - start, start)
+    if len(data) != end - start:
+        raise _Corrupt
+    if verify and hashlib.sha256(data).hexdigest() != entry.meta.sha256:
+        raise _Corrupt
+    return data
+
+
+def _raw(response: Response, headers: RawHeaders) -> Response:
+    """Replace a response's headers with ``headers``, spelled exactly as given."""
+    response.raw_headers = headers
+    return response
+
+
+def _replay(answer: Answer) -> Response:
+    return _raw(Response(answer.body, status_code=answer.status), answer.headers)

@@ -1,0 +1,79 @@
+"""``vlmrun-cache`` and ``python -m proxy``: parse flags, load the config, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from proxy import __version__
+from proxy.app import create_app
+from proxy.config import KEYS, Config, ConfigError, load
+
+_HELP = {
+    "host": "address to listen on (default 127.0.0.1)",
+    "port": "port to listen on (default 8080)",
+    "upstream": "origin of the VLM Run API (default https://api.vlm.run)",
+    "cache_dir": "cache directory (default: the user's cache directory)",
+    "max_size": "upper bound on cached bytes, e.g. 512MiB or 10GiB (default 10GiB)",
+    "max_object_size": "larger artifacts stream through uncached (default max-size / 4)",
+    "proof_ttl": "how long an upstream 200 proves access to a scope (default 1h)",
+    "connect_timeout": "time to connect to the upstream (default 5s)",
+    "read_timeout": "longest upstream silence on artifact fetches (default 25s)",
+    "passthrough_timeout": "longest upstream silence on passed-through traffic (default 10m)",
+    "max_connections": "most connections to the upstream (default 100)",
+    "chunk_size": "bytes per read when serving from disk (default 256KiB)",
+    "log_level": "critical, error, warning, info or debug (default info)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmrun-cache", description="A local caching reverse proxy for the VLM Run API."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy. Settings: defaults < --config file < VLMRUN_CACHE_<KEY> "
+        "environment variables < flags.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML file (see config.example.toml)")
+    for key in KEYS:
+        serve.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE", help=_HELP[key])
+    return parser
+
+
+def serve(config: Config) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        # h11 sends header names as written; httptools would lowercase Content-Type and break
+        # the Python SDK (docs/clients.md).
+        http="h11",
+        lifespan="on",
+        log_level=config.log_level,
+        server_header=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    flags = {key: getattr(args, key) for key in KEYS}
+    try:
+        config = load(args.config, os.environ, flags)
+    except ConfigError as exc:
+        print(f"vlmrun-cache: invalid setting {exc}", file=sys.stderr)
+        return 2
+    serve(config)
+    return 0

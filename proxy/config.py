@@ -1,0 +1,219 @@
+"""Settings: defaults < TOML file < environment (``VLMRUN_CACHE_<KEY>``) < command-line flags.
+
+Everything is parsed once into a frozen :class:`Config`; an invalid value raises
+:class:`ConfigError` whose message names the offending key, so start-up fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import platformdirs
+
+ENV_PREFIX = "VLMRUN_CACHE_"
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message starts with the key's name."""
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string such as ``512MiB``, ``10GiB``, ``1.5GB``, ``4096``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512MiB or 10GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _NUMBER_WITH_UNIT.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size such as 512MiB or 10GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``250ms``, ``30s``, ``10m``, ``1h``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s or 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    match = _NUMBER_WITH_UNIT.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _DURATION_UNITS:
+        raise ValueError(f"{value!r} is not a duration such as 30s, 10m or 1h")
+    return float(match.group(1)) * _DURATION_UNITS[unit]
+
+
+def _parse_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    try:
+        return int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+
+
+def _parse_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def default_cache_dir() -> str:
+    """The per-user cache directory, e.g. ``~/.cache/vlmrun-artifact-cache`` on Linux."""
+    return platformdirs.user_cache_dir("vlmrun-artifact-cache", appauthor=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of the proxy. Sizes are bytes, durations seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstream: str = "https://api.vlm.run"
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
+    max_size: int = 10 * 1024**3
+    #: 0 means a quarter of ``max_size``; use :attr:`object_size_limit` for the effective value.
+    max_object_size: int = 0
+    proof_ttl: float = 3600.0
+    connect_timeout: float = 5.0
+    #: Idle read limit for artifact fetches; below the Python SDK's 30 s request timeout.
+    read_timeout: float = 25.0
+    #: Idle read limit for everything passed through (SSE streams, uploads).
+    passthrough_timeout: float = 600.0
+    max_connections: int = 100
+    chunk_size: int = 256 * 1024
+    log_level: str = "info"
+
+    @property
+    def object_size_limit(self) -> int:
+        return self.max_object_size or self.max_size // 4
+
+    @property
+    def upstream_origin(self) -> str:
+        return self.upstream.rstrip("/")
+
+
+_PARSERS: dict[str, Callable[[object], Any]] = {
+    "host": _parse_str,
+    "port": _parse_int,
+    "upstream": _parse_str,
+    "cache_dir": _parse_str,
+    "max_size": parse_size,
+    "max_object_size": parse_size,
+    "proof_ttl": parse_duration,
+    "connect_timeout": parse_duration,
+    "read_timeout": parse_duration,
+    "passthrough_timeout": parse_duration,
+    "max_connections": _parse_int,
+    "chunk_size": parse_size,
+    "log_level": _parse_str,
+}
+KEYS = tuple(_PARSERS)
+
+
+def _validate(config: Config) -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{key}: {why}")
+
+    if not 0 < config.port < 65536:
+        fail("port", f"{config.port} is not a TCP port (1-65535)")
+    parts = urlsplit(config.upstream)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        fail("upstream", f"{config.upstream!r} is not an http(s) URL such as https://api.vlm.run")
+    if parts.path not in ("", "/") or parts.query:
+        fail("upstream", "give the origin only (no /v1 path): requests keep their own path")
+    if config.max_size <= 0:
+        fail("max_size", "must be larger than zero")
+    if config.max_object_size > config.max_size:
+        fail("max_object_size", "cannot be larger than max_size")
+    if config.proof_ttl <= 0:
+        fail("proof_ttl", "must be larger than zero")
+    for key in ("connect_timeout", "read_timeout", "passthrough_timeout"):
+        if getattr(config, key) <= 0:
+            fail(key, "must be larger than zero")
+    if config.max_connections < 1:
+        fail("max_connections", "must be at least 1")
+    if not 4096 <= config.chunk_size <= 16 * 1024**2:
+        fail("chunk_size", "must be between 4KiB and 16MiB")
+    if config.log_level.lower() not in _LOG_LEVELS:
+        fail("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    if not config.cache_dir:
+        fail("cache_dir", "must not be empty")
+
+
+def _apply(base: dict[str, Any], values: Mapping[str, object], source: str) -> None:
+    for key, raw in values.items():
+        if key not in _PARSERS:
+            raise ConfigError(f"{key}: unknown setting (from {source}); known: {', '.join(KEYS)}")
+        try:
+            base[key] = _PARSERS[key](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc} (from {source})") from None
+
+
+def load(
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+) -> Config:
+    """Merge defaults, the TOML ``file``, ``env`` and ``flags`` (later wins) into a Config.
+
+    Only environment variables named ``VLMRUN_CACHE_<KEY>`` for a known key are read; others
+    (for instance the SDK's own ``VLMRUN_CACHE_DIR``) are ignored.
+    """
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {file}: {exc.strerror}") from None
+        try:
+            _apply(values, tomllib.loads(text), f"file {file}")
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {file} is not valid TOML: {exc}") from None
+    environ = os.environ if env is None else env
+    from_env = {
+        key: environ[ENV_PREFIX + key.upper()]
+        for key in KEYS
+        if ENV_PREFIX + key.upper() in environ
+    }
+    _apply(values, from_env, "environment")
+    _apply(values, {k: v for k, v in (flags or {}).items() if v is not None}, "command line")
+    if "log_level" in values:
+        values["log_level"] = values["log_level"].lower()
+    if "cache_dir" in values:
+        values["cache_dir"] = os.path.expanduser(values["cache_dir"])
+    config = Config(**values)
+    _validate(config)
+    return config

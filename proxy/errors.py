@@ -1,0 +1,76 @@
+"""Domain errors that carry their HTTP meaning, and the one place they become responses.
+
+Bodies follow the API's own shapes: validation errors are ``{"detail": [{"loc", "msg", "type"}]}``
+(FastAPI's HTTPValidationError, as in the seed's OpenAPI), others ``{"detail": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.headers import CONTENT_TYPE
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself."""
+
+    status_code = 500
+
+    def __init__(self, detail: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidRequest(ProxyError):
+    """The request can never succeed as sent (422)."""
+
+    status_code = 422
+
+    def __init__(self, loc: list[str | int], msg: str, kind: str, value: object = None) -> None:
+        item: dict[str, Any] = {"loc": loc, "msg": msg, "type": kind}
+        if value is not None:
+            item["input"] = value
+        super().__init__([item])
+
+
+class UpstreamUnavailable(ProxyError):
+    """The upstream could not be reached or broke the connection (502)."""
+
+    status_code = 502
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream did not answer in time (504)."""
+
+    status_code = 504
+
+
+class ResponseAborted(Exception):
+    """Raised mid-body to cut the connection, so the client sees a failed transfer.
+
+    The outermost ASGI wrapper swallows it; the server then closes the connection without
+    completing the response (a short body, or a chunked body without its terminator).
+    """
+
+
+def json_response(
+    status_code: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> Response:
+    """A JSON response whose header is spelled ``Content-Type`` (see docs/clients.md)."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    response = Response(body, status_code=status_code)
+    response.raw_headers = [
+        (CONTENT_TYPE, b"application/json"),
+        (b"Content-Length", str(len(body)).encode()),
+        *(extra or []),
+    ]
+    return response
+
+
+async def handle_proxy_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    return json_response(exc.status_code, {"detail": exc.detail})

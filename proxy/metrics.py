@@ -1,0 +1,92 @@
+"""Every Prometheus instrument, on a registry owned by the app, label sets created at zero.
+
+No session, execution or object ids and no credentials ever appear in labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from proxy.store import StoreStats
+
+OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
+SOURCES = ("cache", "upstream")
+ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "vlmrun_cache_requests",
+            "Artifact requests by outcome: hit, miss, coalesced (joined a running fill), bypass "
+            "(not cacheable), error (answered with an error status).",
+            ["outcome"],
+            registry=r,
+        )
+        self.passthrough = Counter(
+            "vlmrun_cache_passthrough_requests",
+            "Requests other than artifact fetches, passed to the upstream unchanged.",
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "vlmrun_cache_served_bytes",
+            "Artifact body bytes sent to clients, by where they came from.",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_fetch = Histogram(
+            "vlmrun_cache_upstream_fetch_seconds",
+            "Duration of artifact fetches from the upstream, from request to last byte.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "vlmrun_cache_bytes", "Bytes of artifacts in the disk cache.", registry=r
+        )
+        self.cache_max_bytes = Gauge(
+            "vlmrun_cache_max_bytes", "Configured upper bound of cached bytes.", registry=r
+        )
+        self.cache_entries = Gauge(
+            "vlmrun_cache_entries", "Artifacts in the disk cache.", registry=r
+        )
+        self.evictions = Counter(
+            "vlmrun_cache_evictions", "Entries evicted to make room.", registry=r
+        )
+        self.evicted_bytes = Counter(
+            "vlmrun_cache_evicted_bytes", "Bytes evicted to make room.", registry=r
+        )
+        self.integrity_failures = Counter(
+            "vlmrun_cache_integrity_failures",
+            "Cached entries found short, missing or with a wrong sha256; each is evicted.",
+            registry=r,
+        )
+        self.access_checks = Counter(
+            "vlmrun_cache_access_checks",
+            "Decisions on whether a credential may read a cached scope: proof (remembered), "
+            "granted or denied (asked upstream), unavailable (upstream could not answer).",
+            ["result"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "vlmrun_cache_upstream_errors",
+            "Upstream requests that failed without an HTTP answer (connect, timeout, cut body).",
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for source in SOURCES:
+            self.served_bytes.labels(source)
+        for result in ACCESS_RESULTS:
+            self.access_checks.labels(result)
+
+    def evicted(self, size: int) -> None:
+        self.evictions.inc()
+        self.evicted_bytes.inc(size)
+
+    def render(self, stats: StoreStats) -> bytes:
+        self.cache_bytes.set(stats.bytes)
+        self.cache_entries.set(stats.entries)
+        self.cache_max_bytes.set(stats.max_bytes)
+        return generate_latest(self.registry)

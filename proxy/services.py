@@ -1,0 +1,65 @@
+"""The long-lived parts the routes share, opened and closed by the app's lifespan."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio.to_thread
+import httpx
+
+from proxy.access import AccessProofs
+from proxy.config import Config
+from proxy.fills import Fills
+from proxy.metrics import Metrics
+from proxy.passthrough import Passthrough
+from proxy.store import Store
+from proxy.store.disk import DiskStore
+from proxy.upstream import create_client
+
+
+def prepare_directory(path: str) -> Path:
+    """Create the cache directory owner-only (0700): it holds credentials' proofs and the secret."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    return directory
+
+
+class Services:
+    """Config and metrics from construction; the rest exists between :meth:`open` and close."""
+
+    store: Store
+    access: AccessProofs
+    client: httpx.AsyncClient
+    fills: Fills
+    passthrough: Passthrough
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.serving = False
+
+    async def open(self) -> None:
+        config = self.config
+        directory = await anyio.to_thread.run_sync(prepare_directory, config.cache_dir)
+        self.store = await anyio.to_thread.run_sync(
+            lambda: DiskStore(
+                directory,
+                max_bytes=config.max_size,
+                max_object_bytes=config.object_size_limit,
+                on_evict=self.metrics.evicted,
+            )
+        )
+        self.access = await anyio.to_thread.run_sync(AccessProofs, directory, config.proof_ttl)
+        self.client = create_client(config)
+        self.fills = Fills(config, self.client, self.store, self.access, self.metrics)
+        self.passthrough = Passthrough(self.client, self.metrics)
+        self.serving = True
+
+    async def close(self) -> None:
+        self.serving = False
+        await self.fills.aclose()
+        await self.client.aclose()
+        self.store.close()
+        self.access.close()

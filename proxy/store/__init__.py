@@ -1,0 +1,100 @@
+"""The storage tier: where committed artifacts live.
+
+Contract (every implementation):
+
+* Methods are synchronous and may block on disk or network: call them from a worker thread,
+  never on the event loop. They are safe to call from many threads at once.
+* ``get(key)`` returns an :class:`Entry` whose ``file`` is an open binary handle, or ``None``
+  for a miss. A miss is never an exception. The caller closes the handle. An entry stays
+  readable through its handle even if it is evicted meanwhile.
+* ``begin_fill()`` returns a fresh temporary file inside the store's directory; the caller writes
+  the body to it and then either ``commit``\\ s it (the store takes the file over, whatever the
+  outcome) or ``discard``\\ s it.
+* ``commit(key, fill, meta)`` publishes the bytes under ``key`` atomically: readers see either the
+  old state or the whole new entry, never a partial one. It returns ``False`` (and drops the
+  file) when the object cannot be cached, e.g. larger than the per-object limit.
+* ``evict(key)`` removes an entry; evicting a missing key is not an error.
+* ``stats()`` is cheap (no scan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import BinaryIO, Protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryMeta:
+    """What we know about a committed artifact; stored as JSON, never pickled."""
+
+    content_type: str
+    length: int
+    sha256: str
+    stored_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> EntryMeta:
+        data = json.loads(text)
+        return cls(
+            content_type=str(data["content_type"]),
+            length=int(data["length"]),
+            sha256=str(data["sha256"]),
+            stored_at=float(data["stored_at"]),
+        )
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.sha256}"'
+
+
+@dataclasses.dataclass
+class Entry:
+    """A cache hit: the metadata and an open handle positioned at byte 0."""
+
+    meta: EntryMeta
+    file: BinaryIO
+
+    @property
+    def size_on_disk(self) -> int:
+        return os.fstat(self.file.fileno()).st_size
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclasses.dataclass
+class FillFile:
+    """A temporary file being written by one fill."""
+
+    path: str
+    file: BinaryIO
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreStats:
+    bytes: int
+    entries: int
+    max_bytes: int
+
+
+class Store(Protocol):
+    def get(self, key: str) -> Entry | None: ...
+
+    def begin_fill(self) -> FillFile: ...
+
+    def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool: ...
+
+    def discard(self, fill: FillFile) -> None: ...
+
+    def evict(self, key: str) -> None: ...
+
+    def stats(self) -> StoreStats: ...
+
+    def ready(self) -> bool: ...
+
+    def close(self) -> None: ...

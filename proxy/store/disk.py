@@ -1,0 +1,183 @@
+"""The disk tier: a diskcache LRU of artifact files with our own byte-aware eviction.
+
+diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs/lessons.md):
+
+* keys are ``str`` and values are files (``read=True``), metadata is JSON in the ``tag``
+  column: nothing is ever pickled, so a writable cache directory cannot run code;
+* a finished fill is *renamed* into place (:class:`_AdoptingDisk`), not copied, after an fsync;
+* diskcache's own culling is off (it overshoots); :meth:`DiskStore.commit` evicts least recently
+  used entries until the new object fits, so the artifact bytes never exceed ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diskcache
+from diskcache.core import MODE_BINARY
+
+from proxy.store import Entry, EntryMeta, FillFile, StoreStats
+
+log = logging.getLogger(__name__)
+
+_TMP_SUFFIX = ".fill"
+_EVICT_BATCH = 64
+
+
+class _Adopt:
+    """A value that tells :class:`_AdoptingDisk` to move this file into the cache."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class _AdoptingDisk(diskcache.Disk):  # type: ignore[misc]
+    """A diskcache Disk that takes over a finished file by rename instead of copying it."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if not isinstance(value, _Adopt):
+            return super().store(value, read, key=key)
+        filename, full_path = self.filename(key, value)
+        os.makedirs(os.path.dirname(full_path), exist_ok=True)
+        os.rename(value.path, full_path)
+        return os.path.getsize(full_path), MODE_BINARY, filename, None
+
+
+class DiskStore:
+    """The disk tier. See :mod:`proxy.store` for the contract."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        max_bytes: int,
+        max_object_bytes: int,
+        on_evict: Callable[[int], None] = lambda _size: None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.max_object_bytes = max_object_bytes
+        self._on_evict = on_evict
+        self._tmp = self.directory / "tmp"
+        self._entries_dir = self.directory / "entries"
+        self._commit_lock = threading.Lock()
+        self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._sweep_tmp()
+        self._cache = diskcache.Cache(
+            str(self._entries_dir),
+            disk=_AdoptingDisk,
+            eviction_policy="least-recently-used",
+            size_limit=2**62,  # culling is ours; see module docstring
+            cull_limit=0,
+            statistics=False,
+        )
+        self._db_path = self._entries_dir / "cache.db"
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        try:
+            found = self._cache.get(key, read=True, tag=True)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cache index read failed (%s); treating as a miss", type(exc).__name__)
+            return None
+        handle, tag = found
+        if handle is None:
+            return None
+        try:
+            meta = EntryMeta.from_json(tag)
+        except (TypeError, ValueError, KeyError):
+            handle.close()
+            self.evict(key)
+            return None
+        return Entry(meta=meta, file=handle)
+
+    # -- fills -------------------------------------------------------------------------------
+
+    def begin_fill(self) -> FillFile:
+        fd_path = self._tmp / f"{os.urandom(12).hex()}{_TMP_SUFFIX}"
+        fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return FillFile(path=str(fd_path), file=os.fdopen(fd, "wb"))
+
+    def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool:
+        try:
+            fill.file.flush()
+            os.fsync(fill.file.fileno())
+            fill.file.close()
+            if meta.length > self.max_object_bytes:
+                return False
+            with self._commit_lock:
+                self.evict(key)
+                self._make_room(meta.length)
+                self._cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
+            return True
+        finally:
+            self.discard(fill)
+
+    def discard(self, fill: FillFile) -> None:
+        with contextlib.suppress(OSError):
+            fill.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fill.path)
+
+    # -- eviction ----------------------------------------------------------------------------
+
+    def evict(self, key: str) -> None:
+        self._cache.delete(key)
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used entries until ``incoming`` more bytes fit. Holds the lock."""
+        while self._bytes() + incoming > self.max_bytes:
+            victims = self._least_recently_used(_EVICT_BATCH)
+            if not victims:
+                return
+            for key, size in victims:
+                if self._cache.delete(key):
+                    self._on_evict(size)
+                if self._bytes() + incoming <= self.max_bytes:
+                    return
+
+    def _least_recently_used(self, limit: int) -> list[tuple[str, int]]:
+        with contextlib.closing(sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT key, size FROM Cache WHERE raw = 1 ORDER BY access_time LIMIT ?", (limit,)
+            ).fetchall()
+        return [(str(key), int(size)) for key, size in rows]
+
+    def _bytes(self) -> int:
+        return int(self._cache.reset("size"))
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def _sweep_tmp(self) -> None:
+        """Remove temporary files left by fills that a crash interrupted."""
+        swept = 0
+        for path in self._tmp.glob(f"*{_TMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                swept += 1
+        if swept:
+            log.info("removed %d unfinished fill(s) from a previous run", swept)
+
+    def stats(self) -> StoreStats:
+        return StoreStats(bytes=self._bytes(), entries=len(self._cache), max_bytes=self.max_bytes)
+
+    def ready(self) -> bool:
+        """True when the directory takes writes and the index answers."""
+        try:
+            fill = self.begin_fill()
+            self.discard(fill)
+            self._cache.reset("count")
+        except (OSError, sqlite3.Error):
+            return False
+        return shutil.disk_usage(self.directory).free > 0
+
+    def close(self) -> None:
+        self._cache.close()

@@ -1,0 +1,70 @@
+"""Fixtures: a stand-in upstream and the proxy, both real HTTP servers on loopback ports."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# The SDK creates its own file cache at import time; keep it out of the user's home.
+os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-cache-"))
+
+from proxy.app import create_app  # noqa: E402
+from proxy.config import Config  # noqa: E402
+from tests.servers import ServerThread  # noqa: E402
+from tests.standin import StandIn  # noqa: E402
+
+TOKEN = "key-alice-0001"
+OTHER_TOKEN = "key-bob-0002"
+SESSION = "sess_4f1c2a"
+EXECUTION = "exec_9d8e7f"
+
+
+@pytest.fixture
+def standin() -> StandIn:
+    api = StandIn()
+    api.grant(TOKEN, "session", SESSION)
+    api.grant(TOKEN, "execution", EXECUTION)
+    api.add_token(OTHER_TOKEN)
+    return api
+
+
+@pytest.fixture
+def upstream(standin: StandIn) -> Iterator[ServerThread]:
+    server = ServerThread(standin).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+ProxyFactory = Callable[..., ServerThread]
+
+
+@pytest.fixture
+def start_proxy(upstream: ServerThread, cache_dir: Path) -> Iterator[ProxyFactory]:
+    """Start a proxy (settings as keyword overrides); all are stopped at the end of the test."""
+    started: list[ServerThread] = []
+
+    def start(**overrides: object) -> ServerThread:
+        settings: dict[str, object] = {"upstream": upstream.url, "cache_dir": str(cache_dir)}
+        settings.update(overrides)
+        server = ServerThread(create_app(Config(**settings)))  # type: ignore[arg-type]
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        if server.thread.is_alive():
+            server.stop()
+
+
+@pytest.fixture
+def proxy(start_proxy: ProxyFactory) -> ServerThread:
+    return start_proxy()

@@ -1,0 +1,309 @@
+"""A stand-in for the VLM Run API, served for real over HTTP on a loopback port.
+
+It behaves like the API where the proxy and the SDKs can tell: bearer tokens that own sessions
+and executions, exact content types per object prefix (real PNG bytes for ``img_``), 401/404/422
+bodies in FastAPI's shapes, ``/v1/health``, ``/v1/artifacts/list``, chat completions with and
+without SSE, and multipart ``/v1/files``. Tests script it: per-key request counters, a mode that
+sends lowercase header names, and faults per object (cut body, 500, gates that hold the first or
+the middle byte until the test releases them).
+
+It is a raw ASGI app so that header names go out exactly as written here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from PIL import Image
+from starlette.types import Receive, Scope, Send
+
+CONTENT_TYPES = {
+    "img": "image/png",
+    "vid": "video/mp4",
+    "aud": "audio/mpeg",
+    "doc": "application/pdf",
+    "recon": "application/octet-stream",
+    "arr": "application/octet-stream",
+    "url": "text/plain",
+}
+
+
+def png_bytes(seed: int, size: int = 16) -> bytes:
+    image = Image.new("RGB", (size, size), ((seed * 37) % 256, (seed * 91) % 256, 120))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def pattern(seed: str, size: int) -> bytes:
+    """``size`` deterministic pseudo-random bytes."""
+    block = hashlib.sha256(seed.encode()).digest() * 2048  # 64 KiB
+    whole, rest = divmod(size, len(block))
+    return block * whole + block[:rest]
+
+
+@dataclasses.dataclass
+class Fault:
+    """What to do to one object's next responses."""
+
+    #: Send this status with a JSON body instead of the artifact.
+    status: int | None = None
+    #: Declare the full Content-Length, send this many bytes, then drop the connection.
+    cut_at: int | None = None
+    #: Hold the response (before the status line) until set.
+    hold_start: threading.Event | None = None
+    #: Send the first half of the body, then hold until set.
+    hold_middle: threading.Event | None = None
+    #: Omit Content-Length (chunked transfer).
+    chunked: bool = False
+    #: Apply only to this many requests (None: all).
+    times: int | None = None
+
+
+class StandIn:
+    """The scripted API. Thread-safe for the test thread; runs on the server's loop."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, set[tuple[str, str]]] = {}
+        self.artifacts: dict[tuple[str, str, str], tuple[bytes, str]] = {}
+        self.faults: dict[str, Fault] = {}
+        #: Artifact requests that reached us, by (kind, scope id, object id).
+        self.artifact_hits: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        #: Requests by path.
+        self.path_hits: collections.Counter[str] = collections.Counter()
+        #: Every request's headers, in arrival order: (path, raw headers).
+        self.seen: list[tuple[str, list[tuple[bytes, bytes]]]] = []
+        #: Set whenever an artifact request arrives (tests clear it).
+        self.arrived = threading.Event()
+        self.lowercase_headers = False
+        #: SSE streams send their first event, then wait for this before the rest.
+        self.sse_gate: threading.Event | None = None
+        self.uploads: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    # -- scripting ---------------------------------------------------------------------------
+
+    def grant(self, token: str, kind: str, scope_id: str) -> None:
+        self.tokens.setdefault(token, set()).add((kind, scope_id))
+
+    def add_token(self, token: str) -> None:
+        self.tokens.setdefault(token, set())
+
+    def add(self, kind: str, scope_id: str, object_id: str, size: int | None = None) -> bytes:
+        """Publish an artifact; returns its bytes. ``img_`` gets a real PNG."""
+        prefix = object_id.split("_", 1)[0]
+        if prefix == "img":
+            body = png_bytes(len(self.artifacts) + 1)
+        elif prefix == "url":
+            body = b"https://example.com/file.mp4"
+        else:
+            body = pattern(f"{kind}/{scope_id}/{object_id}", 1000 if size is None else size)
+        self.artifacts[(kind, scope_id, object_id)] = (body, CONTENT_TYPES.get(prefix, "application/octet-stream"))
+        return body
+
+    def hits(self, kind: str, scope_id: str, object_id: str) -> int:
+        with self._lock:
+            return self.artifact_hits[(kind, scope_id, object_id)]
+
+    # -- ASGI --------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path = scope["path"]
+        with self._lock:
+            self.path_hits[path] += 1
+            self.seen.append((path, list(scope["headers"])))
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        query = dict(parse_qsl(scope["query_string"].decode(), keep_blank_values=True))
+        token = headers.get("authorization", "").removeprefix("Bearer ")
+        method = scope["method"]
+        if path == "/v1/health":
+            if token not in self.tokens:
+                return await self._json(send, 401, {"detail": "Invalid API key"})
+            return await self._json(send, 200, {"status": "ok"})
+        if token not in self.tokens:
+            return await self._json(send, 401, {"detail": "Invalid API key"})
+        if path == "/v1/artifacts" and method == "GET":
+            return await self._artifact(send, token, query)
+        if path == "/v1/artifacts/list" and method == "GET":
+            return await self._list(send, token, query)
+        if path == "/v1/openai/chat/completions" and method == "POST":
+            body = await _read_body(receive)
+            return await self._chat(send, json.loads(body))
+        if path == "/v1/files" and method == "POST":
+            return await self._upload(send, receive, headers, query)
+        if path.startswith("/v1/echo"):
+            body = await _read_body(receive)
+            return await self._json(
+                send,
+                200,
+                {
+                    "method": method,
+                    "raw_path": scope["raw_path"].decode("latin-1"),
+                    "query": scope["query_string"].decode("latin-1"),
+                    "body_sha256": hashlib.sha256(body).hexdigest(),
+                    "headers": {k: v for k, v in headers.items() if k != "authorization"},
+                },
+            )
+        return await self._json(send, 404, {"detail": "Not Found"})
+
+    def _name(self, name: str) -> bytes:
+        return (name.lower() if self.lowercase_headers else name).encode()
+
+    async def _start(self, send: Send, status: int, headers: list[tuple[str, str]]) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(self._name(k), v.encode()) for k, v in headers],
+            }
+        )
+
+    async def _json(self, send: Send, status: int, payload: Any) -> None:
+        body = json.dumps(payload).encode()
+        await self._start(
+            send, status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _fault(self, object_id: str) -> Fault | None:
+        with self._lock:
+            fault = self.faults.get(object_id)
+            if fault is None:
+                return None
+            if fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    del self.faults[object_id]
+            return fault
+
+    async def _artifact(self, send: Send, token: str, query: dict[str, str]) -> None:
+        object_id = query.get("object_id")
+        session_id, execution_id = query.get("session_id"), query.get("execution_id")
+        if object_id is None:
+            return await self._json(send, 422, _missing("object_id"))
+        if (session_id is None) == (execution_id is None):
+            return await self._json(
+                send, 400, {"detail": "Either session_id or execution_id must be provided"}
+            )
+        kind, scope_id = ("session", session_id) if session_id else ("execution", execution_id)
+        assert scope_id is not None
+        key = (kind, scope_id, object_id)
+        with self._lock:
+            self.artifact_hits[key] += 1
+        self.arrived.set()
+        fault = self._fault(object_id)
+        if fault and fault.hold_start:
+            await _wait(fault.hold_start)
+        if (kind, scope_id) not in self.tokens[token] or key not in self.artifacts:
+            return await self._json(send, 404, {"detail": f"Artifact {object_id} not found"})
+        if fault and fault.status:
+            return await self._json(send, fault.status, {"detail": "Internal Server Error"})
+        body, content_type = self.artifacts[key]
+        headers = [("Content-Type", content_type)]
+        if not (fault and fault.chunked):
+            headers.append(("Content-Length", str(len(body))))
+        await self._start(send, 200, headers)
+        if fault and fault.cut_at is not None:
+            await send({"type": "http.response.body", "body": body[: fault.cut_at], "more_body": True})
+            raise ConnectionAbortedError("stand-in cut the body on purpose")
+        if fault and fault.hold_middle:
+            half = len(body) // 2
+            await send({"type": "http.response.body", "body": body[:half], "more_body": True})
+            await _wait(fault.hold_middle)
+            await send({"type": "http.response.body", "body": body[half:]})
+            return
+        for start in range(0, max(len(body), 1), 1024 * 1024):
+            chunk = body[start : start + 1024 * 1024]
+            more = start + 1024 * 1024 < len(body)
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def _list(self, send: Send, token: str, query: dict[str, str]) -> None:
+        kind, scope_id = (
+            ("session", query["session_id"]) if "session_id" in query else ("execution", query.get("execution_id", ""))
+        )
+        if (kind, scope_id) not in self.tokens[token]:
+            return await self._json(send, 404, {"detail": "Not found"})
+        items = [
+            {"object_id": obj, "filename": f"{obj}.bin", "source": "store"}
+            for (k, s, obj) in self.artifacts
+            if (k, s) == (kind, scope_id)
+        ]
+        await self._json(send, 200, {"namespace_id": scope_id, "items": items})
+
+    async def _chat(self, send: Send, request: dict[str, Any]) -> None:
+        session_id = "sess_chat01"
+        chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "session_id": session_id}
+        if not request.get("stream"):
+            return await self._json(
+                send,
+                200,
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "session_id": session_id,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "img_a1b2c3"}}],
+                },
+            )
+        await self._start(send, 200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+        for index, word in enumerate(["one", "two", "three"]):
+            event = {**chunk, "choices": [{"index": 0, "delta": {"content": word}}]}
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\n".encode(), "more_body": True})
+            if index == 0 and self.sse_gate is not None:
+                await _wait(self.sse_gate)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async def _upload(self, send: Send, receive: Receive, headers: dict[str, str], query: dict[str, str]) -> None:
+        if not headers.get("content-type", "").startswith("multipart/form-data"):
+            return await self._json(send, 422, _missing("file"))
+        sha256, size, largest = hashlib.sha256(), 0, 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            sha256.update(chunk)
+            size += len(chunk)
+            largest = max(largest, len(chunk))
+            if not message.get("more_body"):
+                break
+        record = {"id": f"file-{len(self.uploads)}", "bytes": size, "sha256": sha256.hexdigest(),
+                  "purpose": query.get("purpose"), "largest_chunk": largest}
+        self.uploads.append(record)
+        await self._json(send, 201, record)
+
+
+def _missing(name: str) -> dict[str, Any]:
+    return {"detail": [{"loc": ["query", name], "msg": "Field required", "type": "missing"}]}
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def _wait(event: threading.Event) -> None:
+    """Wait for a test-controlled event without blocking the server's loop."""
+    while not event.is_set():
+        await asyncio.to_thread(event.wait, 0.5)
+
+
+Predicate = Callable[[], bool]
