@@ -228,7 +228,7 @@ class Fills:
             sha256.update(chunk)
 
         try:
-            async for chunk in response.aiter_raw(self._config.chunk_size):
+            async for chunk in response.aiter_raw():  # as they arrive: no re-chunking delay
                 await anyio.to_thread.run_sync(write, chunk)
                 fill.written += len(chunk)
                 fill._notify()

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-cache-"))
 
 from proxy.app import create_app  # noqa: E402
-from proxy.config import Config  # noqa: E402
+from proxy.config import load  # noqa: E402
 from tests.servers import ServerThread  # noqa: E402
 from tests.standin import StandIn  # noqa: E402
 
@@ -55,7 +55,7 @@ def start_proxy(upstream: ServerThread, cache_dir: Path) -> Iterator[ProxyFactor
     def start(**overrides: object) -> ServerThread:
         settings: dict[str, object] = {"upstream": upstream.url, "cache_dir": str(cache_dir)}
         settings.update(overrides)
-        server = ServerThread(create_app(Config(**settings)))  # type: ignore[arg-type]
+        server = ServerThread(create_app(load(env={}, flags=settings)))
         started.append(server.start())
         return server
 
