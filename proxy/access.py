@@ -39,6 +39,7 @@ class AccessProofs:
 
     def __init__(self, directory: str | Path, ttl: float) -> None:
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ttl = ttl
         self._secret = _load_or_create_secret(self.directory)
         self._proofs = diskcache.Cache(

@@ -12,10 +12,10 @@ import pytest
 # The SDK creates its own file cache at import time; keep it out of the user's home.
 os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-cache-"))
 
-from proxy.app import create_app  # noqa: E402
-from proxy.config import load  # noqa: E402
-from tests.servers import ServerThread  # noqa: E402
-from tests.standin import StandIn  # noqa: E402
+from proxy.app import create_app
+from proxy.config import load
+from tests.servers import ServerThread
+from tests.standin import StandIn
 
 TOKEN = "key-alice-0001"
 OTHER_TOKEN = "key-bob-0002"

@@ -11,8 +11,12 @@ from tests.conftest import SESSION, TOKEN
 from tests.servers import ServerThread
 
 
-def artifact_url(server: ServerThread, object_id: str, scope: str = "session", scope_id: str = SESSION) -> str:
-    return f"{server.url}/v1/artifacts?" + urlencode({"object_id": object_id, f"{scope}_id": scope_id})
+def artifact_url(
+    server: ServerThread, object_id: str, scope: str = "session", scope_id: str = SESSION
+) -> str:
+    return f"{server.url}/v1/artifacts?" + urlencode(
+        {"object_id": object_id, f"{scope}_id": scope_id}
+    )
 
 
 def auth(token: str | None = TOKEN) -> dict[str, str]:
@@ -50,7 +54,9 @@ def raw_head_block(server: ServerThread, target: str, token: str = TOKEN) -> byt
 def metric(server: ServerThread, name: str, **labels: str) -> float:
     """The value of one sample on the proxy's /metrics page."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    wanted = name + (
+        "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+    )
     for line in text.splitlines():
         if line.startswith(wanted + " "):
             return float(line.rsplit(" ", 1)[1])

@@ -107,7 +107,10 @@ class StandIn:
             body = b"https://example.com/file.mp4"
         else:
             body = pattern(f"{kind}/{scope_id}/{object_id}", 1000 if size is None else size)
-        self.artifacts[(kind, scope_id, object_id)] = (body, CONTENT_TYPES.get(prefix, "application/octet-stream"))
+        self.artifacts[(kind, scope_id, object_id)] = (
+            body,
+            CONTENT_TYPES.get(prefix, "application/octet-stream"),
+        )
         return body
 
     def hits(self, kind: str, scope_id: str, object_id: str) -> int:
@@ -148,7 +151,7 @@ class StandIn:
             return await self._chat(send, json.loads(body))
         if path == "/v1/files" and method == "POST":
             return await self._upload(send, receive, headers, query)
-        if path.startswith("/v1/echo"):
+        if path.replace("//", "/").startswith("/v1/echo"):
             body = await _read_body(receive)
             return await self._json(
                 send,
@@ -221,7 +224,9 @@ class StandIn:
             headers.append(("Content-Length", str(len(body))))
         await self._start(send, 200, headers)
         if fault and fault.cut_at is not None:
-            await send({"type": "http.response.body", "body": body[: fault.cut_at], "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": body[: fault.cut_at], "more_body": True}
+            )
             raise ConnectionAbortedError("stand-in cut the body on purpose")
         if fault and fault.hold_middle:
             half = len(body) // 2
@@ -236,7 +241,9 @@ class StandIn:
 
     async def _list(self, send: Send, token: str, query: dict[str, str]) -> None:
         kind, scope_id = (
-            ("session", query["session_id"]) if "session_id" in query else ("execution", query.get("execution_id", ""))
+            ("session", query["session_id"])
+            if "session_id" in query
+            else ("execution", query.get("execution_id", ""))
         )
         if (kind, scope_id) not in self.tokens[token]:
             return await self._json(send, 404, {"detail": "Not found"})
@@ -258,18 +265,30 @@ class StandIn:
                     "id": "chatcmpl-1",
                     "object": "chat.completion",
                     "session_id": session_id,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "img_a1b2c3"}}],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "img_a1b2c3"}}
+                    ],
                 },
             )
-        await self._start(send, 200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+        await self._start(
+            send, 200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+        )
         for index, word in enumerate(["one", "two", "three"]):
             event = {**chunk, "choices": [{"index": 0, "delta": {"content": word}}]}
-            await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\n".encode(), "more_body": True})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"data: {json.dumps(event)}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
             if index == 0 and self.sse_gate is not None:
                 await _wait(self.sse_gate)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
-    async def _upload(self, send: Send, receive: Receive, headers: dict[str, str], query: dict[str, str]) -> None:
+    async def _upload(
+        self, send: Send, receive: Receive, headers: dict[str, str], query: dict[str, str]
+    ) -> None:
         if not headers.get("content-type", "").startswith("multipart/form-data"):
             return await self._json(send, 422, _missing("file"))
         sha256, size, largest = hashlib.sha256(), 0, 0
@@ -281,8 +300,13 @@ class StandIn:
             largest = max(largest, len(chunk))
             if not message.get("more_body"):
                 break
-        record = {"id": f"file-{len(self.uploads)}", "bytes": size, "sha256": sha256.hexdigest(),
-                  "purpose": query.get("purpose"), "largest_chunk": largest}
+        record = {
+            "id": f"file-{len(self.uploads)}",
+            "bytes": size,
+            "sha256": sha256.hexdigest(),
+            "purpose": query.get("purpose"),
+            "largest_chunk": largest,
+        }
         self.uploads.append(record)
         await self._json(send, 201, record)
 

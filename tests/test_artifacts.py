@@ -39,8 +39,10 @@ def test_hit_headers(standin: StandIn, proxy) -> None:
 
 
 @pytest.mark.parametrize("lowercase_upstream", [False, True])
-def test_content_type_is_spelled_exactly_on_the_wire(standin: StandIn, proxy, lowercase_upstream: bool) -> None:
-    """``Content-Type`` leaves the proxy capitalised on misses and hits, even if upstream's is not."""
+def test_content_type_is_spelled_exactly_on_the_wire(
+    standin: StandIn, proxy, lowercase_upstream: bool
+) -> None:
+    """Content-Type is capitalised on misses and hits, even when upstream sends it lowercase."""
     standin.lowercase_headers = lowercase_upstream
     standin.add("session", SESSION, "img_c0ffee")
     target = f"/v1/artifacts?object_id=img_c0ffee&session_id={SESSION}"
@@ -67,7 +69,10 @@ def test_parameter_order_does_not_matter(standin: StandIn, proxy) -> None:
     [
         (f"session_id={SESSION}", ["query", "object_id"]),
         ("object_id=arr_1", ["query", "session_id"]),
-        (f"object_id=arr_1&session_id={SESSION}&execution_id={EXECUTION}", ["query", "execution_id"]),
+        (
+            f"object_id=arr_1&session_id={SESSION}&execution_id={EXECUTION}",
+            ["query", "execution_id"],
+        ),
         (f"object_id=arr_1&object_id=arr_2&session_id={SESSION}", ["query", "object_id"]),
         ("object_id=&session_id=s", ["query", "object_id"]),
         ("object_id=arr_1&session_id=" + "x" * 5000, ["query", "session_id"]),
@@ -76,7 +81,9 @@ def test_parameter_order_does_not_matter(standin: StandIn, proxy) -> None:
         ("", ["query", "session_id"]),
     ],
 )
-def test_invalid_requests_get_422_without_going_upstream(standin: StandIn, proxy, query: str, loc: list[str]) -> None:
+def test_invalid_requests_get_422_without_going_upstream(
+    standin: StandIn, proxy, query: str, loc: list[str]
+) -> None:
     """Malformed artifact requests are answered locally in the API's validation error shape."""
     response = httpx.get(f"{proxy.url}/v1/artifacts?{query}", headers=auth())
     assert response.status_code == 422
@@ -146,7 +153,9 @@ def test_joining_a_fill_with_another_token_is_checked(standin: StandIn, proxy) -
     body = standin.add("session", SESSION, "arr_333333", size=400_000)
     release = threading.Event()
     standin.faults["arr_333333"] = Fault(hold_middle=release, times=1)
-    with httpx.stream("GET", artifact_url(proxy, "arr_333333"), headers=auth(), timeout=20) as leader:
+    with httpx.stream(
+        "GET", artifact_url(proxy, "arr_333333"), headers=auth(), timeout=20
+    ) as leader:
         chunks = leader.iter_raw()
         first = next(chunks)  # the fill is running and half-way
         refused = fetch(proxy, "arr_333333", token=OTHER_TOKEN)
@@ -167,9 +176,13 @@ def test_forty_concurrent_misses_cost_one_upstream_request(standin: StandIn, pro
     everyone_streaming = threading.Barrier(41)
 
     def client() -> tuple[str, bytes]:
-        with httpx.stream("GET", artifact_url(proxy, "vid_404040"), headers=auth(), timeout=30) as r:
+        with httpx.stream(
+            "GET", artifact_url(proxy, "vid_404040"), headers=auth(), timeout=30
+        ) as r:
             chunks = r.iter_raw()
-            first = next(chunks)  # arrives before upstream finished: the file is streamed as it grows
+            first = next(
+                chunks
+            )  # arrives before upstream finished: the file is streamed as it grows
             everyone_streaming.wait(timeout=30)
             return r.headers["x-cache"], first + b"".join(chunks)
 
@@ -269,7 +282,9 @@ def test_truncated_entry_is_refetched(standin: StandIn, proxy, cache_dir: Path, 
     assert metric(proxy, "vlmrun_cache_integrity_failures_total") == 1
 
 
-def test_small_entry_with_wrong_bytes_is_refetched(standin: StandIn, proxy, cache_dir: Path) -> None:
+def test_small_entry_with_wrong_bytes_is_refetched(
+    standin: StandIn, proxy, cache_dir: Path
+) -> None:
     """A small entry is hashed before answering: garbage of the right size is never served."""
     body = standin.add("session", SESSION, "arr_9b9b9b", size=10_000)
     fetch(proxy, "arr_9b9b9b")
@@ -280,8 +295,10 @@ def test_small_entry_with_wrong_bytes_is_refetched(standin: StandIn, proxy, cach
     assert standin.hits("session", SESSION, "arr_9b9b9b") == 2
 
 
-def test_large_entry_with_wrong_bytes_aborts_the_transfer(standin: StandIn, proxy, cache_dir: Path) -> None:
-    """A streamed hit that fails its sha256 is cut before its last chunk, evicted, then refetched."""
+def test_large_entry_with_wrong_bytes_aborts_the_transfer(
+    standin: StandIn, proxy, cache_dir: Path
+) -> None:
+    """A streamed hit failing its sha256 is cut before its last chunk, evicted, then refetched."""
     body = standin.add("session", SESSION, "vid_8c8c8c", size=3_000_000)
     fetch(proxy, "vid_8c8c8c")
     (stored,) = _stored_files(cache_dir)
@@ -298,7 +315,9 @@ def test_large_entry_with_wrong_bytes_aborts_the_transfer(standin: StandIn, prox
 # -- size limits and restarts --------------------------------------------------------------
 
 
-def test_objects_over_the_object_limit_stream_through_uncached(standin: StandIn, start_proxy) -> None:
+def test_objects_over_the_object_limit_stream_through_uncached(
+    standin: StandIn, start_proxy
+) -> None:
     """An artifact larger than max_object_size is delivered whole but fetched every time."""
     proxy = start_proxy(max_size="4MiB", max_object_size="1MiB")
     body = standin.add("session", SESSION, "vid_b16b16", size=1_500_000)
@@ -321,7 +340,9 @@ def test_restarted_proxy_still_hits(standin: StandIn, start_proxy) -> None:
     assert metric(second, "vlmrun_cache_access_checks_total", result="proof") == 1
 
 
-def test_eviction_keeps_the_cache_under_its_bound(standin: StandIn, start_proxy, cache_dir: Path) -> None:
+def test_eviction_keeps_the_cache_under_its_bound(
+    standin: StandIn, start_proxy, cache_dir: Path
+) -> None:
     """With many objects of mixed sizes, cached bytes never exceed max_size."""
     proxy = start_proxy(max_size="2MiB", max_object_size="1MiB")
     sizes = [1000, 300_000, 70_000, 900_000, 5, 450_000, 1_048_576, 123_456, 640_000, 2048] * 3

@@ -1,0 +1,56 @@
+"""Access proofs: HMAC fingerprints, TTL, persistence, owner-only secret."""
+
+from __future__ import annotations
+
+import stat
+import types
+from pathlib import Path
+
+import diskcache.core
+import pytest
+
+from proxy.access import AccessProofs
+
+
+def test_fingerprints_are_stable_keyed_and_not_the_token(tmp_path: Path) -> None:
+    """The same credential maps to the same fingerprint; it never contains the credential."""
+    proofs = AccessProofs(tmp_path, ttl=60)
+    fp = proofs.fingerprint("Bearer secret-token")
+    assert fp == proofs.fingerprint("Bearer secret-token") != proofs.fingerprint("Bearer other")
+    assert fp is not None and "secret-token" not in fp
+    assert proofs.fingerprint(None) is None and proofs.fingerprint("") is None
+    other_dir = AccessProofs(tmp_path / "elsewhere", ttl=60)
+    assert other_dir.fingerprint("Bearer secret-token") != fp  # per-directory secret
+
+
+def test_proofs_are_per_scope_and_survive_reopening(tmp_path: Path) -> None:
+    """A proof covers exactly one (kind, id) and is still there after a restart."""
+    proofs = AccessProofs(tmp_path, ttl=60)
+    fp = proofs.fingerprint("Bearer t")
+    proofs.record(fp, "session", "s1")
+    assert proofs.has_proof(fp, "session", "s1")
+    assert not proofs.has_proof(fp, "execution", "s1")
+    assert not proofs.has_proof(fp, "session", "s2")
+    assert not proofs.has_proof(None, "session", "s1")
+    proofs.close()
+    again = AccessProofs(tmp_path, ttl=60)
+    assert again.has_proof(again.fingerprint("Bearer t"), "session", "s1")
+
+
+def test_proofs_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the TTL a proof no longer counts."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(diskcache.core, "time", types.SimpleNamespace(time=lambda: now[0]))
+    proofs = AccessProofs(tmp_path, ttl=60)
+    fp = proofs.fingerprint("Bearer t")
+    proofs.record(fp, "session", "s")
+    now[0] += 59
+    assert proofs.has_proof(fp, "session", "s")
+    now[0] += 2
+    assert not proofs.has_proof(fp, "session", "s")
+
+
+def test_secret_file_is_owner_only(tmp_path: Path) -> None:
+    """The HMAC secret is created with mode 0600."""
+    AccessProofs(tmp_path, ttl=60)
+    assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600

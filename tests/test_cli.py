@@ -1,0 +1,152 @@
+"""The command line: ``python -m proxy serve`` as a real process, and start-up validation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SESSION, TOKEN
+from tests.helpers import auth
+from tests.servers import ServerThread
+from tests.standin import StandIn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """``python -m proxy serve`` in a child process, its output collected."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--port", str(self.port), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if "Application startup complete" in line:
+                self.ready.set()
+        self.ready.set()  # exited: let waiters look at the output
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> bool:
+        """SIGTERM, then True if the process shut down gracefully."""
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        # uvicorn re-raises the signal after its graceful shutdown, as process managers expect.
+        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.output
+
+
+@pytest.fixture
+def daemon(upstream: ServerThread, cache_dir: Path) -> Iterator[Daemon]:
+    process = Daemon(
+        "--upstream", upstream.url, "--cache-dir", str(cache_dir), "--log-level", "debug"
+    )
+    assert process.ready.wait(timeout=60), process.output
+    yield process
+    if process.process.poll() is None:
+        process.stop()
+
+
+def test_serve_runs_answers_health_and_caches(
+    standin: StandIn, daemon: Daemon, cache_dir: Path
+) -> None:
+    """The daemon starts, reports healthy and ready, caches, and stops cleanly on SIGTERM."""
+    assert httpx.get(f"{daemon.url}/healthz").status_code == 200
+    assert httpx.get(f"{daemon.url}/readyz").json() == {"status": "ready"}
+    body = standin.add("session", SESSION, "arr_c11c11", size=100_000)
+    url = f"{daemon.url}/v1/artifacts?object_id=arr_c11c11&session_id={SESSION}"
+    assert httpx.get(url, headers=auth()).content == body
+    assert httpx.get(url, headers=auth()).headers["x-cache"] == "HIT"
+    assert daemon.stop()
+
+
+def test_secrets_stay_out_of_logs_metrics_and_disk(
+    standin: StandIn, daemon: Daemon, cache_dir: Path
+) -> None:
+    """After hits, misses, refusals and passthrough at debug level, the token is nowhere."""
+    standin.add("session", SESSION, "img_5ec4e7")
+    url = f"{daemon.url}/v1/artifacts?object_id=img_5ec4e7&session_id={SESSION}"
+    for token in (TOKEN, TOKEN, "key-wrong-999"):
+        httpx.get(url, headers=auth(token))
+    httpx.get(f"{daemon.url}/v1/health", headers=auth())
+    metrics = httpx.get(f"{daemon.url}/metrics").text
+    assert daemon.stop()
+    for secret in (TOKEN, "key-wrong-999"):
+        assert secret not in daemon.output
+        assert secret not in metrics
+        for path in cache_dir.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+    assert SESSION not in metrics and "img_5ec4e7" not in metrics
+    assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((cache_dir / "secret").stat().st_mode) == 0o600
+
+
+def test_listens_on_loopback_by_default(daemon: Daemon) -> None:
+    """Without --host, the listening socket is bound to 127.0.0.1 only."""
+    port_hex = f"{daemon.port:04X}"
+    listening = [
+        line.split()[1]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if line.split()[1].endswith(":" + port_hex) and line.split()[3] == "0A"
+    ]
+    assert listening == [f"0100007F:{port_hex}"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "key"),
+    [
+        (["--max-size", "lots"], {}, "max_size"),
+        ([], {"VLMRUN_CACHE_PORT": "http"}, "port"),
+        (["--upstream", "api.vlm.run"], {}, "upstream"),
+    ],
+)
+def test_invalid_setting_stops_start_up_naming_the_key(
+    args: list[str], env: dict[str, str], key: str
+) -> None:
+    """Start-up fails with exit code 2 and a message that names the offending key."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"invalid setting {key}:" in result.stderr

@@ -1,0 +1,102 @@
+"""Settings: sizes, durations, precedence, validation messages, and the example file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from proxy.config import KEYS, Config, ConfigError, load, parse_duration, parse_size
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4096", 4096),
+        ("512MiB", 512 * 1024**2),
+        ("10GiB", 10 * 1024**3),
+        ("1.5GB", 1_500_000_000),
+        ("64 KiB", 65536),
+        (7, 7),
+    ],
+)
+def test_sizes(text: object, expected: int) -> None:
+    """Sizes take plain bytes, SI and IEC units."""
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "10XB", "-1", "", "1e9", True])
+def test_bad_sizes(text: object) -> None:
+    """Anything else is refused."""
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("250ms", 0.25), ("30s", 30), ("10m", 600), ("1h", 3600), (5, 5.0)]
+)
+def test_durations(text: object, expected: float) -> None:
+    """Durations take ms, s, m, h and d."""
+    assert parse_duration(text) == expected
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    """A flag beats the environment, which beats the file, which beats the default."""
+    file = tmp_path / "c.toml"
+    file.write_text('port = 9001\nmax_size = "1GiB"\nlog_level = "debug"\n')
+    env = {"VLMRUN_CACHE_PORT": "9002", "VLMRUN_CACHE_MAX_SIZE": "2GiB"}
+    config = load(file, env, {"port": "9003"})
+    assert (config.port, config.max_size, config.log_level) == (9003, 2 * 1024**3, "debug")
+    assert config.upstream == "https://api.vlm.run"
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    """The SDK's own VLMRUN_CACHE_DIR is not one of ours and must not change anything."""
+    assert load(env={"VLMRUN_CACHE_DIR": "/elsewhere"}) == load(env={})
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        ({"env": {"VLMRUN_CACHE_MAX_SIZE": "huge"}}, "max_size"),
+        ({"flags": {"port": "70000"}}, "port"),
+        ({"flags": {"upstream": "ftp://x"}}, "upstream"),
+        ({"flags": {"upstream": "https://api.vlm.run/v1"}}, "upstream"),
+        ({"flags": {"max_object_size": "20GiB"}}, "max_object_size"),
+        ({"flags": {"log_level": "loud"}}, "log_level"),
+        ({"flags": {"proof_ttl": "0s"}}, "proof_ttl"),
+        ({"flags": {"chunk_size": "1"}}, "chunk_size"),
+    ],
+)
+def test_invalid_values_name_their_key(source: dict[str, dict[str, str]], key: str) -> None:
+    """An invalid value stops start-up with a message that starts with the key."""
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        load(env=source.get("env", {}), flags=source.get("flags"))
+
+
+def test_unknown_file_key_is_refused(tmp_path: Path) -> None:
+    """A typo in the file is reported, not silently ignored."""
+    file = tmp_path / "c.toml"
+    file.write_text("max_sise = 1\n")
+    with pytest.raises(ConfigError, match=r"^max_sise: unknown setting"):
+        load(file, {})
+
+
+def test_example_file_lists_every_key_with_its_default() -> None:
+    """config.example.toml loads, and what it sets equals the built-in defaults."""
+    listed = tomllib.loads(EXAMPLE.read_text())
+    commented = {
+        line.split("=")[0].strip("# ").strip()
+        for line in EXAMPLE.read_text().splitlines()
+        if "=" in line
+    }
+    assert set(KEYS) <= set(listed) | commented
+    assert load(EXAMPLE, {}) == Config()
+
+
+def test_max_object_size_defaults_to_a_quarter() -> None:
+    """With no per-object limit set, it is a quarter of the total."""
+    assert load(env={}, flags={"max_size": "4GiB"}).object_size_limit == 1024**3

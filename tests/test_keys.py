@@ -1,0 +1,51 @@
+"""Parsing an artifact request into its cache key."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import InvalidRequest
+from proxy.keys import ArtifactKey, parse_key
+
+
+def test_both_sdk_orders_give_one_key() -> None:
+    """Python sends object_id first, Node the scope first: same key."""
+    python = parse_key(b"object_id=img_a1b2c3&session_id=S")
+    node = parse_key(b"session_id=S&object_id=img_a1b2c3")
+    assert python == node == ArtifactKey("session", "S", "img_a1b2c3")
+
+
+def test_keys_are_unambiguous() -> None:
+    """Ids containing separators cannot collide with other (scope, object) pairs."""
+    a = parse_key(b"object_id=x%7Cy&session_id=s")
+    b = parse_key(b"object_id=y&session_id=s%7Cx")
+    assert a is not None and b is not None and a.cache_key != b.cache_key
+    execution = parse_key(b"object_id=y&execution_id=s%7Cx")
+    assert execution is not None and execution.cache_key != b.cache_key
+
+
+def test_filename_requests_are_not_cacheable() -> None:
+    """filename= lookups are passed through."""
+    assert parse_key(b"filename=a.pdf&session_id=S") is None
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"",
+        b"object_id=a",
+        b"session_id=s",
+        b"object_id=a&session_id=s&execution_id=e",
+        b"object_id=a&object_id=b&session_id=s",
+        b"object_id=&session_id=s",
+        b"object_id=a%0d%0ab&session_id=s",
+        b"object_id=%c3%28&session_id=s",
+        b"object_id=" + b"a" * 600 + b"&session_id=s",
+    ],
+)
+def test_invalid_queries(query: bytes) -> None:
+    """Each is a 422 with a FastAPI-shaped detail item."""
+    with pytest.raises(InvalidRequest) as caught:
+        parse_key(query)
+    (item,) = caught.value.detail
+    assert item["loc"][0] == "query" and item["msg"] and item["type"]

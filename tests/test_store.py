@@ -1,0 +1,111 @@
+"""The disk tier on its own: commit, read, evict, bounds, leftovers, no pickles."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.store import EntryMeta
+from proxy.store.disk import DiskStore
+
+
+def _put(store: DiskStore, key: str, body: bytes) -> bool:
+    fill = store.begin_fill()
+    fill.file.write(body)
+    meta = EntryMeta(
+        "application/octet-stream", len(body), hashlib.sha256(body).hexdigest(), time.time()
+    )
+    return store.commit(key, fill, meta)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DiskStore:
+    return DiskStore(tmp_path, max_bytes=1_000_000, max_object_bytes=400_000)
+
+
+def test_commit_then_get(store: DiskStore) -> None:
+    """A committed entry reads back with its metadata; an unknown key is None."""
+    assert _put(store, "k", b"hello")
+    entry = store.get("k")
+    assert entry is not None
+    with entry.file:
+        assert entry.file.read() == b"hello"
+    assert entry.meta.length == 5 and entry.meta.sha256 == hashlib.sha256(b"hello").hexdigest()
+    assert store.get("other") is None
+
+
+def test_commit_moves_the_file_and_leaves_no_temporary(store: DiskStore, tmp_path: Path) -> None:
+    """A fill's file is adopted by rename: nothing is left in tmp/."""
+    _put(store, "k", b"x" * 300_000)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert store.stats().bytes == 300_000
+
+
+def test_objects_over_the_limit_are_refused(store: DiskStore, tmp_path: Path) -> None:
+    """commit returns False for an object over max_object_bytes and drops the file."""
+    assert not _put(store, "big", b"x" * 400_001)
+    assert store.get("big") is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_eviction_is_byte_aware_and_least_recently_used_first(store: DiskStore) -> None:
+    """The total never exceeds max_bytes, and a recently read entry outlives older ones."""
+    rng = random.Random(7)
+    _put(store, "keep", b"k" * 100_000)
+    for index in range(60):
+        size = rng.choice([1, 10_000, 150_000, 399_999])
+        assert _put(store, f"k{index}", bytes([index]) * size)
+        assert store.stats().bytes <= 1_000_000
+        entry = store.get("keep")  # touch it: most recently used
+        assert entry is not None
+        entry.close()
+    survivor = store.get("keep")
+    assert survivor is not None
+    survivor.close()
+
+
+def test_evicted_entry_stays_readable_through_an_open_handle(store: DiskStore) -> None:
+    """A reader mid-stream keeps its bytes even if the entry is evicted under it."""
+    _put(store, "k", b"abc" * 1000)
+    entry = store.get("k")
+    assert entry is not None
+    store.evict("k")
+    assert store.get("k") is None
+    with entry.file:
+        assert entry.file.read() == b"abc" * 1000
+
+
+def test_leftover_fills_are_swept_at_start(tmp_path: Path) -> None:
+    """Temporary files of fills a crash interrupted are removed when the store opens."""
+    first = DiskStore(tmp_path, 1_000_000, 400_000)
+    fill = first.begin_fill()
+    fill.file.write(b"partial")
+    fill.file.close()
+    first.close()
+    DiskStore(tmp_path, 1_000_000, 400_000)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_nothing_is_pickled(store: DiskStore, tmp_path: Path) -> None:
+    """Keys are stored raw and metadata as JSON text: no row uses diskcache's pickle mode."""
+    _put(store, "k", b"data")
+    with sqlite3.connect(tmp_path / "entries" / "cache.db") as db:
+        rows = db.execute("SELECT key, raw, mode, tag FROM Cache").fetchall()
+    ((key, raw, mode, tag),) = rows
+    assert (key, raw) == ("k", 1)
+    assert mode == 2  # diskcache MODE_BINARY: a plain file (MODE_PICKLE would be 4)
+    assert EntryMeta.from_json(tag).length == 4
+
+
+def test_damaged_metadata_is_a_miss(store: DiskStore, tmp_path: Path) -> None:
+    """A row whose tag is not our JSON is evicted and reported as a miss."""
+    _put(store, "k", b"data")
+    with sqlite3.connect(tmp_path / "entries" / "cache.db") as db:
+        db.execute("UPDATE Cache SET tag = 'not json'")
+    assert store.get("k") is None
+    assert store.stats().entries == 0
