@@ -59,6 +59,7 @@ def create_app(config: Config | None = None) -> Starlette:
 
     async def metrics(_request: Request) -> Response:
         stats = await anyio.to_thread.run_sync(services.store.stats)
+        services.metrics.circuit_open.set(services.upstream.breaker.state == "open")
         body = services.metrics.render(stats)
         response = Response(body)
         response.raw_headers = [

@@ -12,21 +12,32 @@ import os
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
+import httpx
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import ProxyError, ResponseAborted, UpstreamUnavailable, json_response
-from proxy.fills import FillFailed, Reader
+from proxy.errors import (
+    PayloadTooLarge,
+    ProxyError,
+    ResponseAborted,
+    TooManyWaiters,
+    UpstreamUnavailable,
+    UriTooLong,
+    json_response,
+)
+from proxy.fills import Fill, FillFailed, Reader
 from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
 from proxy.keys import ArtifactKey, parse_key
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.services import Services
 from proxy.store import Entry
-from proxy.upstream import Answer, artifact_request, open_stream, read_answer
+from proxy.upstream import Answer, read_answer, translate
 
 CACHE_CONTROL = (b"Cache-Control", b"private, max-age=31536000, immutable")
+#: A GET needs no body; anything larger than this on the cached route is refused.
+MAX_REQUEST_BODY = 64 * 1024
 
 
 class _Corrupt(Exception):
@@ -45,6 +56,7 @@ class ArtifactRoute:
             await self.s.passthrough(scope, receive, send)
             return
         try:
+            _check_limits(request, self.s.config.max_query_length)
             key = parse_key(scope["query_string"])
         except ProxyError:
             self._count("error")
@@ -80,9 +92,9 @@ class ArtifactRoute:
         ):
             checks.labels("proof").inc()
             return None
-        request = artifact_request(self.s.client, self.s.config, key, authorization)
+        request = self.s.upstream.artifact_request(key, authorization)
         try:
-            async with open_stream(self.s.client, request) as upstream:
+            async with self.s.upstream.stream(request, artifact=True) as upstream:
                 if upstream.status_code == 200:  # the status line is the proof; skip the body
                     await anyio.to_thread.run_sync(
                         self.s.access.record, fingerprint, scope_kind, scope_id
@@ -234,9 +246,14 @@ class ArtifactRoute:
     ) -> Response:
         fill = self.s.fills.get(key)
         if fill is None:
+            if self.s.fills.full:  # bounded fetches: beyond them, stream through uncached
+                self._count("bypass")
+                return await self.s.passthrough.forward(request)
             fill = self.s.fills.start(key, authorization, fingerprint)
             outcome = b"MISS"
         else:
+            if fill.readers >= self.s.config.max_waiters:
+                raise TooManyWaiters("too many clients are waiting for this artifact; retry")
             outcome = b"COALESCED"
         reader = fill.join()  # before any await: keeps the fill's file open for us
         try:
@@ -252,6 +269,11 @@ class ArtifactRoute:
                 reader.close()
                 self._count("error")
                 return _replay(fill.answer)
+            direct = fill.take_direct()
+            if direct is not None:  # the disk could not take it: this client streams it through
+                reader.close()
+                self._count("bypass")
+                return self._direct_response(fill, direct, outcome)
             if not fill.streaming:  # refused for someone else, or no room: go on our own
                 reader.close()
                 self._count("bypass")
@@ -260,14 +282,26 @@ class ArtifactRoute:
             reader.close()
             raise
         self._count("miss" if outcome == b"MISS" else "coalesced")
-        headers: RawHeaders = [(CONTENT_TYPE, fill.content_type.encode("latin-1"))]
-        if fill.expected_length is not None:
-            headers.append((CONTENT_LENGTH, str(fill.expected_length).encode()))
-        headers += [CACHE_CONTROL, (b"X-Cache", outcome)]
         response = StreamingResponse(
             self._stream_fill(reader), background=BackgroundTask(reader.close)
         )
-        return _raw(response, headers)
+        return _raw(response, _fill_headers(fill, outcome))
+
+    def _direct_response(self, fill: Fill, upstream: httpx.Response, outcome: bytes) -> Response:
+        served = self.s.metrics.served_bytes.labels("upstream")
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for data in upstream.aiter_raw():
+                    served.inc(len(data))
+                    yield data
+            except httpx.HTTPError as exc:
+                raise ResponseAborted(str(translate(exc).detail)) from exc
+            finally:
+                await upstream.aclose()
+
+        response = StreamingResponse(relay(), background=BackgroundTask(upstream.aclose))
+        return _raw(response, _fill_headers(fill, outcome))
 
     async def _stream_fill(self, reader: Reader) -> AsyncIterator[bytes]:
         served = self.s.metrics.served_bytes.labels("upstream")
@@ -279,6 +313,27 @@ class ArtifactRoute:
             raise ResponseAborted(str(exc)) from exc
         finally:
             reader.close()
+
+
+def _check_limits(request: Request, max_query_length: int) -> None:
+    """Refuse what no artifact request needs: huge queries and request bodies."""
+    if len(request.scope["query_string"]) > max_query_length:
+        raise UriTooLong(f"Query string longer than {max_query_length} bytes")
+    length = request.headers.get("content-length", "0")
+    if (
+        "transfer-encoding" in request.headers
+        or not length.isdigit()
+        or int(length) > MAX_REQUEST_BODY
+    ):
+        raise PayloadTooLarge("GET /v1/artifacts takes no request body")
+
+
+def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:
+    headers: RawHeaders = [(CONTENT_TYPE, fill.content_type.encode("latin-1"))]
+    if fill.expected_length is not None:
+        headers.append((CONTENT_LENGTH, str(fill.expected_length).encode()))
+    headers += [CACHE_CONTROL, (b"X-Cache", outcome)]
+    return headers
 
 
 def _read(entry: Entry, start: int, end: int, verify: bool) -> bytes:

@@ -107,11 +107,31 @@ class Config:
     max_object_size: int = 0
     proof_ttl: float = 3600.0
     connect_timeout: float = 5.0
+    #: Time for an artifact fetch to get its response headers, per attempt.
+    first_byte_timeout: float = 8.0
     #: Idle read limit for artifact fetches; below the Python SDK's 30 s request timeout.
     read_timeout: float = 25.0
+    #: Extra attempts for an artifact fetch that fails before its first byte (connect, 5xx).
+    retries: int = 2
+    #: Backoff before retry n is uniform in [0, retry_backoff * 2^(n-1)].
+    retry_backoff: float = 0.25
+    #: Consecutive upstream failures that open the circuit breaker.
+    breaker_threshold: int = 5
+    #: How long an open breaker fails requests at once before letting a probe through.
+    breaker_cooldown: float = 5.0
     #: Idle read limit for everything passed through (SSE streams, uploads).
     passthrough_timeout: float = 600.0
     max_connections: int = 100
+    #: Artifact fetches running at once; further misses stream through uncached.
+    max_fills: int = 64
+    #: Clients following one fill; further ones get 503.
+    max_waiters: int = 1024
+    #: Longest query string accepted on the artifact route.
+    max_query_length: int = 4096
+    #: Free disk space to keep; a fill that would eat into it streams through uncached.
+    min_free_space: int = 256 * 1024**2
+    #: How long shutdown waits for running fills before abandoning them.
+    shutdown_timeout: float = 10.0
     chunk_size: int = 256 * 1024
     log_level: str = "info"
 
@@ -133,9 +153,19 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "max_object_size": parse_size,
     "proof_ttl": parse_duration,
     "connect_timeout": parse_duration,
+    "first_byte_timeout": parse_duration,
     "read_timeout": parse_duration,
+    "retries": _parse_int,
+    "retry_backoff": parse_duration,
+    "breaker_threshold": _parse_int,
+    "breaker_cooldown": parse_duration,
     "passthrough_timeout": parse_duration,
     "max_connections": _parse_int,
+    "max_fills": _parse_int,
+    "max_waiters": _parse_int,
+    "max_query_length": _parse_int,
+    "min_free_space": parse_size,
+    "shutdown_timeout": parse_duration,
     "chunk_size": parse_size,
     "log_level": _parse_str,
 }
@@ -159,11 +189,22 @@ def _validate(config: Config) -> None:
         fail("max_object_size", "cannot be larger than max_size")
     if config.proof_ttl <= 0:
         fail("proof_ttl", "must be larger than zero")
-    for key in ("connect_timeout", "read_timeout", "passthrough_timeout"):
+    for key in (
+        "connect_timeout",
+        "first_byte_timeout",
+        "read_timeout",
+        "passthrough_timeout",
+        "shutdown_timeout",
+    ):
         if getattr(config, key) <= 0:
             fail(key, "must be larger than zero")
-    if config.max_connections < 1:
-        fail("max_connections", "must be at least 1")
+    for key in ("max_connections", "max_fills", "max_waiters", "breaker_threshold"):
+        if getattr(config, key) < 1:
+            fail(key, "must be at least 1")
+    if not 0 <= config.retries <= 10:
+        fail("retries", "must be between 0 and 10")
+    if config.max_query_length < 256:
+        fail("max_query_length", "must be at least 256")
     if not 4096 <= config.chunk_size <= 16 * 1024**2:
         fail("chunk_size", "must be between 4KiB and 16MiB")
     if config.log_level.lower() not in _LOG_LEVELS:

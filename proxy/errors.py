@@ -37,6 +37,24 @@ class InvalidRequest(ProxyError):
         super().__init__([item])
 
 
+class UriTooLong(ProxyError):
+    """The query string is longer than any artifact request needs (414)."""
+
+    status_code = 414
+
+
+class PayloadTooLarge(ProxyError):
+    """A request body where none belongs (413)."""
+
+    status_code = 413
+
+
+class TooManyWaiters(ProxyError):
+    """Too many clients already follow this fetch (503)."""
+
+    status_code = 503
+
+
 class UpstreamUnavailable(ProxyError):
     """The upstream could not be reached or broke the connection (502)."""
 

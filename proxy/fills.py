@@ -8,19 +8,26 @@ if upstream answered 200, the body completed and its length matches ``Content-Le
 
 Readers hold back the final byte until the fill has finished committing, so a client that has the
 whole body can rely on the next request being a hit, and a body cut short is never delivered whole.
+
+When the disk cannot take the body, nothing is lost: if that is known before the first byte (too
+little free space for the announced length, or no temporary file), the open upstream response is
+handed to one reader to stream through directly and the others fetch on their own; if a write
+fails half-way, the rest of the body is kept in memory (up to :data:`MEMORY_TAIL_LIMIT`) for the
+readers already following.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import time
-from collections.abc import AsyncIterator
-from typing import BinaryIO
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, BinaryIO
 
+import anyio
 import anyio.to_thread
 import httpx
 
@@ -30,9 +37,12 @@ from proxy.errors import ProxyError
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
-from proxy.upstream import Answer, artifact_request, open_stream, read_answer, translate
+from proxy.upstream import Answer, Upstream, read_answer, translate
 
 log = logging.getLogger(__name__)
+
+#: Bytes a fill keeps in memory for its readers after its file stopped taking writes.
+MEMORY_TAIL_LIMIT = 32 * 1024**2
 
 
 class FillFailed(Exception):
@@ -50,9 +60,10 @@ class Fill:
         self.started = asyncio.Event()
         #: Before ``started``: the failure to reach upstream, if any.
         self.error: ProxyError | None = None
-        #: A non-200 answer, replayable; ``fallback`` when it was too large to keep.
+        #: A non-200 answer, replayable to the same credential.
         self.answer: Answer | None = None
-        self.fallback = False
+        #: A 200 response nobody tees: the first reader to :meth:`take_direct` streams it.
+        self._direct: httpx.Response | None = None
         self.content_type = "application/octet-stream"
         self.expected_length: int | None = None
         self.written = 0
@@ -64,8 +75,11 @@ class Fill:
         self._progress = asyncio.Event()
         self._fd: int | None = None
         self._refs = 1  # the fill's own, dropped when it ends
+        #: Offset where the in-memory tail starts, once the file stopped taking writes.
+        self._tail_start: int | None = None
+        self._tail = bytearray()
 
-    # -- progress ---------------------------------------------------------------------------
+    # -- progress -----------------------------------------------------------------------------
 
     def _notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -75,7 +89,7 @@ class Fill:
         """Wait until ``written``, ``complete`` or ``done`` changes."""
         await self._progress.wait()
 
-    # -- the shared read descriptor ---------------------------------------------------------
+    # -- readers ------------------------------------------------------------------------------
 
     @property
     def streaming(self) -> bool:
@@ -94,6 +108,11 @@ class Fill:
             os.close(self._fd)
             self._fd = None
 
+    def take_direct(self) -> httpx.Response | None:
+        """The untee'd upstream response, for exactly one caller; it must close it."""
+        response, self._direct = self._direct, None
+        return response
+
     async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
         """The body as it grows. Raises FillFailed if the fill breaks before the end.
 
@@ -106,7 +125,13 @@ class Fill:
             available = self.written if self.done else self.written - 1
             if offset < available:
                 size = min(chunk_size, available - offset)
-                data = await anyio.to_thread.run_sync(os.pread, fd, size, offset)
+                tail_start = self._tail_start
+                if tail_start is not None and offset >= tail_start:
+                    data = bytes(self._tail[offset - tail_start : offset - tail_start + size])
+                else:
+                    if tail_start is not None:
+                        size = min(size, tail_start - offset)
+                    data = await anyio.to_thread.run_sync(os.pread, fd, size, offset)
                 if len(data) != size:
                     raise FillFailed("temporary file shrank under a reader")
                 offset += size
@@ -133,18 +158,18 @@ class Reader:
 
 
 class Fills:
-    """The registry of running fills, at most one per key."""
+    """The registry of running fills, at most one per key and ``max_fills`` in all."""
 
     def __init__(
         self,
         config: Config,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         store: Store,
         access: AccessProofs,
         metrics: Metrics,
     ) -> None:
         self._config = config
-        self._client = client
+        self._upstream = upstream
         self._store = store
         self._access = access
         self._metrics = metrics
@@ -157,66 +182,99 @@ class Fills:
     def __len__(self) -> int:
         return len(self._running)
 
+    @property
+    def full(self) -> bool:
+        return len(self._running) >= self._config.max_fills
+
     def start(self, key: ArtifactKey, authorization: str | None, fingerprint: str | None) -> Fill:
         assert key not in self._running
         fill = Fill(key, fingerprint)
         self._running[key] = fill
-        task = asyncio.create_task(self._run(fill, authorization), name=f"fill {key.object_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._run(fill, authorization), f"fill {key.object_id}")
         return fill
 
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def aclose(self) -> None:
-        """Let running fills finish (they hold no client hostage); cancel them on a second call."""
-        if self._tasks:
+        """Wait up to ``shutdown_timeout`` for running fills, then cancel the rest.
+
+        A cancelled fill leaves no entry: commits are atomic and its temporary file is removed.
+        """
+        if not self._tasks:
+            return
+        with anyio.move_on_after(self._config.shutdown_timeout):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the fill task ------------------------------------------------------------------------
 
     async def _run(self, fill: Fill, authorization: str | None) -> None:
         started_at = time.monotonic()
         temp: FillFile | None = None
+        response: httpx.Response | None = None
         try:
-            request = artifact_request(self._client, self._config, fill.key, authorization)
-            async with open_stream(self._client, request) as response:
-                if response.status_code != 200:
-                    fill.answer = await read_answer(response)
-                    fill.fallback = fill.answer is None
-                    return
-                self._remember_proof(fill)
-                fill.content_type = response.headers.get("content-type", fill.content_type)
-                fill.expected_length = _content_length(response)
-                temp = await anyio.to_thread.run_sync(self._store.begin_fill)
-                fill._fd = os.open(temp.path, os.O_RDONLY)
-                fill.started.set()
-                sha256 = await self._tee(fill, response, temp.file)
+            request = self._upstream.artifact_request(fill.key, authorization)
+            response = await self._upstream.send(request, artifact=True)
+            if response.status_code != 200:
+                fill.answer = await read_answer(response)
+                return
+            self._remember_proof(fill)
+            fill.content_type = response.headers.get("content-type", fill.content_type)
+            fill.expected_length = _content_length(response)
+            temp = await self._begin(fill.expected_length)
+            if temp is None:
+                fill._direct, response = response, None  # the reader that takes it closes it
+                return
+            fill._fd = os.open(temp.path, os.O_RDONLY)
+            fill.started.set()
+            sha256 = await self._tee(fill, response, temp.file)
             self._metrics.upstream_fetch.observe(time.monotonic() - started_at)
             if fill.expected_length is not None and fill.written != fill.expected_length:
                 raise FillFailed(f"body ended at {fill.written} of {fill.expected_length} bytes")
             fill.complete = True
             fill._notify()
-            meta = EntryMeta(fill.content_type, fill.written, sha256, time.time())
-            pending, temp = temp, None
-            await anyio.to_thread.run_sync(self._store.commit, fill.key.cache_key, pending, meta)
+            if fill._tail_start is None:
+                meta = EntryMeta(fill.content_type, fill.written, sha256, time.time())
+                pending, temp = temp, None
+                await self._commit(fill.key, pending, meta)
         except ProxyError as exc:
             self._metrics.upstream_errors.inc()
             fill.error = exc
         except FillFailed as exc:
             self._metrics.upstream_errors.inc()
             log.warning("fill of %s failed: %s", fill.key.object_id, exc)
-        except OSError as exc:
-            # A failed commit leaves complete readers unharmed; a failed write aborts them;
-            # before streaming began, readers fall back to passing the request through.
-            log.warning("fill of %s: disk error %s", fill.key.object_id, exc.strerror)
         except Exception:
             log.exception("fill of %s failed unexpectedly", fill.key.object_id)
         finally:
+            if response is not None:
+                await response.aclose()
             if temp is not None:
-                with contextlib.suppress(OSError):
-                    await anyio.to_thread.run_sync(self._store.discard, temp)
+                await anyio.to_thread.run_sync(self._store.discard, temp)
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
             fill._release()
             fill._notify()
+
+    async def _begin(self, length: int | None) -> FillFile | None:
+        """A temporary file for a body of ``length`` bytes, or None if the disk cannot take it."""
+        directory = getattr(self._store, "directory", None)
+        try:
+            if directory is not None:
+                free = (await anyio.to_thread.run_sync(shutil.disk_usage, directory)).free
+                if free - (length or 0) < self._config.min_free_space:
+                    self._metrics.store_failures.labels("no_space").inc()
+                    return None
+            return await anyio.to_thread.run_sync(self._store.begin_fill)
+        except OSError as exc:
+            log.warning("cannot start a fill (%s); streaming through uncached", exc.strerror)
+            self._metrics.store_failures.labels("write").inc()
+            return None
 
     async def _tee(self, fill: Fill, response: httpx.Response, out: BinaryIO) -> str:
         """Copy the body to ``out`` as it arrives, publishing progress; returns its sha256."""
@@ -225,25 +283,49 @@ class Fills:
         def write(chunk: bytes) -> None:
             out.write(chunk)
             out.flush()  # readers pread the file: bytes must be in the page cache
-            sha256.update(chunk)
 
         try:
             async for chunk in response.aiter_raw():  # as they arrive: no re-chunking delay
-                await anyio.to_thread.run_sync(write, chunk)
+                sha256.update(chunk)
+                if fill._tail_start is None:
+                    try:
+                        await anyio.to_thread.run_sync(write, chunk)
+                    except OSError as exc:
+                        self._spill(fill, exc)
+                if fill._tail_start is not None:
+                    fill._tail += chunk
+                    if len(fill._tail) > MEMORY_TAIL_LIMIT:
+                        raise FillFailed("disk full and the rest does not fit in memory")
                 fill.written += len(chunk)
                 fill._notify()
         except httpx.HTTPError as exc:
             raise FillFailed(str(translate(exc).detail)) from exc
         return sha256.hexdigest()
 
+    def _spill(self, fill: Fill, exc: OSError) -> None:
+        """The file stopped taking writes: keep the rest in memory, never commit."""
+        log.warning(
+            "fill of %s: disk write failed (%s); not caching it", fill.key.object_id, exc.strerror
+        )
+        self._metrics.store_failures.labels("write").inc()
+        # Whatever part of the failed chunk reached the file is ignored: readers switch to
+        # memory exactly at the last fully written offset.
+        fill._tail_start = fill.written
+
+    async def _commit(self, key: ArtifactKey, temp: FillFile, meta: EntryMeta) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
+        except OSError as exc:  # readers already have every byte; only the cache misses out
+            log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
+            self._metrics.store_failures.labels("commit").inc()
+
     def _remember_proof(self, fill: Fill) -> None:
-        task = asyncio.create_task(
+        self._spawn(
             anyio.to_thread.run_sync(
                 self._access.record, fill.fingerprint, fill.key.scope_kind, fill.key.scope_id
-            )
+            ),
+            "record proof",
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _content_length(response: httpx.Response) -> int | None:

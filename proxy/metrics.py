@@ -12,6 +12,7 @@ from proxy.store import StoreStats
 OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
 SOURCES = ("cache", "upstream")
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable")
+STORE_FAILURES = ("no_space", "write", "commit", "index")
 
 
 class Metrics:
@@ -74,6 +75,21 @@ class Metrics:
             "Upstream requests that failed without an HTTP answer (connect, timeout, cut body).",
             registry=r,
         )
+        self.store_failures = Counter(
+            "vlmrun_cache_store_failures",
+            "Artifacts that could not be stored and streamed through uncached instead: no_space "
+            "(below min_free_space), write (a disk write failed), commit (could not publish), "
+            "index (the cache database was damaged and reset).",
+            ["reason"],
+            registry=r,
+        )
+        self.circuit_open = Gauge(
+            "vlmrun_cache_upstream_circuit_open",
+            "1 while the circuit breaker fails upstream requests at once.",
+            registry=r,
+        )
+        for reason in STORE_FAILURES:
+            self.store_failures.labels(reason)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         for source in SOURCES:

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 from proxy.errors import ResponseAborted
 from proxy.headers import end_to_end
 from proxy.metrics import Metrics
-from proxy.upstream import translate
+from proxy.upstream import Upstream, translate
 
 #: Headers httpx must compute itself for the upstream connection.
 _REQUEST_DROP = (b"host", b"content-length")
@@ -28,8 +28,9 @@ _REQUEST_DROP = (b"host", b"content-length")
 class Passthrough:
     """An ASGI app forwarding each request to the upstream through the shared client."""
 
-    def __init__(self, client: httpx.AsyncClient, metrics: Metrics) -> None:
-        self._client = client
+    def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
+        self._upstream = upstream
+        self._client = upstream.client
         self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -53,10 +54,7 @@ class Passthrough:
             headers=headers,
             content=request.stream() if has_body else None,
         )
-        try:
-            upstream = await self._client.send(upstream_request, stream=True)
-        except httpx.HTTPError as exc:
-            raise translate(exc) from exc
+        upstream = await self._upstream.send(upstream_request)
         response = StreamingResponse(
             _relay(upstream),
             status_code=upstream.status_code,

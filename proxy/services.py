@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import anyio.to_thread
-import httpx
 
 from proxy.access import AccessProofs
 from proxy.config import Config
@@ -15,7 +14,7 @@ from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
 from proxy.store import Store
 from proxy.store.disk import DiskStore
-from proxy.upstream import create_client
+from proxy.upstream import Upstream
 
 
 def prepare_directory(path: str) -> Path:
@@ -31,7 +30,7 @@ class Services:
 
     store: Store
     access: AccessProofs
-    client: httpx.AsyncClient
+    upstream: Upstream
     fills: Fills
     passthrough: Passthrough
 
@@ -52,14 +51,14 @@ class Services:
             )
         )
         self.access = await anyio.to_thread.run_sync(AccessProofs, directory, config.proof_ttl)
-        self.client = create_client(config)
-        self.fills = Fills(config, self.client, self.store, self.access, self.metrics)
-        self.passthrough = Passthrough(self.client, self.metrics)
+        self.upstream = Upstream(config)
+        self.fills = Fills(config, self.upstream, self.store, self.access, self.metrics)
+        self.passthrough = Passthrough(self.upstream, self.metrics)
         self.serving = True
 
     async def close(self) -> None:
         self.serving = False
         await self.fills.aclose()
-        await self.client.aclose()
-        self.store.close()
-        self.access.close()
+        await self.upstream.aclose()
+        await anyio.to_thread.run_sync(self.store.close)
+        await anyio.to_thread.run_sync(self.access.close)
