@@ -48,6 +48,7 @@ class Services:
                 max_bytes=config.max_size,
                 max_object_bytes=config.object_size_limit,
                 on_evict=self.metrics.evicted,
+                on_reset=self.metrics.store_failures.labels("index").inc,
             )
         )
         self.access = await anyio.to_thread.run_sync(AccessProofs, directory, config.proof_ttl)

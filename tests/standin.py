@@ -65,6 +65,8 @@ class Fault:
     hold_middle: threading.Event | None = None
     #: Omit Content-Length (chunked transfer).
     chunked: bool = False
+    #: Answer 302 to this URL instead of the bytes.
+    redirect_to: str | None = None
     #: Apply only to this many requests (None: all).
     times: int | None = None
 
@@ -218,6 +220,9 @@ class StandIn:
             return await self._json(send, 404, {"detail": f"Artifact {object_id} not found"})
         if fault and fault.status:
             return await self._json(send, fault.status, {"detail": "Internal Server Error"})
+        if fault and fault.redirect_to:
+            await self._start(send, 302, [("Location", fault.redirect_to), ("Content-Length", "0")])
+            return await send({"type": "http.response.body", "body": b""})
         body, content_type = self.artifacts[key]
         headers = [("Content-Type", content_type)]
         if not (fault and fault.chunked):

@@ -109,3 +109,42 @@ def test_damaged_metadata_is_a_miss(store: DiskStore, tmp_path: Path) -> None:
         db.execute("UPDATE Cache SET tag = 'not json'")
     assert store.get("k") is None
     assert store.stats().entries == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "malformed"])
+def test_damaged_index_at_start_is_moved_aside(tmp_path: Path, damage: str) -> None:
+    """A garbage or malformed cache.db does not stop the store: it starts cold and works."""
+    first = DiskStore(tmp_path, 1_000_000, 400_000)
+    for index in range(50):
+        _put(first, f"k{index}", b"x" * 1000)
+    first.close()
+    db = tmp_path / "entries" / "cache.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not a database" * 100)
+    else:
+        data = bytearray(db.read_bytes())
+        assert len(data) > 4096
+        data[4096:] = b"\xa5" * (len(data) - 4096)  # keep the header page, scribble the rest
+        db.write_bytes(bytes(data))
+    resets: list[bool] = []
+    store = DiskStore(tmp_path, 1_000_000, 400_000, on_reset=lambda: resets.append(True))
+    for index in range(50):  # a malformed page may only show up on use
+        store.get(f"k{index}")
+    assert _put(store, "fresh", b"new")
+    entry = store.get("fresh")
+    assert entry is not None
+    entry.close()
+    assert resets == [True]
+    store.close()
+
+
+def test_index_damaged_while_running_is_reset(tmp_path: Path) -> None:
+    """Damage found by a later read resets the store once; it keeps working."""
+    resets: list[bool] = []
+    store = DiskStore(tmp_path, 1_000_000, 400_000, on_reset=lambda: resets.append(True))
+    _put(store, "k", b"data")
+    store._damaged(store._cache, sqlite3.DatabaseError("database disk image is malformed"))
+    assert store.get("k") is None
+    assert _put(store, "k", b"data")
+    assert resets == [True]
+    store.close()

@@ -6,7 +6,9 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
   column: nothing is ever pickled, so a writable cache directory cannot run code;
 * a finished fill is *renamed* into place (:class:`_AdoptingDisk`), not copied, after an fsync;
 * diskcache's own culling is off (it overshoots); :meth:`DiskStore.commit` evicts least recently
-  used entries until the new object fits, so the artifact bytes never exceed ``max_bytes``.
+  used entries until the new object fits, so the artifact bytes never exceed ``max_bytes``;
+* a damaged index ("database disk image is malformed", a garbage ``cache.db``), found at start-up
+  or later, is moved aside and deleted, and the store starts cold instead of failing requests.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,17 +63,27 @@ class DiskStore:
         max_bytes: int,
         max_object_bytes: int,
         on_evict: Callable[[int], None] = lambda _size: None,
+        on_reset: Callable[[], None] = lambda: None,
     ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.max_object_bytes = max_object_bytes
         self._on_evict = on_evict
+        self._on_reset = on_reset
         self._tmp = self.directory / "tmp"
         self._entries_dir = self.directory / "entries"
-        self._commit_lock = threading.Lock()
+        self._commit_lock = threading.RLock()
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._sweep_tmp()
-        self._cache = diskcache.Cache(
+        self._db_path = self._entries_dir / "cache.db"
+        try:
+            self._cache = self._open()
+        except sqlite3.DatabaseError as exc:
+            self._quarantine(exc)
+            self._cache = self._open()
+
+    def _open(self) -> diskcache.Cache:
+        cache = diskcache.Cache(
             str(self._entries_dir),
             disk=_AdoptingDisk,
             eviction_policy="least-recently-used",
@@ -78,14 +91,46 @@ class DiskStore:
             cull_limit=0,
             statistics=False,
         )
-        self._db_path = self._entries_dir / "cache.db"
+        try:
+            cache.reset("count")  # reads the index: a damaged one fails here
+        except BaseException:
+            cache.close()
+            raise
+        return cache
+
+    def _quarantine(self, exc: Exception) -> None:
+        """Move the damaged entries aside (then delete them in the background) and start cold."""
+        aside = self.directory / f"entries.damaged-{time.time_ns()}"
+        log.error("cache index is damaged (%s); moved to %s, starting cold", exc, aside.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self._entries_dir, aside)
+        threading.Thread(
+            target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True}, daemon=True
+        ).start()
+        self._on_reset()
+
+    def _damaged(self, cache: diskcache.Cache, exc: sqlite3.DatabaseError) -> None:
+        """Called when ``cache`` raised: reset the store if the index itself is damaged."""
+        if type(exc) is not sqlite3.DatabaseError:  # locked, I/O error...: not damage
+            log.warning("cache index error: %s", exc)
+            return
+        with self._commit_lock:
+            if self._cache is not cache:  # another thread already reset it
+                return
+            cache.close()
+            self._quarantine(exc)
+            self._cache = self._open()
 
     # -- reads -------------------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
+        cache = self._cache
         try:
-            found = self._cache.get(key, read=True, tag=True)
-        except (OSError, sqlite3.Error) as exc:
+            found = cache.get(key, read=True, tag=True)
+        except sqlite3.DatabaseError as exc:
+            self._damaged(cache, exc)
+            return None
+        except (OSError, diskcache.Timeout) as exc:
             log.warning("cache index read failed (%s); treating as a miss", type(exc).__name__)
             return None
         handle, tag = found
@@ -113,10 +158,15 @@ class DiskStore:
             fill.file.close()
             if meta.length > self.max_object_bytes:
                 return False
-            with self._commit_lock:
-                self.evict(key)
-                self._make_room(meta.length)
-                self._cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
+            cache = self._cache
+            try:
+                with self._commit_lock:
+                    self.evict(key)
+                    self._make_room(meta.length)
+                    cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
+            except sqlite3.DatabaseError as exc:
+                self._damaged(cache, exc)
+                return False
             return True
         finally:
             self.discard(fill)
@@ -130,7 +180,11 @@ class DiskStore:
     # -- eviction ----------------------------------------------------------------------------
 
     def evict(self, key: str) -> None:
-        self._cache.delete(key)
+        cache = self._cache
+        try:
+            cache.delete(key)
+        except sqlite3.DatabaseError as exc:
+            self._damaged(cache, exc)
 
     def _make_room(self, incoming: int) -> None:
         """Evict least recently used entries until ``incoming`` more bytes fit. Holds the lock."""
@@ -167,7 +221,12 @@ class DiskStore:
             log.info("removed %d unfinished fill(s) from a previous run", swept)
 
     def stats(self) -> StoreStats:
-        return StoreStats(bytes=self._bytes(), entries=len(self._cache), max_bytes=self.max_bytes)
+        cache = self._cache
+        try:
+            return StoreStats(bytes=self._bytes(), entries=len(cache), max_bytes=self.max_bytes)
+        except sqlite3.DatabaseError as exc:
+            self._damaged(cache, exc)
+            return StoreStats(bytes=0, entries=0, max_bytes=self.max_bytes)
 
     def ready(self) -> bool:
         """True when the directory takes writes and the index answers."""
