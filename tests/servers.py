@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -57,3 +61,74 @@ class ServerThread:
         assert not self.thread.is_alive(), "server did not stop"
         if self.error is not None:
             raise self.error
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """``python -m proxy serve`` in a child process, its output collected."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--port", str(self.port), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+            if "Application startup complete" in line:
+                self.ready.set()
+        self.ready.set()  # exited: let waiters look at the output
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 30) -> bool:
+        """Block until the process has printed ``text`` (False if it exits or time runs out)."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: text in self.output or self.process.poll() is not None, timeout
+            ) and text in self.output
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, signalled: bool = False) -> bool:
+        """SIGTERM (unless ``signalled`` already), then True if the process shut down gracefully."""
+        if not signalled:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        # uvicorn re-raises the signal after its graceful shutdown, as process managers expect.
+        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.output
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown of any kind."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()

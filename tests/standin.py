@@ -61,8 +61,9 @@ class Fault:
     cut_at: int | None = None
     #: Hold the response (before the status line) until set.
     hold_start: threading.Event | None = None
-    #: Send the first half of the body, then hold until set.
+    #: Send the first half of the body (or ``hold_at`` bytes), then hold until set.
     hold_middle: threading.Event | None = None
+    hold_at: int | None = None
     #: Omit Content-Length (chunked transfer).
     chunked: bool = False
     #: Answer 302 to this URL instead of the bytes.
@@ -234,7 +235,7 @@ class StandIn:
             )
             raise ConnectionAbortedError("stand-in cut the body on purpose")
         if fault and fault.hold_middle:
-            half = len(body) // 2
+            half = len(body) // 2 if fault.hold_at is None else fault.hold_at
             await send({"type": "http.response.body", "body": body[:half], "more_body": True})
             await _wait(fault.hold_middle)
             await send({"type": "http.response.body", "body": body[half:]})

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,58 +14,8 @@ import pytest
 
 from tests.conftest import SESSION, TOKEN
 from tests.helpers import auth
-from tests.servers import ServerThread
+from tests.servers import Daemon, ServerThread
 from tests.standin import StandIn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Daemon:
-    """``python -m proxy serve`` in a child process, its output collected."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if "Application startup complete" in line:
-                self.ready.set()
-        self.ready.set()  # exited: let waiters look at the output
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> bool:
-        """SIGTERM, then True if the process shut down gracefully."""
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=30)
-        self._reader.join(timeout=10)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-        # uvicorn re-raises the signal after its graceful shutdown, as process managers expect.
-        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.output
 
 
 @pytest.fixture
