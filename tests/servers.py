@@ -102,9 +102,12 @@ class Daemon:
     def wait_for(self, text: str, timeout: float = 30) -> bool:
         """Block until the process has printed ``text`` (False if it exits or time runs out)."""
         with self._changed:
-            return self._changed.wait_for(
-                lambda: text in self.output or self.process.poll() is not None, timeout
-            ) and text in self.output
+            return (
+                self._changed.wait_for(
+                    lambda: text in self.output or self.process.poll() is not None, timeout
+                )
+                and text in self.output
+            )
 
     @property
     def url(self) -> str:

@@ -47,23 +47,37 @@ def test_kill_9_during_fills_never_serves_wrong_bytes(
         proxy = _start(daemons, upstream, cache_dir)
         assert not list((cache_dir / "tmp").iterdir()), "leftover fills were not swept"
         for object_id, body in bodies.items():  # everything from earlier rounds is whole
-            assert httpx.get(artifact_url(proxy, object_id), headers=auth(), timeout=30).content == body
+            assert (
+                httpx.get(artifact_url(proxy, object_id), headers=auth(), timeout=30).content
+                == body
+            )
         for index in range(4):  # some complete entries in this round
             object_id = f"arr_{round_:02x}c{index:03x}"
-            bodies[object_id] = standin.add("session", SESSION, object_id, size=rng.randint(1, 3_000_000))
-            assert httpx.get(artifact_url(proxy, object_id), headers=auth(), timeout=30).content == bodies[object_id]
+            bodies[object_id] = standin.add(
+                "session", SESSION, object_id, size=rng.randint(1, 3_000_000)
+            )
+            assert (
+                httpx.get(artifact_url(proxy, object_id), headers=auth(), timeout=30).content
+                == bodies[object_id]
+            )
         held = threading.Event()
         in_flight = []
         for index in range(16):
             object_id = f"vid_{round_:02x}f{index:03x}"
             size = rng.randint(2, 4_000_000)
             bodies[object_id] = standin.add("session", SESSION, object_id, size=size)
-            standin.faults[object_id] = Fault(hold_middle=held, hold_at=rng.randint(1, size - 1), times=1)
+            standin.faults[object_id] = Fault(
+                hold_middle=held, hold_at=rng.randint(1, size - 1), times=1
+            )
             in_flight.append(object_id)
         everyone_started = threading.Barrier(len(in_flight) + 1)
 
-        def follow(object_id: str, proxy: Daemon = proxy, barrier: threading.Barrier = everyone_started) -> None:
-            with httpx.stream("GET", artifact_url(proxy, object_id), headers=auth(), timeout=30) as r:
+        def follow(
+            object_id: str, proxy: Daemon = proxy, barrier: threading.Barrier = everyone_started
+        ) -> None:
+            with httpx.stream(
+                "GET", artifact_url(proxy, object_id), headers=auth(), timeout=30
+            ) as r:
                 chunks = r.iter_raw()
                 next(chunks)
                 barrier.wait(timeout=30)
