@@ -19,7 +19,7 @@ import hashlib
 import io
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -49,6 +49,20 @@ def pattern(seed: str, size: int) -> bytes:
     block = hashlib.sha256(seed.encode()).digest() * 2048  # 64 KiB
     whole, rest = divmod(size, len(block))
     return block * whole + block[:rest]
+
+
+def generated_chunks(seed: str, size: int) -> Iterator[tuple[int, bytes]]:
+    """``pattern(seed, size)`` as (offset, chunk) pairs of at most 256 KiB, never all at once."""
+    block = hashlib.sha256(seed.encode()).digest() * 8192  # 256 KiB
+    for offset in range(0, size, len(block)):
+        yield offset, block[: min(len(block), size - offset)]
+
+
+def generated_sha256(seed: str, size: int) -> str:
+    digest = hashlib.sha256()
+    for _, chunk in generated_chunks(seed, size):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -91,6 +105,13 @@ class StandIn:
         #: SSE streams send their first event, then wait for this before the rest.
         self.sse_gate: threading.Event | None = None
         self.uploads: list[dict[str, Any]] = []
+        #: Seconds to wait before answering an artifact request, like a remote API's round trip.
+        self.latency = 0.0
+        #: Scopes whose artifacts exist for any id ``<prefix>_<size>[_<tag>]``, streamed from a
+        #: pattern without being held; ids containing ``cut`` are cut half-way, ``flaky`` get one
+        #: 503 first (each once per key). For load tests.
+        self.generated_scopes: set[tuple[str, str]] = set()
+        self._spent_faults: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
 
     # -- scripting ---------------------------------------------------------------------------
@@ -214,6 +235,10 @@ class StandIn:
         with self._lock:
             self.artifact_hits[key] += 1
         self.arrived.set()
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if (kind, scope_id) in self.generated_scopes:
+            return await self._generated(send, token, key)
         fault = self._fault(object_id)
         if fault and fault.hold_start:
             await _wait(fault.hold_start)
@@ -243,6 +268,32 @@ class StandIn:
         for start in range(0, max(len(body), 1), 1024 * 1024):
             chunk = body[start : start + 1024 * 1024]
             more = start + 1024 * 1024 < len(body)
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def _generated(self, send: Send, token: str, key: tuple[str, str, str]) -> None:
+        kind, scope_id, object_id = key
+        prefix, _, rest = object_id.partition("_")
+        size_text = rest.split("_", 1)[0]
+        if (kind, scope_id) not in self.tokens[token] or not size_text.isdigit():
+            return await self._json(send, 404, {"detail": f"Artifact {object_id} not found"})
+        with self._lock:
+            first_time = key not in self._spent_faults
+            self._spent_faults.add(key)
+        if first_time and "flaky" in object_id:
+            return await self._json(send, 503, {"detail": "Service Unavailable"})
+        size = int(size_text)
+        content_type = CONTENT_TYPES.get(prefix, "application/octet-stream")
+        await self._start(
+            send, 200, [("Content-Type", content_type), ("Content-Length", str(size))]
+        )
+        cut = size // 2 if first_time and "cut" in object_id else None
+        for offset, chunk in generated_chunks("/".join(key), size):
+            if cut is not None and offset + len(chunk) > cut:
+                await send(
+                    {"type": "http.response.body", "body": chunk[: cut - offset], "more_body": True}
+                )
+                raise ConnectionAbortedError("stand-in cut the body on purpose")
+            more = offset + len(chunk) < size
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def _list(self, send: Send, token: str, query: dict[str, str]) -> None:
@@ -337,3 +388,28 @@ async def _wait(event: threading.Event) -> None:
 
 
 Predicate = Callable[[], bool]
+
+
+def main() -> None:
+    """Serve a stand-in on 127.0.0.1 for benchmarks: ``python -m tests.standin --port N``."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token", default="bench-token")
+    parser.add_argument("--scope", default="sess_bench", help="a generated session")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per artifact request")
+    args = parser.parse_args()
+    api = StandIn()
+    api.grant(args.token, "session", args.scope)
+    api.generated_scopes.add(("session", args.scope))
+    api.latency = args.latency
+    uvicorn.run(
+        api, host="127.0.0.1", port=args.port, http="h11", log_level="warning", lifespan="on"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -362,3 +362,23 @@ def test_no_token_gets_bytes_through_a_cold_miss(standin: StandIn, proxy) -> Non
     standin.add("session", SESSION, "arr_5a5a5a")
     assert fetch(proxy, "arr_5a5a5a", token=OTHER_TOKEN).status_code == 404
     assert fetch(proxy, "arr_5a5a5a").status_code == 200
+
+
+def test_a_stalled_reader_does_not_hold_the_fill_hostage(standin: StandIn, proxy) -> None:
+    """One client that stops reading does not slow another following the same fill."""
+    body = standin.add("session", SESSION, "vid_51051c", size=24_000_000)
+    release = threading.Event()
+    standin.faults["vid_51051c"] = Fault(hold_middle=release, times=1)
+    url = artifact_url(proxy, "vid_51051c")
+    with (
+        httpx.stream("GET", url, headers=auth(), timeout=30) as slow,
+        httpx.stream("GET", url, headers=auth(), timeout=30) as fast,
+    ):
+        slow_chunks, fast_chunks = slow.iter_raw(), fast.iter_raw()
+        slow_head = next(slow_chunks)  # then the slow one stops reading: its buffers fill up
+        fast_head = next(fast_chunks)
+        release.set()
+        assert fast_head + b"".join(fast_chunks) == body  # finishes while the other is stalled
+        assert fast.headers["x-cache"] == "COALESCED"
+        assert slow_head + b"".join(slow_chunks) == body
+    assert standin.hits("session", SESSION, "vid_51051c") == 1
