@@ -3,7 +3,8 @@
 A 200 from upstream for any artifact of a scope, asked with credential T, proves that T may read
 that scope. We remember the proof for ``ttl`` seconds under an HMAC of T (never T itself), with a
 secret generated once per cache directory and kept in a 0600 file. Proofs live on disk so they
-survive restarts. All methods block: call them from a worker thread.
+survive restarts, and in memory so that a hit needs no disk access: :meth:`remembered` never
+blocks and may run on the event loop; the other methods block: call them from a worker thread.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import hmac
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 
 import diskcache
 
+#: Proofs kept in memory at most.
+MEMORY_PROOFS = 100_000
 _SECRET_FILE = "secret"  # noqa: S105 (a file name)
 
 
@@ -46,6 +50,8 @@ class AccessProofs:
             str(self.directory / "access"), size_limit=64 * 1024**2, statistics=False
         )
         self._proofs.expire()
+        #: (fingerprint, kind, id) -> expiry (time.time()); a cache of the disk proofs.
+        self._recent: dict[tuple[str, str, str], float] = {}
 
     def fingerprint(self, authorization: str | None) -> str | None:
         """A stable, non-reversible name for a credential; ``None`` when there is none."""
@@ -57,15 +63,36 @@ class AccessProofs:
     def _key(fingerprint: str, scope_kind: str, scope_id: str) -> str:
         return json.dumps([fingerprint, scope_kind, scope_id], separators=(",", ":"))
 
+    def remembered(self, fingerprint: str | None, scope_kind: str, scope_id: str) -> bool:
+        """A live proof known in memory; False means "look on disk", not "no proof"."""
+        if fingerprint is None:
+            return False
+        expiry = self._recent.get((fingerprint, scope_kind, scope_id))
+        return expiry is not None and expiry > time.time()
+
+    def _keep(self, fingerprint: str, scope_kind: str, scope_id: str, expiry: float) -> None:
+        if len(self._recent) >= MEMORY_PROOFS:
+            self._recent.clear()  # rare; the disk still has them all
+        self._recent[(fingerprint, scope_kind, scope_id)] = expiry
+
     def has_proof(self, fingerprint: str | None, scope_kind: str, scope_id: str) -> bool:
         if fingerprint is None:
             return False
-        return self._proofs.get(self._key(fingerprint, scope_kind, scope_id)) is not None
+        if self.remembered(fingerprint, scope_kind, scope_id):
+            return True
+        found, expiry = self._proofs.get(
+            self._key(fingerprint, scope_kind, scope_id), expire_time=True
+        )
+        if found is None:
+            return False
+        self._keep(fingerprint, scope_kind, scope_id, expiry or time.time() + self.ttl)
+        return True
 
     def record(self, fingerprint: str | None, scope_kind: str, scope_id: str) -> None:
         if fingerprint is None:
             return
         self._proofs.set(self._key(fingerprint, scope_kind, scope_id), 1, expire=self.ttl)
+        self._keep(fingerprint, scope_kind, scope_id, time.time() + self.ttl)
 
     def close(self) -> None:
         self._proofs.close()

@@ -87,8 +87,10 @@ class ArtifactRoute:
         """``None`` if the credential may read ``key``'s scope, else upstream's refusal."""
         checks = self.s.metrics.access_checks
         scope_kind, scope_id = key.scope_kind, key.scope_id
-        if await anyio.to_thread.run_sync(
-            self.s.access.has_proof, fingerprint, scope_kind, scope_id
+        if self.s.access.remembered(fingerprint, scope_kind, scope_id) or (
+            await anyio.to_thread.run_sync(
+                self.s.access.has_proof, fingerprint, scope_kind, scope_id
+            )
         ):
             checks.labels("proof").inc()
             return None
@@ -113,14 +115,26 @@ class ArtifactRoute:
 
     # -- hit ----------------------------------------------------------------------------------
 
-    def _lookup(self, key: ArtifactKey) -> Entry | None:
-        """The entry if present and of the recorded length; a damaged one is evicted. Blocks."""
+    def _lookup(self, key: ArtifactKey) -> tuple[Entry, bytes | None] | None:
+        """The entry if present and intact, with its whole body when it fits in one chunk.
+
+        A file of the wrong length, or a small one whose sha256 does not match, is evicted and
+        reported as a miss. Blocks: one worker-thread hop does all the disk work of a small hit.
+        """
         entry = self.s.store.get(key.cache_key)
-        if entry is not None and entry.size_on_disk != entry.meta.length:
+        if entry is None:
+            return None
+        try:
+            if entry.size_on_disk != entry.meta.length:
+                raise _Corrupt
+            if entry.meta.length > self.s.config.chunk_size:
+                return entry, None
+            with entry.file:
+                return entry, _read(entry, 0, entry.meta.length, verify=True)
+        except _Corrupt:
             entry.close()
             self._corrupt(key)
             return None
-        return entry
 
     def _corrupt(self, key: ArtifactKey) -> None:
         self.s.metrics.integrity_failures.inc()
@@ -133,26 +147,30 @@ class ArtifactRoute:
         authorization: str | None,
         fingerprint: str | None,
     ) -> Response | None:
-        entry = await anyio.to_thread.run_sync(self._lookup, key)
-        if entry is None:
+        found = await anyio.to_thread.run_sync(self._lookup, key)
+        if found is None:
             return None
+        entry, body = found
         try:
             refusal = await self._authorize(key, authorization, fingerprint)
             if refusal is not None:
                 entry.close()
                 return refusal
-            response = await self._entry_response(request, key, entry)
+            response = self._entry_response(request, key, entry, body)
         except BaseException:
             entry.close()
             raise
-        if response is not None:
-            self._count("hit")
+        self._count("hit")
         return response
 
-    async def _entry_response(
-        self, request: Request, key: ArtifactKey, entry: Entry
-    ) -> Response | None:
-        """The hit's response; ``None`` if a small entry failed its check (then refetch)."""
+    def _entry_response(
+        self, request: Request, key: ArtifactKey, entry: Entry, body: bytes | None
+    ) -> Response:
+        """The hit's response: whole, a single range, 304 or 416.
+
+        ``body`` is the whole (already verified) content of a small entry; a larger one streams
+        from its open file, hashed on the way.
+        """
         meta = entry.meta
         common: RawHeaders = [
             (b"ETag", meta.etag.encode()),
@@ -160,15 +178,15 @@ class ArtifactRoute:
             (b"Accept-Ranges", b"bytes"),
             (b"X-Cache", b"HIT"),
         ]
-        if none_match(request.headers.get("if-none-match"), meta.etag):
+        headers = request.headers
+        if "if-none-match" in headers and none_match(headers["if-none-match"], meta.etag):
             entry.close()
             return _raw(Response(status_code=304), common)
         try:
-            span = byte_range(
-                request.headers.get("range"),
-                request.headers.get("if-range"),
-                meta.etag,
-                meta.length,
+            span = (
+                byte_range(headers["range"], headers.get("if-range"), meta.etag, meta.length)
+                if "range" in headers
+                else None
             )
         except RangeNotSatisfiable:
             entry.close()
@@ -178,30 +196,24 @@ class ArtifactRoute:
                 [(b"Content-Range", f"bytes */{meta.length}".encode()), *common],
             )
         start, end = span if span is not None else (0, meta.length)
-        headers: RawHeaders = [
+        raw: RawHeaders = [
             (CONTENT_TYPE, meta.content_type.encode("latin-1")),
             (CONTENT_LENGTH, str(end - start).encode()),
             *common,
         ]
+        status = 200
         if span is not None:
-            headers.append((b"Content-Range", f"bytes {start}-{end - 1}/{meta.length}".encode()))
+            status = 206
+            raw.append((b"Content-Range", f"bytes {start}-{end - 1}/{meta.length}".encode()))
+        if body is not None:
+            self.s.metrics.served_bytes.labels("cache").inc(end - start)
+            return _raw(Response(body[start:end] if span else body, status_code=status), raw)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
-        served = self.s.metrics.served_bytes.labels("cache")
-        if end - start <= self.s.config.chunk_size:
-            try:
-                body = await anyio.to_thread.run_sync(_read, entry, start, end, verify)
-            except _Corrupt:
-                await anyio.to_thread.run_sync(self._corrupt, key)
-                return None
-            finally:
-                entry.close()
-            served.inc(len(body))
-            return _raw(Response(body, status_code=206 if span else 200), headers)
         chunks = self._stream_entry(key, entry, start, end, verify)
         response = StreamingResponse(
-            chunks, status_code=206 if span else 200, background=BackgroundTask(entry.close)
+            chunks, status_code=status, background=BackgroundTask(entry.close)
         )
-        return _raw(response, headers)
+        return _raw(response, raw)
 
     async def _stream_entry(
         self, key: ArtifactKey, entry: Entry, start: int, end: int, verify: bool

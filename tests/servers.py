@@ -93,7 +93,7 @@ class Daemon:
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
-            if "Application startup complete" in line:
+            if "Uvicorn running on" in line:  # printed once the socket listens
                 self.ready.set()
         self.ready.set()  # exited: let waiters look at the output
         with self._changed:

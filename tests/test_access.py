@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import stat
-import types
+import time
 from pathlib import Path
 
-import diskcache.core
 import pytest
 
 from proxy.access import AccessProofs
@@ -40,7 +39,7 @@ def test_proofs_are_per_scope_and_survive_reopening(tmp_path: Path) -> None:
 def test_proofs_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the TTL a proof no longer counts."""
     now = [1_000_000.0]
-    monkeypatch.setattr(diskcache.core, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(time, "time", lambda: now[0])  # diskcache's clock and ours
     proofs = AccessProofs(tmp_path, ttl=60)
     fp = proofs.fingerprint("Bearer t")
     proofs.record(fp, "session", "s")
@@ -48,6 +47,9 @@ def test_proofs_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert proofs.has_proof(fp, "session", "s")
     now[0] += 2
     assert not proofs.has_proof(fp, "session", "s")
+    proofs.close()
+    reopened = AccessProofs(tmp_path, ttl=60)  # the disk copy has expired too
+    assert not reopened.has_proof(fp, "session", "s")
 
 
 def test_secret_file_is_owner_only(tmp_path: Path) -> None:

@@ -148,3 +148,22 @@ def test_index_damaged_while_running_is_reset(tmp_path: Path) -> None:
     assert _put(store, "k", b"data")
     assert resets == [True]
     store.close()
+
+
+def test_memory_index_follows_changes_made_by_another_process(tmp_path: Path) -> None:
+    """If another process evicts and re-stores a key, this one serves the new file, not a stale one."""
+    mine = DiskStore(tmp_path, 1_000_000, 400_000)
+    theirs = DiskStore(tmp_path, 1_000_000, 400_000)
+    _put(mine, "k", b"first")
+    entry = mine.get("k")  # now in mine's memory index
+    assert entry is not None
+    entry.close()
+    theirs.evict("k")
+    assert mine.get("k") is None
+    _put(theirs, "k", b"second")
+    entry = mine.get("k")
+    assert entry is not None
+    with entry.file:
+        assert entry.file.read() == b"second"
+    mine.close()
+    theirs.close()

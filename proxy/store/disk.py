@@ -8,7 +8,13 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
 * diskcache's own culling is off (it overshoots); :meth:`DiskStore.commit` evicts least recently
   used entries until the new object fits, so the artifact bytes never exceed ``max_bytes``;
 * a damaged index ("database disk image is malformed", a garbage ``cache.db``), found at start-up
-  or later, is moved aside and deleted, and the store starts cold instead of failing requests.
+  or later, is moved aside and deleted, and the store starts cold instead of failing requests;
+* hits skip SQLite: a bounded in-memory index maps keys to (file, metadata). diskcache's LRU
+  ``get`` is a write transaction that serialises every hit; instead, access times are collected in
+  memory and written in one batch at most every :data:`TOUCH_FLUSH_SECONDS` (and before evicting).
+  The memory index can only be stale in one way, a file that was evicted (perhaps by another
+  process): opening it then fails and the lookup falls back to SQLite. Cached files never change
+  once written, and their names are never reused.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,10 @@ log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".fill"
 _EVICT_BATCH = 64
+#: Longest time access times stay only in memory before they are written to the index.
+TOUCH_FLUSH_SECONDS = 1.0
+#: Entries remembered by the in-memory index.
+MEMO_ENTRIES = 100_000
 
 
 class _Adopt:
@@ -73,6 +84,10 @@ class DiskStore:
         self._tmp = self.directory / "tmp"
         self._entries_dir = self.directory / "entries"
         self._commit_lock = threading.RLock()
+        self._memo: OrderedDict[str, tuple[str, EntryMeta]] = OrderedDict()
+        self._touched: dict[str, float] = {}
+        self._memo_lock = threading.Lock()
+        self._flushed_at = time.monotonic()
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._sweep_tmp()
         self._db_path = self._entries_dir / "cache.db"
@@ -119,11 +134,66 @@ class DiskStore:
                 return
             cache.close()
             self._quarantine(exc)
+            with self._memo_lock:
+                self._memo.clear()
+                self._touched.clear()
             self._cache = self._open()
 
     # -- reads -------------------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
+        with self._memo_lock:
+            known = self._memo.get(key)
+        if known is not None:
+            path, meta = known
+            try:
+                handle = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+            except FileNotFoundError:
+                self._forget(key)
+            else:
+                self._touch(key)
+                return Entry(meta=meta, file=handle)
+        entry = self._get_indexed(key)
+        if entry is not None:
+            self._remember(key, entry.file.name, entry.meta)
+        return entry
+
+    def _remember(self, key: str, path: str, meta: EntryMeta) -> None:
+        with self._memo_lock:
+            self._memo[key] = (path, meta)
+            if len(self._memo) > MEMO_ENTRIES:
+                self._memo.popitem(last=False)
+
+    def _forget(self, key: str) -> None:
+        with self._memo_lock:
+            self._memo.pop(key, None)
+            self._touched.pop(key, None)
+
+    def _touch(self, key: str) -> None:
+        now = time.monotonic()
+        with self._memo_lock:
+            self._touched[key] = time.time()
+            due = now - self._flushed_at >= TOUCH_FLUSH_SECONDS
+        if due:
+            self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Write collected access times to the index, where eviction reads them."""
+        with self._memo_lock:
+            touched, self._touched = self._touched, {}
+            self._flushed_at = time.monotonic()
+        if not touched:
+            return
+        try:
+            with contextlib.closing(sqlite3.connect(self._db_path, timeout=5)) as db, db:
+                db.executemany(
+                    "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1",
+                    [(when, key) for key, when in touched.items()],
+                )
+        except sqlite3.Error as exc:  # recency is advice; losing one batch is harmless
+            log.warning("could not record access times: %s", exc)
+
+    def _get_indexed(self, key: str) -> Entry | None:
         cache = self._cache
         try:
             found = cache.get(key, read=True, tag=True)
@@ -180,6 +250,7 @@ class DiskStore:
     # -- eviction ----------------------------------------------------------------------------
 
     def evict(self, key: str) -> None:
+        self._forget(key)
         cache = self._cache
         try:
             cache.delete(key)
@@ -188,11 +259,14 @@ class DiskStore:
 
     def _make_room(self, incoming: int) -> None:
         """Evict least recently used entries until ``incoming`` more bytes fit. Holds the lock."""
+        if self._bytes() + incoming > self.max_bytes:
+            self.flush_touches()
         while self._bytes() + incoming > self.max_bytes:
             victims = self._least_recently_used(_EVICT_BATCH)
             if not victims:
                 return
             for key, size in victims:
+                self._forget(key)
                 if self._cache.delete(key):
                     self._on_evict(size)
                 if self._bytes() + incoming <= self.max_bytes:
@@ -239,4 +313,5 @@ class DiskStore:
         return shutil.disk_usage(self.directory).free > 0
 
     def close(self) -> None:
+        self.flush_touches()
         self._cache.close()
