@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from proxy.fills import Fills
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
 from proxy.store import Store
-from proxy.store.disk import DiskStore
+from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
 from proxy.upstream import Upstream
 
 
@@ -55,10 +56,17 @@ class Services:
         self.upstream = Upstream(config)
         self.fills = Fills(config, self.upstream, self.store, self.access, self.metrics)
         self.passthrough = Passthrough(self.upstream, self.metrics)
+        self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         self.serving = True
+
+    async def _flush_touches_periodically(self) -> None:
+        while True:
+            await anyio.sleep(TOUCH_FLUSH_SECONDS)
+            await anyio.to_thread.run_sync(self.store.flush_touches)
 
     async def close(self) -> None:
         self.serving = False
+        self._housekeeping.cancel()
         await self.fills.aclose()
         await self.upstream.aclose()
         await anyio.to_thread.run_sync(self.store.close)

@@ -15,6 +15,9 @@ Contract (every implementation):
   file) when the object cannot be cached, e.g. larger than the per-object limit.
 * ``evict(key)`` removes an entry; evicting a missing key is not an error.
 * ``stats()`` is cheap (no scan).
+* ``remembers(key, max_length)`` never blocks: True means ``get(key)`` is cheap enough to call on
+  the event loop (an ``open`` of a file of at most ``max_length`` bytes, no index query).
+* ``flush_touches()`` persists recency information collected in memory; call it periodically.
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ class Store(Protocol):
     def discard(self, fill: FillFile) -> None: ...
 
     def evict(self, key: str) -> None: ...
+
+    def remembers(self, key: str, max_length: int) -> bool: ...
+
+    def flush_touches(self) -> None: ...
 
     def stats(self) -> StoreStats: ...
 

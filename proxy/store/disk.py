@@ -11,7 +11,8 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
   or later, is moved aside and deleted, and the store starts cold instead of failing requests;
 * hits skip SQLite: a bounded in-memory index maps keys to (file, metadata). diskcache's LRU
   ``get`` is a write transaction that serialises every hit; instead, access times are collected in
-  memory and written in one batch at most every :data:`TOUCH_FLUSH_SECONDS` (and before evicting).
+  memory and written in one batch by :meth:`DiskStore.flush_touches` (the app calls it every
+  :data:`TOUCH_FLUSH_SECONDS`; eviction calls it first).
   The memory index can only be stale in one way, a file that was evicted (perhaps by another
   process): opening it then fails and the lookup falls back to SQLite. Cached files never change
   once written, and their names are never reused.
@@ -87,7 +88,6 @@ class DiskStore:
         self._memo: OrderedDict[str, tuple[str, EntryMeta]] = OrderedDict()
         self._touched: dict[str, float] = {}
         self._memo_lock = threading.Lock()
-        self._flushed_at = time.monotonic()
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._sweep_tmp()
         self._db_path = self._entries_dir / "cache.db"
@@ -170,18 +170,19 @@ class DiskStore:
             self._touched.pop(key, None)
 
     def _touch(self, key: str) -> None:
-        now = time.monotonic()
         with self._memo_lock:
             self._touched[key] = time.time()
-            due = now - self._flushed_at >= TOUCH_FLUSH_SECONDS
-        if due:
-            self.flush_touches()
+
+    def remembers(self, key: str, max_length: int) -> bool:
+        """True if ``key`` is in the memory index with at most ``max_length`` bytes: its
+        :meth:`get` then costs an ``open`` and no SQLite. Never blocks."""
+        known = self._memo.get(key)
+        return known is not None and known[1].length <= max_length
 
     def flush_touches(self) -> None:
         """Write collected access times to the index, where eviction reads them."""
         with self._memo_lock:
             touched, self._touched = self._touched, {}
-            self._flushed_at = time.monotonic()
         if not touched:
             return
         try:
