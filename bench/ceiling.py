@@ -21,8 +21,8 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SCOPE  # noqa: E402
-from tests.standin import generated_chunks  # noqa: E402
+from bench.common import SCOPE
+from tests.standin import generated_chunks
 
 
 @cache
@@ -42,7 +42,9 @@ def main() -> None:
     parser.add_argument("--http", default="h11")
     args = parser.parse_args()
     app = Starlette(routes=[Route("/v1/artifacts", artifact)])
-    uvicorn.run(app, host="127.0.0.1", port=args.port, http=args.http, log_level="warning", access_log=False)
+    uvicorn.run(
+        app, host="127.0.0.1", port=args.port, http=args.http, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

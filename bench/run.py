@@ -34,7 +34,18 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, SCOPE, TOKEN, child, free_port, machine, proxy, rss_kib, standin, tree_rss_kib  # noqa: E402
+from bench.common import (
+    ROOT,
+    SCOPE,
+    TOKEN,
+    child,
+    free_port,
+    machine,
+    proxy,
+    rss_kib,
+    standin,
+    tree_rss_kib,
+)
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 SIZES = {"8 KiB": 8 * KiB, "256 KiB": 256 * KiB, "50 MiB": 50 * MiB}
@@ -94,12 +105,18 @@ def nginx(port: int, upstream_port: int) -> Iterator[subprocess.Popen[bytes] | N
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as directory:
         conf = Path(directory) / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=directory, port=port, upstream=upstream_port))
-        with child(["nginx", "-p", directory, "-c", str(conf), "-g", "daemon off;"], port, SERVER_CPU) as process:
+        with child(
+            ["nginx", "-p", directory, "-c", str(conf), "-g", "daemon off;"], port, SERVER_CPU
+        ) as process:
             yield process
 
 
-def ceiling(port: int, http: str = "h11") -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    return child([sys.executable, "bench/ceiling.py", "--port", str(port), "--http", http], port, SERVER_CPU)
+def ceiling(
+    port: int, http: str = "h11"
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return child(
+        [sys.executable, "bench/ceiling.py", "--port", str(port), "--http", http], port, SERVER_CPU
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -130,13 +147,25 @@ def wrk(target: str, connections: int, seconds: float) -> dict[str, float]:
     """Requests/s, p50/p99 latency (ms) and MB/s of keep-alive GETs of ``target``."""
     if shutil.which("wrk") is None:
         return asyncio.run(python_load(target, connections, seconds))
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s", "--latency",
-            "-H", f"Authorization: Bearer {TOKEN}", target]
+    args = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "60s",
+        "--latency",
+        "-H",
+        f"Authorization: Bearer {TOKEN}",
+        target,
+    ]
     if (os.cpu_count() or 1) > 1:
         args = ["taskset", "-c", str(LOAD_CPU), *args]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
     if "Non-2xx" in out or (socket_errors and any(int(n) for n in socket_errors.groups())):
         raise RuntimeError(f"wrk saw errors against {target}:\n{out}")
     return {
@@ -202,19 +231,29 @@ def section_hits(targets: dict[str, tuple[str, int]], seconds: float) -> list[Ro
         for connections in (1, 32):
             results: dict[str, dict[str, float]] = {}
             for name, (base, pid) in targets.items():
-                httpx.get(url(base, object_id), headers=AUTH, timeout=120).raise_for_status()  # warm
+                httpx.get(
+                    url(base, object_id), headers=AUTH, timeout=120
+                ).raise_for_status()  # warm
                 before = cpu_seconds(pid)
                 result = wrk(url(base, object_id), connections, seconds)
                 result["cpu_us"] = (cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6
                 result["MBps"] = result["rps"] * size / 1e6
                 results[name] = result
             for name, result in results.items():
-                rows.append([
-                    label, str(connections), name, f"{result['rps']:,.0f}", f"{result['MBps']:,.0f}",
-                    f"{result['p50']:.2f}", f"{result['p99']:.2f}", f"{result['cpu_us']:,.0f}",
-                    _ratio(result["rps"], results.get("nginx", {}).get("rps")),
-                    _ratio(result["rps"], results.get("ceiling", {}).get("rps")),
-                ])
+                rows.append(
+                    [
+                        label,
+                        str(connections),
+                        name,
+                        f"{result['rps']:,.0f}",
+                        f"{result['MBps']:,.0f}",
+                        f"{result['p50']:.2f}",
+                        f"{result['p99']:.2f}",
+                        f"{result['cpu_us']:,.0f}",
+                        _ratio(result["rps"], results.get("nginx", {}).get("rps")),
+                        _ratio(result["rps"], results.get("ceiling", {}).get("rps")),
+                    ]
+                )
     return rows
 
 
@@ -237,15 +276,30 @@ def section_miss(targets: dict[str, tuple[str, int]], direct: str, repeats: int)
     for label, size in (("8 KiB", 8 * KiB), ("50 MiB", 50 * MiB)):
         direct_ttfb, direct_total = asyncio.run(measure(direct, size))
         base_ttfb, base_total = statistics.median(direct_ttfb), statistics.median(direct_total)
-        rows.append([label, "direct to upstream", f"{base_ttfb * 1000:.1f}", f"{base_total * 1000:.1f}", "-", "-"])
+        rows.append(
+            [
+                label,
+                "direct to upstream",
+                f"{base_ttfb * 1000:.1f}",
+                f"{base_total * 1000:.1f}",
+                "-",
+                "-",
+            ]
+        )
         for name, (base, _) in targets.items():
             if name == "ceiling":
                 continue
             ttfb, total = asyncio.run(measure(base, size))
-            rows.append([
-                label, name, f"{statistics.median(ttfb) * 1000:.1f}", f"{statistics.median(total) * 1000:.1f}",
-                f"{(statistics.median(ttfb) - base_ttfb) * 1000:+.1f}", f"{(statistics.median(total) - base_total) * 1000:+.1f}",
-            ])
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{statistics.median(ttfb) * 1000:.1f}",
+                    f"{statistics.median(total) * 1000:.1f}",
+                    f"{(statistics.median(ttfb) - base_ttfb) * 1000:+.1f}",
+                    f"{(statistics.median(total) - base_total) * 1000:+.1f}",
+                ]
+            )
     return rows
 
 
@@ -256,7 +310,9 @@ def section_coalesce(targets: dict[str, tuple[str, int]], upstream: str, size: i
         object_id = new_id(size)
         limits = httpx.Limits(max_connections=clients)
         async with httpx.AsyncClient(headers=AUTH, timeout=300, limits=limits) as client:
-            results = await asyncio.gather(*(timed_get(client, url(base, object_id)) for _ in range(clients)))
+            results = await asyncio.gather(
+                *(timed_get(client, url(base, object_id)) for _ in range(clients))
+            )
         return sorted(total for _, total, _ in results)
 
     for name, (base, _) in targets.items():
@@ -267,10 +323,18 @@ def section_coalesce(targets: dict[str, tuple[str, int]], upstream: str, size: i
             before = upstream_fetches(upstream)
             times = asyncio.run(burst(base, clients))
             fetches = upstream_fetches(upstream) - before
-            rows.append([
-                name, str(clients), str(fetches), f"{single * 1000:.0f}", f"{times[0] * 1000:.0f}",
-                f"{statistics.median(times) * 1000:.0f}", f"{times[-1] * 1000:.0f}", f"{times[-1] / single:.2f}x",
-            ])
+            rows.append(
+                [
+                    name,
+                    str(clients),
+                    str(fetches),
+                    f"{single * 1000:.0f}",
+                    f"{times[0] * 1000:.0f}",
+                    f"{statistics.median(times) * 1000:.0f}",
+                    f"{times[-1] * 1000:.0f}",
+                    f"{times[-1] / single:.2f}x",
+                ]
+            )
     return rows
 
 
@@ -285,7 +349,15 @@ def section_memory(targets: dict[str, tuple[str, int]], clients: int, size: int)
         object_id = new_id(size)
         peak = 0
         for phase in ("miss", "hit"):
-            args = [curl, "-sf", "-o", "/dev/null", "-H", f"Authorization: Bearer {TOKEN}", url(base, object_id)]
+            args = [
+                curl,
+                "-sf",
+                "-o",
+                "/dev/null",
+                "-H",
+                f"Authorization: Bearer {TOKEN}",
+                url(base, object_id),
+            ]
             started = time.monotonic()
             processes = [subprocess.Popen(args) for _ in range(clients)]
             while any(p.poll() is None for p in processes):
@@ -295,8 +367,17 @@ def section_memory(targets: dict[str, tuple[str, int]], clients: int, size: int)
             if any(p.returncode for p in processes):
                 raise RuntimeError(f"curl failed against {name}")
             peak = max(peak, rss_kib(pid, "VmHWM"))
-            rows.append([name, phase, str(clients), f"{size / GiB:.0f} GiB", f"{elapsed:.1f}",
-                         f"{clients * size / elapsed / 1e6:,.0f}", f"{peak / 1024:.0f}"])
+            rows.append(
+                [
+                    name,
+                    phase,
+                    str(clients),
+                    f"{size / GiB:.0f} GiB",
+                    f"{elapsed:.1f}",
+                    f"{clients * size / elapsed / 1e6:,.0f}",
+                    f"{peak / 1024:.0f}",
+                ]
+            )
     return rows
 
 
@@ -312,7 +393,9 @@ def section_scale(counts: list[int]) -> list[Row]:
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as directory:
             store = DiskStore(directory, max_bytes=100 * GiB, max_object_bytes=GiB)
             body = b"x" * 8192
-            meta = EntryMeta("application/octet-stream", len(body), hashlib.sha256(body).hexdigest(), time.time()).to_json()
+            meta = EntryMeta(
+                "application/octet-stream", len(body), hashlib.sha256(body).hexdigest(), time.time()
+            ).to_json()
             started = time.monotonic()
             for index in range(count):  # populate without fsync: this measures reads, not fills
                 fill = store.begin_fill()
@@ -334,8 +417,15 @@ def section_scale(counts: list[int]) -> list[Row]:
                 samples.append(time.perf_counter() - started)
             store.close()
             samples.sort()
-            rows.append([f"{count:,}", f"{populate:.1f}", f"{opened * 1000:.1f}",
-                         f"{statistics.median(samples) * 1e6:.0f}", f"{samples[int(len(samples) * 0.99) - 1] * 1e6:.0f}"])
+            rows.append(
+                [
+                    f"{count:,}",
+                    f"{populate:.1f}",
+                    f"{opened * 1000:.1f}",
+                    f"{statistics.median(samples) * 1e6:.0f}",
+                    f"{samples[int(len(samples) * 0.99) - 1] * 1e6:.0f}",
+                ]
+            )
     return rows
 
 
@@ -353,9 +443,15 @@ def table(title: str, header: list[str], rows: list[Row], note: str = "") -> str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short runs, skip the 1 GiB and 100k sections")
-    parser.add_argument("--only", action="append", choices=["hits", "miss", "coalesce", "memory", "scale"])
-    parser.add_argument("--seconds", type=float, default=None, help="per wrk run (default 8, quick 3)")
+    parser.add_argument(
+        "--quick", action="store_true", help="short runs, skip the 1 GiB and 100k sections"
+    )
+    parser.add_argument(
+        "--only", action="append", choices=["hits", "miss", "coalesce", "memory", "scale"]
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="per wrk run (default 8, quick 3)"
+    )
     parser.add_argument("--latency", type=float, default=0.150, help="stand-in upstream latency, s")
     parser.add_argument("--proxy-args", default="", help="extra flags for vlmrun-cache serve")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.md")
@@ -372,36 +468,86 @@ def main() -> int:
         f"wrk runs of {seconds:g} s. Command: `python bench/run.py {' '.join(sys.argv[1:])}`.",
         "",
     ]
-    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as cache_dir, standin(ports["upstream"], args.latency, LOAD_CPU), proxy(
-        ports["proxy"], upstream, cache_dir, *args.proxy_args.split(), cpu=SERVER_CPU
-    ) as ours, nginx(ports["nginx"], ports["upstream"]) as ngx, ceiling(ports["ceiling"]) as ceil:
-        targets: dict[str, tuple[str, int]] = {"proxy": (f"http://127.0.0.1:{ports['proxy']}", ours.pid)}
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-proxy-") as cache_dir,
+        standin(ports["upstream"], args.latency, LOAD_CPU),
+        proxy(
+            ports["proxy"], upstream, cache_dir, *args.proxy_args.split(), cpu=SERVER_CPU
+        ) as ours,
+        nginx(ports["nginx"], ports["upstream"]) as ngx,
+        ceiling(ports["ceiling"]) as ceil,
+    ):
+        targets: dict[str, tuple[str, int]] = {
+            "proxy": (f"http://127.0.0.1:{ports['proxy']}", ours.pid)
+        }
         if ngx is not None:
             targets["nginx"] = (f"http://127.0.0.1:{ports['nginx']}", ngx.pid)
         targets["ceiling"] = (f"http://127.0.0.1:{ports['ceiling']}", ceil.pid)
         runs: list[tuple[str, Callable[[], str]]] = [
-            ("hits", lambda: table(
-                "Hits", ["size", "conns", "server", "req/s", "MB/s", "p50 ms", "p99 ms", "server CPU µs/req", "vs nginx", "vs ceiling"],
-                section_hits(targets, seconds),
-                "Repeated GETs of one cached artifact. `ceiling` serves the bytes from memory with no lookup, "
-                "access check or hashing.")),
-            ("miss", lambda: table(
-                "Misses", ["size", "path", "TTFB ms", "total ms", "TTFB vs direct", "total vs direct"],
-                section_miss(targets, upstream, 3 if args.quick else 10),
-                "Medians of sequential first requests for new keys, against going straight to the upstream.")),
-            ("coalesce", lambda: table(
-                "Concurrent first requests for one new key (16 MiB)",
-                ["server", "clients", "upstream fetches", "single miss ms", "fastest ms", "median ms", "slowest ms", "slowest / single"],
-                section_coalesce(targets, upstream, 16 * MiB))),
-            ("memory", lambda: table(
-                "Memory while 16 clients stream one large artifact",
-                ["server", "phase", "clients", "size", "seconds", "MB/s", "peak RSS MiB"],
-                section_memory(targets, 16, (256 * MiB) if args.quick else GiB))),
-            ("scale", lambda: table(
-                "Disk tier by number of entries (8 KiB each)",
-                ["entries", "populate s", "open ms", "hit p50 µs", "hit p99 µs"],
-                section_scale([1_000, 10_000] if args.quick else [1_000, 100_000]),
-                "Store-level: `DiskStore.get` + read of a random entry, and the time to open the store.")),
+            (
+                "hits",
+                lambda: table(
+                    "Hits",
+                    [
+                        "size",
+                        "conns",
+                        "server",
+                        "req/s",
+                        "MB/s",
+                        "p50 ms",
+                        "p99 ms",
+                        "server CPU µs/req",
+                        "vs nginx",
+                        "vs ceiling",
+                    ],
+                    section_hits(targets, seconds),
+                    "Repeated GETs of one cached artifact. `ceiling` serves the bytes from memory with no lookup, "
+                    "access check or hashing.",
+                ),
+            ),
+            (
+                "miss",
+                lambda: table(
+                    "Misses",
+                    ["size", "path", "TTFB ms", "total ms", "TTFB vs direct", "total vs direct"],
+                    section_miss(targets, upstream, 3 if args.quick else 10),
+                    "Medians of sequential first requests for new keys, against going straight to the upstream.",
+                ),
+            ),
+            (
+                "coalesce",
+                lambda: table(
+                    "Concurrent first requests for one new key (16 MiB)",
+                    [
+                        "server",
+                        "clients",
+                        "upstream fetches",
+                        "single miss ms",
+                        "fastest ms",
+                        "median ms",
+                        "slowest ms",
+                        "slowest / single",
+                    ],
+                    section_coalesce(targets, upstream, 16 * MiB),
+                ),
+            ),
+            (
+                "memory",
+                lambda: table(
+                    "Memory while 16 clients stream one large artifact",
+                    ["server", "phase", "clients", "size", "seconds", "MB/s", "peak RSS MiB"],
+                    section_memory(targets, 16, (256 * MiB) if args.quick else GiB),
+                ),
+            ),
+            (
+                "scale",
+                lambda: table(
+                    "Disk tier by number of entries (8 KiB each)",
+                    ["entries", "populate s", "open ms", "hit p50 µs", "hit p99 µs"],
+                    section_scale([1_000, 10_000] if args.quick else [1_000, 100_000]),
+                    "Store-level: `DiskStore.get` + read of a random entry, and the time to open the store.",
+                ),
+            ),
         ]
         for name, run in runs:
             if name in sections:

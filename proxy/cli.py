@@ -37,6 +37,7 @@ _HELP = {
     "min_free_space": "disk space to keep free; fetches beyond it are not stored (default 256MiB)",
     "shutdown_timeout": "how long shutdown waits for running fetches (default 10s)",
     "chunk_size": "bytes per read when serving from disk (default 256KiB)",
+    "http": "auto, h11 or httptools (default auto: httptools when installed)",
     "log_level": "critical, error, warning, info or debug (default info)",
 }
 
@@ -59,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def http_protocol(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
 def serve(config: Config) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -67,9 +78,8 @@ def serve(config: Config) -> None:
         create_app(config),
         host=config.host,
         port=config.port,
-        # h11 sends header names as written; httptools would lowercase Content-Type and break
-        # the Python SDK (docs/clients.md).
-        http="h11",
+        # Either keeps Content-Type's spelling; see proxy/headers.py.
+        http=http_protocol(config.http),
         lifespan="on",
         log_level=config.log_level,
         server_header=False,

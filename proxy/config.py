@@ -136,6 +136,8 @@ class Config:
     #: How long shutdown waits for running fills before abandoning them.
     shutdown_timeout: float = 10.0
     chunk_size: int = 256 * 1024
+    #: uvicorn's HTTP implementation: httptools (fast) when installed, else h11.
+    http: str = "auto"
     log_level: str = "info"
 
     @property
@@ -170,6 +172,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "min_free_space": parse_size,
     "shutdown_timeout": parse_duration,
     "chunk_size": parse_size,
+    "http": _parse_str,
     "log_level": _parse_str,
 }
 KEYS = tuple(_PARSERS)
@@ -210,6 +213,8 @@ def _validate(config: Config) -> None:
         fail("max_query_length", "must be at least 256")
     if not 4096 <= config.chunk_size <= 16 * 1024**2:
         fail("chunk_size", "must be between 4KiB and 16MiB")
+    if config.http not in ("auto", "h11", "httptools"):
+        fail("http", "must be auto, h11 or httptools")
     if config.log_level.lower() not in _LOG_LEVELS:
         fail("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
     if not config.cache_dir:

@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ResponseAborted
-from proxy.headers import end_to_end
+from proxy.headers import end_to_end, for_client
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, translate
 
@@ -60,7 +60,7 @@ class Passthrough:
             status_code=upstream.status_code,
             background=BackgroundTask(upstream.aclose),
         )
-        response.raw_headers = end_to_end(upstream.headers.raw)
+        response.raw_headers = for_client(end_to_end(upstream.headers.raw))
         return response
 
 

@@ -24,7 +24,7 @@ import httpx
 from proxy import __version__
 from proxy.config import Config
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.headers import RawHeaders, end_to_end
+from proxy.headers import RawHeaders, end_to_end, for_client
 from proxy.keys import ArtifactKey
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,6 @@ async def read_answer(response: httpx.Response) -> Answer | None:
                 return None
     except httpx.HTTPError as exc:
         raise translate(exc) from exc
-    headers = end_to_end(response.headers.raw, drop=(b"content-length",))
+    headers = for_client(end_to_end(response.headers.raw, drop=(b"content-length",)))
     headers.append((b"Content-Length", str(len(body)).encode()))
     return Answer(response.status_code, headers, bytes(body))

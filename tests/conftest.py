@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-cache-"))
 
 from proxy.app import create_app
+from proxy.cli import http_protocol
 from proxy.config import load
 from tests.servers import ServerThread
 from tests.standin import StandIn
@@ -55,7 +56,8 @@ def start_proxy(upstream: ServerThread, cache_dir: Path) -> Iterator[ProxyFactor
     def start(**overrides: object) -> ServerThread:
         settings: dict[str, object] = {"upstream": upstream.url, "cache_dir": str(cache_dir)}
         settings.update(overrides)
-        server = ServerThread(create_app(load(env={}, flags=settings)))
+        config = load(env={}, flags=settings)
+        server = ServerThread(create_app(config), http=http_protocol(config.http))
         started.append(server.start())
         return server
 

@@ -20,7 +20,7 @@ class ServerThread:
     once: the kernel queues them until uvicorn accepts, after its lifespan start-up.
     """
 
-    def __init__(self, app: Any, **options: Any) -> None:
+    def __init__(self, app: Any, http: str = "h11", **options: Any) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -29,7 +29,7 @@ class ServerThread:
         self.port: int = self.sock.getsockname()[1]
         config = uvicorn.Config(
             app,
-            http="h11",
+            http=http,
             lifespan="on",
             log_level="warning",
             server_header=False,

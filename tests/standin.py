@@ -161,7 +161,9 @@ class StandIn:
         token = headers.get("authorization", "").removeprefix("Bearer ")
         method = scope["method"]
         if path == "/_standin/hits":
-            return await self._json(send, 200, {"artifact_requests": sum(self.artifact_hits.values())})
+            return await self._json(
+                send, 200, {"artifact_requests": sum(self.artifact_hits.values())}
+            )
         if path == "/v1/health":
             if token not in self.tokens:
                 return await self._json(send, 401, {"detail": "Invalid API key"})

@@ -38,11 +38,14 @@ def test_hit_headers(standin: StandIn, proxy) -> None:
     assert hit.headers["accept-ranges"] == "bytes"
 
 
+@pytest.mark.parametrize("http", ["h11", "httptools"])
 @pytest.mark.parametrize("lowercase_upstream", [False, True])
 def test_content_type_is_spelled_exactly_on_the_wire(
-    standin: StandIn, proxy, lowercase_upstream: bool
+    standin: StandIn, start_proxy, lowercase_upstream: bool, http: str
 ) -> None:
-    """Content-Type is capitalised on misses and hits, even when upstream sends it lowercase."""
+    """Content-Type is capitalised on misses and hits, with either of uvicorn's HTTP protocols,
+    even when upstream sends it lowercase."""
+    proxy = start_proxy(http=http)
     standin.lowercase_headers = lowercase_upstream
     standin.add("session", SESSION, "img_c0ffee")
     target = f"/v1/artifacts?object_id=img_c0ffee&session_id={SESSION}"
@@ -51,7 +54,7 @@ def test_content_type_is_spelled_exactly_on_the_wire(
     for block in (miss, hit):
         assert b"\r\nContent-Type: image/png\r\n" in block
         assert b"content-type:" not in block
-    assert b"X-Cache: MISS" in miss and b"X-Cache: HIT" in hit
+    assert b"x-cache: miss" in miss.lower() and b"x-cache: hit" in hit.lower()
 
 
 def test_parameter_order_does_not_matter(standin: StandIn, proxy) -> None:

@@ -151,7 +151,7 @@ def test_index_damaged_while_running_is_reset(tmp_path: Path) -> None:
 
 
 def test_memory_index_follows_changes_made_by_another_process(tmp_path: Path) -> None:
-    """If another process evicts and re-stores a key, this one serves the new file, not a stale one."""
+    """If another process evicts and re-stores a key, this one serves the new file, not the old."""
     mine = DiskStore(tmp_path, 1_000_000, 400_000)
     theirs = DiskStore(tmp_path, 1_000_000, 400_000)
     _put(mine, "k", b"first")
