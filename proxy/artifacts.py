@@ -7,7 +7,6 @@ Miss: parse key -> join or start the key's fill -> access check if joining with 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import AsyncIterator
 
@@ -29,6 +28,7 @@ from proxy.errors import (
 )
 from proxy.fills import Fill, FillFailed, Reader
 from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
+from proxy.integrity import Verifier, intact
 from proxy.keys import ArtifactKey, parse_key
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.services import Services
@@ -120,7 +120,7 @@ class ArtifactRoute:
     def _lookup(self, key: ArtifactKey) -> tuple[Entry, bytes | None] | None:
         """The entry if present and intact, with its whole body when it fits in one chunk.
 
-        A file of the wrong length, or a small one whose sha256 does not match, is evicted and
+        A file of the wrong length, or a small one whose digest does not match, is evicted and
         reported as a miss. Blocks: one worker-thread hop does all the disk work of a small hit.
         """
         entry = self.s.store.get(key.cache_key)
@@ -224,15 +224,15 @@ class ArtifactRoute:
         self, key: ArtifactKey, entry: Entry, start: int, end: int, verify: bool
     ) -> AsyncIterator[bytes]:
         """The entry's bytes in chunks, hashed on the way; the last chunk waits for the check."""
-        sha256 = hashlib.sha256() if verify else None
+        verifier = Verifier(entry.meta) if verify else None
         fd = entry.file.fileno()
         served = self.s.metrics.served_bytes.labels("cache")
         chunk_size = self.s.config.chunk_size
 
         def read(size: int, offset: int) -> bytes:
             data = os.pread(fd, size, offset)
-            if sha256 is not None:
-                sha256.update(data)
+            if verifier is not None:
+                verifier.update(data)
             return data
 
         try:
@@ -242,9 +242,7 @@ class ArtifactRoute:
                 data = await anyio.to_thread.run_sync(read, size, position)
                 position += len(data)
                 short = len(data) != size
-                if short or (
-                    position == end and sha256 and sha256.hexdigest() != entry.meta.sha256
-                ):
+                if short or (position == end and verifier is not None and not verifier.matches()):
                     await anyio.to_thread.run_sync(self._corrupt, key)
                     raise ResponseAborted(f"cached {key.object_id} failed its integrity check")
                 served.inc(size)
@@ -354,11 +352,11 @@ def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:
 
 
 def _read(entry: Entry, start: int, end: int, verify: bool) -> bytes:
-    """Read ``[start, end)`` of a small entry, checking the sha256 of a whole one. Blocks."""
+    """Read ``[start, end)`` of a small entry, checking the digest of a whole one. Blocks."""
     data = os.pread(entry.file.fileno(), end - start, start)
     if len(data) != end - start:
         raise _Corrupt
-    if verify and hashlib.sha256(data).hexdigest() != entry.meta.sha256:
+    if verify and not intact(entry.meta, data):
         raise _Corrupt
     return data
 

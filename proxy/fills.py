@@ -19,7 +19,6 @@ readers already following.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ import httpx
 from proxy.access import AccessProofs
 from proxy.config import Config
 from proxy.errors import ProxyError
+from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
@@ -232,14 +232,16 @@ class Fills:
                 return
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
-            sha256 = await self._tee(fill, response, temp.file)
+            digests = await self._tee(fill, response, temp.file)
             self._metrics.upstream_fetch.observe(time.monotonic() - started_at)
             if fill.expected_length is not None and fill.written != fill.expected_length:
                 raise FillFailed(f"body ended at {fill.written} of {fill.expected_length} bytes")
             fill.complete = True
             fill._notify()
             if fill._tail_start is None:
-                meta = EntryMeta(fill.content_type, fill.written, sha256, time.time())
+                meta = EntryMeta(
+                    fill.content_type, fill.written, digests.sha256, time.time(), digests.xxh3
+                )
                 pending, temp = temp, None
                 await self._commit(fill.key, pending, meta)
         except ProxyError as exc:
@@ -276,22 +278,24 @@ class Fills:
             self._metrics.store_failures.labels("write").inc()
             return None
 
-    async def _tee(self, fill: Fill, response: httpx.Response, out: BinaryIO) -> str:
-        """Copy the body to ``out`` as it arrives, publishing progress; returns its sha256."""
-        sha256 = hashlib.sha256()
+    async def _tee(self, fill: Fill, response: httpx.Response, out: BinaryIO) -> BodyDigests:
+        """Copy the body to ``out`` as it arrives, publishing progress; returns its digests."""
+        digests = BodyDigests()
 
         def write(chunk: bytes) -> None:
+            digests.update(chunk)
             out.write(chunk)
             out.flush()  # readers pread the file: bytes must be in the page cache
 
         try:
             async for chunk in response.aiter_raw():  # as they arrive: no re-chunking delay
-                sha256.update(chunk)
                 if fill._tail_start is None:
                     try:
                         await anyio.to_thread.run_sync(write, chunk)
                     except OSError as exc:
                         self._spill(fill, exc)
+                else:
+                    digests.update(chunk)
                 if fill._tail_start is not None:
                     fill._tail += chunk
                     if len(fill._tail) > MEMORY_TAIL_LIMIT:
@@ -300,7 +304,7 @@ class Fills:
                 fill._notify()
         except httpx.HTTPError as exc:
             raise FillFailed(str(translate(exc).detail)) from exc
-        return sha256.hexdigest()
+        return digests
 
     def _spill(self, fill: Fill, exc: OSError) -> None:
         """The file stopped taking writes: keep the rest in memory, never commit."""

@@ -36,6 +36,8 @@ class EntryMeta:
     length: int
     sha256: str
     stored_at: float
+    #: xxh3-128 of the body, the fast check on hits ("" for entries stored without one).
+    xxh3: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -48,6 +50,7 @@ class EntryMeta:
             length=int(data["length"]),
             sha256=str(data["sha256"]),
             stored_at=float(data["stored_at"]),
+            xxh3=str(data.get("xxh3", "")),
         )
 
     @property
