@@ -1,10 +1,12 @@
 """Single-flight fills: one upstream fetch per key, streamed to every waiting client as it grows.
 
 A :class:`Fill` runs as its own task, detached from the request that started it, so a client that
-disconnects does not waste the download. It tees the upstream body into a temporary file and
-publishes its progress; any number of readers follow the growing file with ``pread`` on one shared
-descriptor, each at its own pace (a slow reader never slows the fill). The entry is committed only
-if upstream answered 200, the body completed and its length matches ``Content-Length``.
+disconnects does not waste the download. Each upstream chunk is published at once in an in-memory
+window of recent chunks, and a writer task appends the chunks to a temporary file in batches (one
+worker-thread hop per batch, hashing on the way). Readers keeping pace take chunks from the
+window, without touching the disk; readers further behind ``pread`` the file through one shared
+descriptor. Each goes at its own pace: a slow reader never slows the fill. The entry is committed
+only if upstream answered 200, the body completed and its length matches ``Content-Length``.
 
 Readers hold back the final byte until the fill has finished committing, so a client that has the
 whole body can rely on the next request being a hit, and a body cut short is never delivered whole.
@@ -12,8 +14,8 @@ whole body can rely on the next request being a hit, and a body cut short is nev
 When the disk cannot take the body, nothing is lost: if that is known before the first byte (too
 little free space for the announced length, or no temporary file), the open upstream response is
 handed to one reader to stream through directly and the others fetch on their own; if a write
-fails half-way, the rest of the body is kept in memory (up to :data:`MEMORY_TAIL_LIMIT`) for the
-readers already following.
+fails half-way, the window stops shrinking and keeps the rest of the body (up to
+:data:`MEMORY_TAIL_LIMIT`) for the readers already following.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, BinaryIO
 
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: Bytes a fill keeps in memory for its readers after its file stopped taking writes.
 MEMORY_TAIL_LIMIT = 32 * 1024**2
+#: Recent bytes kept in memory for readers that keep pace; also how far the disk writer may lag
+#: before the fill waits for it.
+WINDOW_BYTES = 4 * 1024**2
 
 
 class FillFailed(Exception):
@@ -66,7 +72,10 @@ class Fill:
         self._direct: httpx.Response | None = None
         self.content_type = "application/octet-stream"
         self.expected_length: int | None = None
+        #: Bytes received and available to readers (from the window or the file).
         self.written = 0
+        #: Bytes safely in the temporary file.
+        self.durable = 0
         #: True once every byte is written and the length checked.
         self.complete = False
         #: True once the fill is over, committed or not; readers may then send the last byte.
@@ -75,9 +84,11 @@ class Fill:
         self._progress = asyncio.Event()
         self._fd: int | None = None
         self._refs = 1  # the fill's own, dropped when it ends
-        #: Offset where the in-memory tail starts, once the file stopped taking writes.
-        self._tail_start: int | None = None
-        self._tail = bytearray()
+        #: Recent chunks as (offset, bytes); every byte at or past ``durable`` is in here.
+        self._window: deque[tuple[int, bytes]] = deque()
+        self._window_bytes = 0
+        #: Set once the temporary file stopped taking writes (disk full, I/O error).
+        self.disk_failed = False
 
     # -- progress -----------------------------------------------------------------------------
 
@@ -125,16 +136,13 @@ class Fill:
             available = self.written if self.done else self.written - 1
             if offset < available:
                 size = min(chunk_size, available - offset)
-                tail_start = self._tail_start
-                if tail_start is not None and offset >= tail_start:
-                    data = bytes(self._tail[offset - tail_start : offset - tail_start + size])
-                else:
-                    if tail_start is not None:
-                        size = min(size, tail_start - offset)
+                data = self._from_window(offset, size)
+                if data is None:  # fell behind the window: that part is on disk
+                    size = min(size, self.durable - offset)
                     data = await anyio.to_thread.run_sync(os.pread, fd, size, offset)
-                if len(data) != size:
-                    raise FillFailed("temporary file shrank under a reader")
-                offset += size
+                    if len(data) != size:
+                        raise FillFailed("temporary file shrank under a reader")
+                offset += len(data)
                 yield data
             elif self.done:
                 if not self.complete:
@@ -142,6 +150,31 @@ class Fill:
                 return
             else:
                 await self.changed()
+
+    def _from_window(self, offset: int, size: int) -> bytes | None:
+        """Up to ``size`` bytes at ``offset`` from one window chunk, or None if not in memory."""
+        for start, chunk in reversed(self._window):  # readers keeping pace want the newest
+            if start <= offset < start + len(chunk):
+                return chunk[offset - start : offset - start + size]
+            if start < offset:
+                return None
+        return None
+
+    def _publish(self, chunk: bytes) -> None:
+        self._window.append((self.written, chunk))
+        self._window_bytes += len(chunk)
+        self.written += len(chunk)
+        self._notify()
+
+    def _made_durable(self, size: int) -> None:
+        """``size`` more bytes are in the file: trim the window down to its budget."""
+        self.durable += size
+        while self._window_bytes > WINDOW_BYTES and self._window:
+            start, chunk = self._window[0]
+            if start + len(chunk) > self.durable:
+                break
+            self._window.popleft()
+            self._window_bytes -= len(chunk)
 
 
 class Reader:
@@ -238,7 +271,7 @@ class Fills:
                 raise FillFailed(f"body ended at {fill.written} of {fill.expected_length} bytes")
             fill.complete = True
             fill._notify()
-            if fill._tail_start is None:
+            if not fill.disk_failed:
                 meta = EntryMeta(
                     fill.content_type, fill.written, digests.sha256, time.time(), digests.xxh3
                 )
@@ -279,31 +312,52 @@ class Fills:
             return None
 
     async def _tee(self, fill: Fill, response: httpx.Response, out: BinaryIO) -> BodyDigests:
-        """Copy the body to ``out`` as it arrives, publishing progress; returns its digests."""
+        """Publish the body chunk by chunk as it arrives while a writer task appends it to
+        ``out`` in batches; returns its digests once every byte is hashed (and written)."""
         digests = BodyDigests()
+        pending: list[bytes] = []
+        wake = asyncio.Event()
+        receiving = True
 
-        def write(chunk: bytes) -> None:
-            digests.update(chunk)
-            out.write(chunk)
-            out.flush()  # readers pread the file: bytes must be in the page cache
+        def write(batch: bytes) -> None:
+            digests.update(batch)
+            if not fill.disk_failed:
+                out.write(batch)
+                out.flush()  # readers pread the file: bytes must be in the page cache
 
+        async def writer() -> None:
+            while receiving or pending:
+                if not pending:
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                batch = b"".join(pending)
+                pending.clear()
+                try:
+                    await anyio.to_thread.run_sync(write, batch)
+                except OSError as exc:  # the digests already include the batch
+                    self._spill(fill, exc)
+                if not fill.disk_failed:
+                    fill._made_durable(len(batch))
+                fill._notify()
+
+        writing = asyncio.create_task(writer())
         try:
             async for chunk in response.aiter_raw():  # as they arrive: no re-chunking delay
-                if fill._tail_start is None:
-                    try:
-                        await anyio.to_thread.run_sync(write, chunk)
-                    except OSError as exc:
-                        self._spill(fill, exc)
-                else:
-                    digests.update(chunk)
-                if fill._tail_start is not None:
-                    fill._tail += chunk
-                    if len(fill._tail) > MEMORY_TAIL_LIMIT:
+                fill._publish(chunk)
+                pending.append(chunk)
+                wake.set()
+                limit = MEMORY_TAIL_LIMIT if fill.disk_failed else 2 * WINDOW_BYTES
+                while fill._window_bytes > limit:  # the disk is behind: let it catch up
+                    if fill.disk_failed or writing.done():
                         raise FillFailed("disk full and the rest does not fit in memory")
-                fill.written += len(chunk)
-                fill._notify()
+                    await fill.changed()
         except httpx.HTTPError as exc:
             raise FillFailed(str(translate(exc).detail)) from exc
+        finally:
+            receiving = False
+            wake.set()
+            await writing
         return digests
 
     def _spill(self, fill: Fill, exc: OSError) -> None:
@@ -312,9 +366,7 @@ class Fills:
             "fill of %s: disk write failed (%s); not caching it", fill.key.object_id, exc.strerror
         )
         self._metrics.store_failures.labels("write").inc()
-        # Whatever part of the failed chunk reached the file is ignored: readers switch to
-        # memory exactly at the last fully written offset.
-        fill._tail_start = fill.written
+        fill.disk_failed = True
 
     async def _commit(self, key: ArtifactKey, temp: FillFile, meta: EntryMeta) -> None:
         try:
