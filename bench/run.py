@@ -139,8 +139,10 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 
 
 def _ms(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
-    return float(number) * _UNITS[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def wrk(target: str, connections: int, seconds: float) -> dict[str, float]:
@@ -151,7 +153,7 @@ def wrk(target: str, connections: int, seconds: float) -> dict[str, float]:
         "wrk",
         "-t1",
         f"-c{connections}",
-        f"-d{seconds}s",
+        f"-d{max(1, round(seconds))}s",
         "--timeout",
         "60s",
         "--latency",
@@ -170,8 +172,8 @@ def wrk(target: str, connections: int, seconds: float) -> dict[str, float]:
         raise RuntimeError(f"wrk saw errors against {target}:\n{out}")
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50": _ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        "p99": _ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+        "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
         "requests": requests,
     }
 
@@ -303,10 +305,12 @@ def section_miss(targets: dict[str, tuple[str, int]], direct: str, repeats: int)
     return rows
 
 
-def section_coalesce(targets: dict[str, tuple[str, int]], upstream: str, size: int) -> list[Row]:
+def section_coalesce(
+    targets: dict[str, tuple[str, int]], upstream: str, sizes: dict[str, int]
+) -> list[Row]:
     rows: list[Row] = []
 
-    async def burst(base: str, clients: int) -> list[float]:
+    async def burst(base: str, clients: int, size: int) -> list[float]:
         object_id = new_id(size)
         limits = httpx.Limits(max_connections=clients)
         async with httpx.AsyncClient(headers=AUTH, timeout=300, limits=limits) as client:

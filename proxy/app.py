@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -22,6 +24,9 @@ from proxy.services import Services
 
 log = logging.getLogger(__name__)
 
+#: With several workers, each worker process reads its settings from here (JSON).
+CONFIG_ENV = "VLMRUN_CACHE__WORKER_CONFIG"
+
 
 class _AbortGuard:
     """Turns :class:`ResponseAborted` into a cut connection instead of a logged traceback."""
@@ -34,6 +39,19 @@ class _AbortGuard:
             await self.app(scope, receive, send)
         except ResponseAborted as exc:
             log.warning("response aborted: %s", exc)
+
+
+def create_app_from_env() -> Starlette:
+    """The factory uvicorn calls in each worker process (``--workers N``)."""
+    config = Config(**json.loads(os.environ[CONFIG_ENV]))
+    configure_logging(config.log_level)
+    return create_app(config)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def create_app(config: Config | None = None) -> Starlette:

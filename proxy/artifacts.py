@@ -148,6 +148,7 @@ class ArtifactRoute:
         key: ArtifactKey,
         authorization: str | None,
         fingerprint: str | None,
+        outcome: str = "hit",
     ) -> Response | None:
         if self.s.store.remembers(key.cache_key, INLINE_READ_LIMIT):
             found = self._lookup(key)  # an open and a page-cache read: cheaper than a thread hop
@@ -161,15 +162,15 @@ class ArtifactRoute:
             if refusal is not None:
                 entry.close()
                 return refusal
-            response = self._entry_response(request, key, entry, body)
+            response = self._entry_response(request, key, entry, body, outcome)
         except BaseException:
             entry.close()
             raise
-        self._count("hit")
+        self._count(outcome)
         return response
 
     def _entry_response(
-        self, request: Request, key: ArtifactKey, entry: Entry, body: bytes | None
+        self, request: Request, key: ArtifactKey, entry: Entry, body: bytes | None, outcome: str
     ) -> Response:
         """The hit's response: whole, a single range, 304 or 416.
 
@@ -181,7 +182,7 @@ class ArtifactRoute:
             (b"ETag", meta.etag.encode()),
             CACHE_CONTROL,
             (b"Accept-Ranges", b"bytes"),
-            (b"X-Cache", b"HIT"),
+            (b"X-Cache", outcome.upper().encode()),
         ]
         headers = request.headers
         if "if-none-match" in headers and none_match(headers["if-none-match"], meta.etag):
@@ -280,6 +281,13 @@ class ArtifactRoute:
             await fill.started.wait()
             if fill.error is not None:
                 raise fill.error
+            if fill.from_store:  # another worker process fetched it meanwhile
+                reader.close()
+                stored = await self._hit(request, key, authorization, fingerprint, "coalesced")
+                if stored is not None:
+                    return stored
+                self._count("bypass")
+                return await self.s.passthrough.forward(request)
             if fill.answer is not None and fill.fingerprint == fingerprint:
                 reader.close()
                 self._count("error")

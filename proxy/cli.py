@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import atexit
+import dataclasses
+import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import uvicorn
 
 from proxy import __version__
-from proxy.app import create_app
+from proxy.app import CONFIG_ENV, configure_logging, create_app
 from proxy.config import KEYS, Config, ConfigError, load
+from proxy.metrics import MULTIPROC_ENV
 
 _HELP = {
     "host": "address to listen on (default 127.0.0.1)",
@@ -38,6 +43,7 @@ _HELP = {
     "shutdown_timeout": "how long shutdown waits for running fetches (default 10s)",
     "chunk_size": "bytes per read when serving from disk (default 256KiB)",
     "http": "auto, h11 or httptools (default auto: httptools when installed)",
+    "workers": "server processes sharing the port and the cache (default 1)",
     "log_level": "critical, error, warning, info or debug (default info)",
 }
 
@@ -71,11 +77,21 @@ def http_protocol(choice: str) -> str:
 
 
 def serve(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level)
+    if config.workers > 1:
+        # Workers are fresh interpreters: they get the settings, and a shared directory for
+        # prometheus-client's multiprocess mode, through the environment.
+        os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+        metrics_dir = tempfile.mkdtemp(prefix="vlmrun-cache-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        app: object = "proxy.app:create_app_from_env"
+    else:
+        app = create_app(config)
     uvicorn.run(
-        create_app(config),
+        app,  # type: ignore[arg-type]
+        factory=config.workers > 1,
+        workers=config.workers,
         host=config.host,
         port=config.port,
         # Either keeps Content-Type's spelling; see proxy/headers.py.

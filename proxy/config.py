@@ -138,6 +138,8 @@ class Config:
     chunk_size: int = 256 * 1024
     #: uvicorn's HTTP implementation: httptools (fast) when installed, else h11.
     http: str = "auto"
+    #: Server processes sharing the port and the disk cache.
+    workers: int = 1
     log_level: str = "info"
 
     @property
@@ -173,6 +175,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "shutdown_timeout": parse_duration,
     "chunk_size": parse_size,
     "http": _parse_str,
+    "workers": _parse_int,
     "log_level": _parse_str,
 }
 KEYS = tuple(_PARSERS)
@@ -213,6 +216,8 @@ def _validate(config: Config) -> None:
         fail("max_query_length", "must be at least 256")
     if not 4096 <= config.chunk_size <= 16 * 1024**2:
         fail("chunk_size", "must be between 4KiB and 16MiB")
+    if not 1 <= config.workers <= 64:
+        fail("workers", "must be between 1 and 64")
     if config.http not in ("auto", "h11", "httptools"):
         fail("http", "must be auto, h11 or httptools")
     if config.log_level.lower() not in _LOG_LEVELS:

@@ -40,12 +40,15 @@ from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
+from proxy.store.claims import Claims
 from proxy.upstream import Answer, Upstream, read_answer, translate
 
 log = logging.getLogger(__name__)
 
 #: Bytes a fill keeps in memory for its readers after its file stopped taking writes.
 MEMORY_TAIL_LIMIT = 32 * 1024**2
+#: How often a worker checks whether another process finished fetching a key it wants.
+CLAIM_POLL_SECONDS = 0.005
 #: Recent bytes kept in memory for readers that keep pace; also how far the disk writer may lag
 #: before the fill waits for it.
 WINDOW_BYTES = 4 * 1024**2
@@ -89,6 +92,8 @@ class Fill:
         self._window_bytes = 0
         #: Set once the temporary file stopped taking writes (disk full, I/O error).
         self.disk_failed = False
+        #: Another process fetched and stored the key meanwhile: read it from the store.
+        self.from_store = False
 
     # -- progress -----------------------------------------------------------------------------
 
@@ -200,8 +205,10 @@ class Fills:
         store: Store,
         access: AccessProofs,
         metrics: Metrics,
+        claims: Claims | None = None,
     ) -> None:
         self._config = config
+        self._claims = claims
         self._upstream = upstream
         self._store = store
         self._access = access
@@ -250,7 +257,11 @@ class Fills:
         started_at = time.monotonic()
         temp: FillFile | None = None
         response: httpx.Response | None = None
+        claim: int | None = None
         try:
+            claim = await self._claim(fill)
+            if fill.from_store:
+                return
             request = self._upstream.artifact_request(fill.key, authorization)
             response = await self._upstream.send(request, artifact=True)
             if response.status_code != 200:
@@ -290,11 +301,39 @@ class Fills:
                 await response.aclose()
             if temp is not None:
                 await anyio.to_thread.run_sync(self._store.discard, temp)
+            if claim is not None:
+                Claims.release(claim)
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
             fill._release()
             fill._notify()
+
+    async def _claim(self, fill: Fill) -> int | None:
+        """Make sure no other process is fetching this key; see :mod:`proxy.store.claims`.
+
+        Returns the held claim, or None when there are no claims, when another process stored
+        the key meanwhile (``fill.from_store``), or after waiting ``first_byte_timeout`` for a
+        holder that is slow (then we fetch regardless: a duplicate fetch beats a timeout).
+        """
+        if self._claims is None:
+            return None
+        key = fill.key.cache_key
+        give_up = time.monotonic() + self._config.first_byte_timeout
+        while True:
+            claim = await anyio.to_thread.run_sync(self._claims.try_claim, key)
+            if claim is not None:
+                break
+            if time.monotonic() > give_up:
+                return None
+            await anyio.sleep(CLAIM_POLL_SECONDS)  # a cross-process wait: no event to wait on
+        entry = await anyio.to_thread.run_sync(self._store.get, key)
+        if entry is None:
+            return claim
+        entry.close()
+        Claims.release(claim)
+        fill.from_store = True
+        return None
 
     async def _begin(self, length: int | None) -> FillFile | None:
         """A temporary file for a body of ``length`` bytes, or None if the disk cannot take it."""
@@ -347,8 +386,9 @@ class Fills:
                 fill._publish(chunk)
                 pending.append(chunk)
                 wake.set()
-                limit = MEMORY_TAIL_LIMIT if fill.disk_failed else 2 * WINDOW_BYTES
-                while fill._window_bytes > limit:  # the disk is behind: let it catch up
+                while fill._window_bytes > (
+                    MEMORY_TAIL_LIMIT if fill.disk_failed else 2 * WINDOW_BYTES
+                ):  # the disk is behind: let it catch up; if it failed, memory is all we have
                     if fill.disk_failed or writing.done():
                         raise FillFailed("disk full and the rest does not fit in memory")
                     await fill.changed()

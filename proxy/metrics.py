@@ -1,11 +1,17 @@
 """Every Prometheus instrument, on a registry owned by the app, label sets created at zero.
 
-No session, execution or object ids and no credentials ever appear in labels.
+No session, execution or object ids and no credentials ever appear in labels. With several
+worker processes (``PROMETHEUS_MULTIPROC_DIR`` set by the CLI before they start), values live in
+prometheus-client's shared files and ``/metrics`` reports the sum over workers (gauges: the most
+recent value, or the largest for the circuit breaker).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.store import StoreStats
 
@@ -13,6 +19,8 @@ OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
 SOURCES = ("cache", "upstream")
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable")
 STORE_FAILURES = ("no_space", "write", "commit", "index")
+#: prometheus-client's switch for multiprocess mode; must be set before workers start.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -44,13 +52,22 @@ class Metrics:
             registry=r,
         )
         self.cache_bytes = Gauge(
-            "vlmrun_cache_bytes", "Bytes of artifacts in the disk cache.", registry=r
+            "vlmrun_cache_bytes",
+            "Bytes of artifacts in the disk cache.",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.cache_max_bytes = Gauge(
-            "vlmrun_cache_max_bytes", "Configured upper bound of cached bytes.", registry=r
+            "vlmrun_cache_max_bytes",
+            "Configured upper bound of cached bytes.",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.cache_entries = Gauge(
-            "vlmrun_cache_entries", "Artifacts in the disk cache.", registry=r
+            "vlmrun_cache_entries",
+            "Artifacts in the disk cache.",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.evictions = Counter(
             "vlmrun_cache_evictions", "Entries evicted to make room.", registry=r
@@ -85,8 +102,9 @@ class Metrics:
         )
         self.circuit_open = Gauge(
             "vlmrun_cache_upstream_circuit_open",
-            "1 while the circuit breaker fails upstream requests at once.",
+            "1 while the circuit breaker fails upstream requests at once (in any worker).",
             registry=r,
+            multiprocess_mode="livemax",
         )
         for reason in STORE_FAILURES:
             self.store_failures.labels(reason)
@@ -105,4 +123,8 @@ class Metrics:
         self.cache_bytes.set(stats.bytes)
         self.cache_entries.set(stats.entries)
         self.cache_max_bytes.set(stats.max_bytes)
+        if os.environ.get(MULTIPROC_ENV):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
         return generate_latest(self.registry)

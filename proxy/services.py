@@ -14,6 +14,7 @@ from proxy.fills import Fills
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
 from proxy.store import Store
+from proxy.store.claims import Claims
 from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
 from proxy.upstream import Upstream
 
@@ -54,7 +55,9 @@ class Services:
         )
         self.access = await anyio.to_thread.run_sync(AccessProofs, directory, config.proof_ttl)
         self.upstream = Upstream(config)
-        self.fills = Fills(config, self.upstream, self.store, self.access, self.metrics)
+        self.fills = Fills(
+            config, self.upstream, self.store, self.access, self.metrics, Claims(directory)
+        )
         self.passthrough = Passthrough(self.upstream, self.metrics)
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         self.serving = True

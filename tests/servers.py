@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import uvicorn
@@ -98,6 +99,23 @@ class Daemon:
         self.ready.set()  # exited: let waiters look at the output
         with self._changed:
             self._changed.notify_all()
+
+    def started(self, timeout: float = 60) -> bool:
+        """Wait until the daemon accepts connections (False if it exited first).
+
+        Start-up, not a race: with several workers uvicorn reports the address before the
+        workers listen, so this also dials the port until it answers.
+        """
+        if not self.ready.wait(timeout) or self.process.poll() is not None:
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.02)
+        return False
 
     def wait_for(self, text: str, timeout: float = 30) -> bool:
         """Block until the process has printed ``text`` (False if it exits or time runs out)."""

@@ -23,7 +23,7 @@ def daemon(upstream: ServerThread, cache_dir: Path) -> Iterator[Daemon]:
     process = Daemon(
         "--upstream", upstream.url, "--cache-dir", str(cache_dir), "--log-level", "debug"
     )
-    assert process.ready.wait(timeout=60), process.output
+    assert process.started(), process.output
     yield process
     if process.process.poll() is None:
         process.stop()

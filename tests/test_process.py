@@ -30,7 +30,7 @@ def daemons(upstream: ServerThread, cache_dir: Path) -> Iterator[list[Daemon]]:
 def _start(daemons: list[Daemon], upstream: ServerThread, cache_dir: Path) -> Daemon:
     daemon = Daemon("--upstream", upstream.url, "--cache-dir", str(cache_dir))
     daemons.append(daemon)
-    assert daemon.ready.wait(timeout=60), daemon.output
+    assert daemon.started(), daemon.output
     return daemon
 
 
@@ -119,3 +119,39 @@ def test_sigterm_lets_in_flight_responses_finish(
     again = _start(daemons, upstream, cache_dir)
     hit = httpx.get(artifact_url(again, "vid_7e7e7e"), headers=auth(), timeout=30)
     assert (hit.headers["x-cache"], hit.content) == ("HIT", body)
+
+
+def _total_requests(metrics_text: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("vlmrun_cache_requests_total{")
+    )
+
+
+def test_workers_share_the_cache_fetch_once_and_sum_metrics(
+    standin: StandIn, upstream: ServerThread, cache_dir: Path, daemons: list[Daemon]
+) -> None:
+    """With two worker processes, 40 concurrent first requests cost one upstream fetch in all,
+    every client gets the right bytes, and /metrics (from either worker) counts all 40."""
+    proxy = Daemon("--upstream", upstream.url, "--cache-dir", str(cache_dir), "--workers", "2")
+    daemons.append(proxy)
+    assert proxy.started(), proxy.output
+    body = standin.add("session", SESSION, "vid_2a2a2a", size=3_000_000)
+    release = threading.Event()
+    standin.faults["vid_2a2a2a"] = Fault(hold_start=release, times=1)
+
+    def client() -> bytes:
+        return httpx.get(artifact_url(proxy, "vid_2a2a2a"), headers=auth(), timeout=60).content
+
+    with ThreadPoolExecutor(40) as pool:
+        futures = [pool.submit(client) for _ in range(40)]
+        try:
+            assert standin.arrived.wait(timeout=30)
+        finally:
+            release.set()
+        assert all(f.result() == body for f in futures)
+    assert standin.hits("session", SESSION, "vid_2a2a2a") == 1
+    for _ in range(4):  # whichever worker answers, it reports the sum
+        assert _total_requests(httpx.get(f"{proxy.url}/metrics", timeout=10).text) == 40
+    assert proxy.stop()
