@@ -145,7 +145,7 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def wrk(target: str, connections: int, seconds: float) -> dict[str, float]:
+def wrk(target: str, connections: int, seconds: float, pin: bool = True) -> dict[str, float]:
     """Requests/s, p50/p99 latency (ms) and MB/s of keep-alive GETs of ``target``."""
     if shutil.which("wrk") is None:
         return asyncio.run(python_load(target, connections, seconds))
@@ -161,7 +161,7 @@ def wrk(target: str, connections: int, seconds: float) -> dict[str, float]:
         f"Authorization: Bearer {TOKEN}",
         target,
     ]
-    if (os.cpu_count() or 1) > 1:
+    if pin and (os.cpu_count() or 1) > 1:
         args = ["taskset", "-c", str(LOAD_CPU), *args]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -433,6 +433,37 @@ def section_scale(counts: list[int]) -> list[Row]:
     return rows
 
 
+def section_workers(upstream: str, seconds: float, proxy_args: list[str]) -> list[Row]:
+    """Hit throughput with 1 and 2 worker processes, nothing pinned (both cores in play)."""
+    rows: list[Row] = []
+    results: dict[tuple[str, int], float] = {}
+    for workers in (1, 2):
+        port = free_port()
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-workers-") as cache_dir,
+            proxy(port, upstream, cache_dir, "--workers", str(workers), *proxy_args),
+        ):
+            base = f"http://127.0.0.1:{port}"
+            for label, size in (("8 KiB", 8 * KiB), ("256 KiB", 256 * KiB), ("50 MiB", 50 * MiB)):
+                object_id = new_id(size)
+                for _ in range(4):  # warm every worker's memory index
+                    httpx.get(url(base, object_id), headers=AUTH, timeout=120).raise_for_status()
+                result = wrk(url(base, object_id), 32, seconds, pin=False)
+                results[(label, workers)] = result["rps"]
+                rows.append(
+                    [
+                        label,
+                        str(workers),
+                        f"{result['rps']:,.0f}",
+                        f"{result['rps'] * size / 1e6:,.0f}",
+                        f"{result['p50']:.2f}",
+                        f"{result['p99']:.2f}",
+                        f"{result['rps'] / results[(label, 1)]:.2f}x",
+                    ]
+                )
+    return rows
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -451,7 +482,9 @@ def main() -> int:
         "--quick", action="store_true", help="short runs, skip the 1 GiB and 100k sections"
     )
     parser.add_argument(
-        "--only", action="append", choices=["hits", "miss", "coalesce", "memory", "scale"]
+        "--only",
+        action="append",
+        choices=["hits", "miss", "coalesce", "memory", "scale", "workers"],
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="per wrk run (default 8, quick 3)"
@@ -460,7 +493,7 @@ def main() -> int:
     parser.add_argument("--proxy-args", default="", help="extra flags for vlmrun-cache serve")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.md")
     args = parser.parse_args()
-    sections = set(args.only or ["hits", "miss", "coalesce", "memory", "scale"])
+    sections = set(args.only or ["hits", "miss", "coalesce", "memory", "scale", "workers"])
     seconds = args.seconds or (3 if args.quick else 8)
     ports = {name: free_port() for name in ("upstream", "proxy", "nginx", "ceiling")}
     upstream = f"http://127.0.0.1:{ports['upstream']}"
@@ -550,6 +583,15 @@ def main() -> int:
                     ["entries", "populate s", "open ms", "hit p50 µs", "hit p99 µs"],
                     section_scale([1_000, 10_000] if args.quick else [1_000, 100_000]),
                     "Store-level: `DiskStore.get` + read of a random entry, and the time to open the store.",
+                ),
+            ),
+            (
+                "workers",
+                lambda: table(
+                    "Worker processes (hits, 32 connections, nothing pinned)",
+                    ["size", "workers", "req/s", "MB/s", "p50 ms", "p99 ms", "vs 1 worker"],
+                    section_workers(upstream, seconds, args.proxy_args.split()),
+                    "wrk shares the two cores with the workers here, so this is a floor on the gain.",
                 ),
             ),
         ]
