@@ -168,13 +168,15 @@ def wrk(target: str, connections: int, seconds: float, pin: bool = True) -> dict
     socket_errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
     )
-    if "Non-2xx" in out or (socket_errors and any(int(n) for n in socket_errors.groups())):
+    errors = sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    if "Non-2xx" in out or errors > max(1, requests // 100):
         raise RuntimeError(f"wrk saw errors against {target}:\n{out}")
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
         "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
         "requests": requests,
+        "errors": errors,
     }
 
 
@@ -200,6 +202,7 @@ async def python_load(target: str, connections: int, seconds: float) -> dict[str
         "p50": latencies[len(latencies) // 2] * 1000,
         "p99": latencies[int(len(latencies) * 0.99) - 1] * 1000,
         "requests": len(latencies),
+        "errors": 0,
     }
 
 
@@ -252,6 +255,7 @@ def section_hits(targets: dict[str, tuple[str, int]], seconds: float) -> list[Ro
                         f"{result['p50']:.2f}",
                         f"{result['p99']:.2f}",
                         f"{result['cpu_us']:,.0f}",
+                        f"{result['errors']:.0f}",
                         _ratio(result["rps"], results.get("nginx", {}).get("rps")),
                         _ratio(result["rps"], results.get("ceiling", {}).get("rps")),
                     ]
@@ -534,6 +538,7 @@ def main() -> int:
                         "p50 ms",
                         "p99 ms",
                         "server CPU µs/req",
+                        "socket errors",
                         "vs nginx",
                         "vs ceiling",
                     ],

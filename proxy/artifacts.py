@@ -117,13 +117,17 @@ class ArtifactRoute:
 
     # -- hit ----------------------------------------------------------------------------------
 
-    def _lookup(self, key: ArtifactKey) -> tuple[Entry, bytes | None] | None:
+    def _lookup(
+        self, key: ArtifactKey, memory_only: bool = False
+    ) -> tuple[Entry, bytes | None] | None:
         """The entry if present and intact, with its whole body when it fits in one chunk.
 
         A file of the wrong length, or a small one whose digest does not match, is evicted and
         reported as a miss. Blocks: one worker-thread hop does all the disk work of a small hit.
+        With ``memory_only`` (on the event loop) it touches no index: it may miss where the
+        index would not, and raises :class:`_Corrupt` instead of evicting.
         """
-        entry = self.s.store.get(key.cache_key)
+        entry = self.s.store.get(key.cache_key, memory_only=memory_only)
         if entry is None:
             return None
         try:
@@ -135,6 +139,8 @@ class ArtifactRoute:
                 return entry, _read(entry, 0, entry.meta.length, verify=True)
         except _Corrupt:
             entry.close()
+            if memory_only:
+                raise
             self._corrupt(key)
             return None
 
@@ -150,9 +156,14 @@ class ArtifactRoute:
         fingerprint: str | None,
         outcome: str = "hit",
     ) -> Response | None:
+        found = None
         if self.s.store.remembers(key.cache_key, INLINE_READ_LIMIT):
-            found = self._lookup(key)  # an open and a page-cache read: cheaper than a thread hop
-        else:
+            try:  # an open and a page-cache read: cheaper than a thread hop
+                found = self._lookup(key, memory_only=True)
+            except _Corrupt:
+                await anyio.to_thread.run_sync(self._corrupt, key)
+                return None
+        if found is None:
             found = await anyio.to_thread.run_sync(self._lookup, key)
         if found is None:
             return None

@@ -15,8 +15,9 @@ Contract (every implementation):
   file) when the object cannot be cached, e.g. larger than the per-object limit.
 * ``evict(key)`` removes an entry; evicting a missing key is not an error.
 * ``stats()`` is cheap (no scan).
-* ``remembers(key, max_length)`` never blocks: True means ``get(key)`` is cheap enough to call on
-  the event loop (an ``open`` of a file of at most ``max_length`` bytes, no index query).
+* ``remembers(key, max_length)`` never blocks: True means ``get(key, memory_only=True)`` is cheap
+  enough to call on the event loop (an ``open`` of a file of at most ``max_length`` bytes, no
+  index query). ``memory_only`` lookups return None rather than query the index.
 * ``flush_touches()`` persists recency information collected in memory; call it periodically.
 """
 
@@ -89,7 +90,7 @@ class StoreStats:
 
 
 class Store(Protocol):
-    def get(self, key: str) -> Entry | None: ...
+    def get(self, key: str, memory_only: bool = False) -> Entry | None: ...
 
     def begin_fill(self) -> FillFile: ...
 

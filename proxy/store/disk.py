@@ -141,7 +141,7 @@ class DiskStore:
 
     # -- reads -------------------------------------------------------------------------------
 
-    def get(self, key: str) -> Entry | None:
+    def get(self, key: str, memory_only: bool = False) -> Entry | None:
         with self._memo_lock:
             known = self._memo.get(key)
         if known is not None:
@@ -153,6 +153,8 @@ class DiskStore:
             else:
                 self._touch(key)
                 return Entry(meta=meta, file=handle)
+        if memory_only:
+            return None
         entry = self._get_indexed(key)
         if entry is not None:
             self._remember(key, entry.file.name, entry.meta)
