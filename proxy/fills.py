@@ -46,12 +46,12 @@ from proxy.upstream import Answer, Upstream, read_answer, translate
 log = logging.getLogger(__name__)
 
 #: Bytes a fill keeps in memory for its readers after its file stopped taking writes.
-MEMORY_TAIL_LIMIT = 32 * 1024**2
+MEMORY_TAIL_LIMIT = 16 * 1024**2
 #: How often a worker checks whether another process finished fetching a key it wants.
 CLAIM_POLL_SECONDS = 0.005
 #: Recent bytes kept in memory for readers that keep pace; also how far the disk writer may lag
 #: before the fill waits for it.
-WINDOW_BYTES = 4 * 1024**2
+WINDOW_BYTES = 1024**2
 
 
 class FillFailed(Exception):
