@@ -19,7 +19,7 @@ import hashlib
 import io
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -391,7 +391,6 @@ async def _wait(event: threading.Event) -> None:
         await asyncio.to_thread(event.wait, 0.5)
 
 
-Predicate = Callable[[], bool]
 
 
 def main() -> None:
