@@ -391,8 +391,6 @@ async def _wait(event: threading.Event) -> None:
         await asyncio.to_thread(event.wait, 0.5)
 
 
-
-
 def main() -> None:
     """Serve a stand-in on 127.0.0.1 for benchmarks: ``python -m tests.standin --port N``."""
     import argparse
