@@ -219,9 +219,6 @@ class Fills:
     def get(self, key: ArtifactKey) -> Fill | None:
         return self._running.get(key)
 
-    def __len__(self) -> int:
-        return len(self._running)
-
     @property
     def full(self) -> bool:
         return len(self._running) >= self._config.max_fills

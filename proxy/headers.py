@@ -73,11 +73,3 @@ def for_client(headers: RawHeaders) -> RawHeaders:
     ``lower()`` and must get plain ``bytes``.
     """
     return [(CONTENT_TYPE if name.lower() == b"content-type" else name, v) for name, v in headers]
-
-
-def first(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lowercase), or None."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
