@@ -60,6 +60,8 @@ class Services:
         )
         self.passthrough = Passthrough(self.upstream, self.metrics)
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
+        # After start-up, not during it: the scan is proportional to the number of entries.
+        self._sweep = asyncio.create_task(anyio.to_thread.run_sync(self.store.sweep_orphans))
         self.serving = True
 
     async def _flush_touches_periodically(self) -> None:
@@ -70,6 +72,7 @@ class Services:
     async def close(self) -> None:
         self.serving = False
         self._housekeeping.cancel()
+        self._sweep.cancel()
         await self.fills.aclose()
         await self.upstream.aclose()
         await anyio.to_thread.run_sync(self.store.close)

@@ -43,6 +43,8 @@ _TMP_SUFFIX = ".fill"
 _EVICT_BATCH = 64
 #: Longest time access times stay only in memory before they are written to the index.
 TOUCH_FLUSH_SECONDS = 1.0
+#: Unindexed entry files younger than this (by ctime, which a rename sets) are left alone.
+ORPHAN_MIN_AGE = 600.0
 #: Entries remembered by the in-memory index.
 MEMO_ENTRIES = 100_000
 
@@ -296,6 +298,35 @@ class DiskStore:
                 swept += 1
         if swept:
             log.info("removed %d unfinished fill(s) from a previous run", swept)
+
+    def sweep_orphans(self, min_age: float = ORPHAN_MIN_AGE) -> int:
+        """Delete entry files the index does not know (a crash between a fill's rename and its
+        index insert leaves one). Files renamed less than ``min_age`` seconds ago are spared: a
+        commit in another process may be between its two steps. Returns the number removed."""
+        cache = self._cache
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True)
+            ) as db:
+                known = {
+                    os.path.join(self._entries_dir, name)
+                    for (name,) in db.execute(
+                        "SELECT filename FROM Cache WHERE filename IS NOT NULL"
+                    )
+                }
+        except sqlite3.DatabaseError as exc:
+            self._damaged(cache, exc)
+            return 0
+        now = time.time()
+        removed = 0
+        for path in self._entries_dir.rglob("*.val"):
+            with contextlib.suppress(FileNotFoundError):
+                if str(path) not in known and now - path.stat().st_ctime >= min_age:
+                    path.unlink()
+                    removed += 1
+        if removed:
+            log.warning("removed %d cache file(s) missing from the index", removed)
+        return removed
 
     def stats(self) -> StoreStats:
         cache = self._cache
