@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 
@@ -76,13 +77,32 @@ def http_protocol(choice: str) -> str:
     return "httptools"
 
 
+METRICS_DIR_PREFIX = "vlmrun-cache-metrics-"
+
+
+def remove_stale_metrics_dirs() -> None:
+    """Remove metrics directories of earlier runs whose parent process is gone (uvicorn ends by
+    re-raising SIGTERM, so ``atexit`` does not always get to clean up)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            continue
+
+
 def serve(config: Config) -> None:
     configure_logging(config.log_level)
     if config.workers > 1:
         # Workers are fresh interpreters: they get the settings, and a shared directory for
         # prometheus-client's multiprocess mode, through the environment.
         os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-        metrics_dir = tempfile.mkdtemp(prefix="vlmrun-cache-metrics-")
+        remove_stale_metrics_dirs()
+        metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
         os.environ[MULTIPROC_ENV] = metrics_dir
         app: object = "proxy.app:create_app_from_env"

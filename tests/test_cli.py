@@ -6,12 +6,14 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from proxy.cli import METRICS_DIR_PREFIX, remove_stale_metrics_dirs
 from tests.conftest import SESSION, TOKEN
 from tests.helpers import auth
 from tests.servers import Daemon, ServerThread
@@ -97,3 +99,22 @@ def test_invalid_setting_stops_start_up_naming_the_key(
     )
     assert result.returncode == 2
     assert f"invalid setting {key}:" in result.stderr
+
+
+def test_stale_metrics_directories_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metrics directories left by a dead parent are removed; a live one's are kept."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    stale = tmp_path / f"{METRICS_DIR_PREFIX}{dead_pid}-x1"
+    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-x2"
+    stale.mkdir()
+    live.mkdir()
+    remove_stale_metrics_dirs()
+    assert not stale.exists() and live.exists()
