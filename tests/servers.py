@@ -21,11 +21,11 @@ class ServerThread:
     once: the kernel queues them until uvicorn accepts, after its lifespan start-up.
     """
 
-    def __init__(self, app: Any, http: str = "h11", **options: Any) -> None:
+    def __init__(self, app: Any, http: str = "h11", port: int = 0, **options: Any) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(512)
         self.port: int = self.sock.getsockname()[1]
         config = uvicorn.Config(

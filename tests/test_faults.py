@@ -89,6 +89,28 @@ def test_breaker_opens_and_fails_fast(offline: tuple[ServerThread, bytes]) -> No
     assert response.status_code == 502 and "circuit open" in response.json()["detail"]
 
 
+def test_breaker_closes_when_upstream_returns(
+    standin: StandIn, upstream: ServerThread, start_proxy
+) -> None:
+    """Once the API is back, the probe after the cooldown succeeds and traffic flows again."""
+    proxy = start_proxy(breaker_threshold=2, breaker_cooldown="200ms", retries=0)
+    port = upstream.port
+    upstream.stop()
+    for _ in range(2):
+        assert httpx.get(f"{proxy.url}/v1/health", headers=auth()).status_code == 502
+    assert metric(proxy, "vlmrun_cache_upstream_circuit_open") == 1
+    back = ServerThread(standin, port=port).start()
+    try:
+        deadline = time.monotonic() + 10  # the cooldown is a timer of the product's own
+        status = 0
+        while status != 200 and time.monotonic() < deadline:
+            status = httpx.get(f"{proxy.url}/v1/health", headers=auth()).status_code
+        assert status == 200
+        assert metric(proxy, "vlmrun_cache_upstream_circuit_open") == 0
+    finally:
+        back.stop()
+
+
 def test_breaker_state_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """Closed, open after the threshold, one probe after the cooldown, closed on success."""
     now = [100.0]
