@@ -30,10 +30,11 @@ from proxy.fills import Fill, FillFailed, Reader
 from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
 from proxy.integrity import Verifier, intact
 from proxy.keys import ArtifactKey, parse_key
+from proxy.passthrough import relay
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.services import Services
 from proxy.store import Entry
-from proxy.upstream import Answer, read_answer, translate
+from proxy.upstream import Answer, read_answer
 
 CACHE_CONTROL = (b"Cache-Control", b"private, max-age=31536000, immutable")
 #: Entries up to this size that the store has in memory are read on the event loop.
@@ -274,8 +275,7 @@ class ArtifactRoute:
         fill = self.s.fills.get(key)
         if fill is None:
             if self.s.fills.full:  # bounded fetches: beyond them, stream through uncached
-                self._count("bypass")
-                return await self.s.passthrough.forward(request)
+                return await self._bypass(request)
             fill = self.s.fills.start(key, authorization, fingerprint)
             outcome = b"MISS"
         else:
@@ -297,8 +297,7 @@ class ArtifactRoute:
                 stored = await self._hit(request, key, authorization, fingerprint, "coalesced")
                 if stored is not None:
                     return stored
-                self._count("bypass")
-                return await self.s.passthrough.forward(request)
+                return await self._bypass(request)
             if fill.answer is not None and fill.fingerprint == fingerprint:
                 reader.close()
                 self._count("error")
@@ -310,8 +309,7 @@ class ArtifactRoute:
                 return self._direct_response(fill, direct, outcome)
             if not fill.streaming:  # refused for someone else, or no room: go on our own
                 reader.close()
-                self._count("bypass")
-                return await self.s.passthrough.forward(request)
+                return await self._bypass(request)
         except BaseException:
             reader.close()
             raise
@@ -321,20 +319,20 @@ class ArtifactRoute:
         )
         return _raw(response, _fill_headers(fill, outcome))
 
+    async def _bypass(self, request: Request) -> Response:
+        """Fetch with the caller's own credential and stream it through, uncached."""
+        self._count("bypass")
+        return await self.s.passthrough.forward(request)
+
     def _direct_response(self, fill: Fill, upstream: httpx.Response, outcome: bytes) -> Response:
         served = self.s.metrics.served_bytes.labels("upstream")
 
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for data in upstream.aiter_raw():
-                    served.inc(len(data))
-                    yield data
-            except httpx.HTTPError as exc:
-                raise ResponseAborted(str(translate(exc).detail)) from exc
-            finally:
-                await upstream.aclose()
+        async def counted() -> AsyncIterator[bytes]:
+            async for data in relay(upstream):
+                served.inc(len(data))
+                yield data
 
-        response = StreamingResponse(relay(), background=BackgroundTask(upstream.aclose))
+        response = StreamingResponse(counted(), background=BackgroundTask(upstream.aclose))
         return _raw(response, _fill_headers(fill, outcome))
 
     async def _stream_fill(self, reader: Reader) -> AsyncIterator[bytes]:

@@ -56,7 +56,7 @@ class Passthrough:
         )
         upstream = await self._upstream.send(upstream_request)
         response = StreamingResponse(
-            _relay(upstream),
+            relay(upstream),
             status_code=upstream.status_code,
             background=BackgroundTask(upstream.aclose),
         )
@@ -64,10 +64,16 @@ class Passthrough:
         return response
 
 
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    """The upstream body as it arrives, undecoded; a broken upstream aborts the response."""
+async def relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    """The upstream body as it arrives, undecoded; a broken upstream aborts the response.
+
+    Closes ``upstream`` when done, also when the response is aborted (a response's background
+    task does not run then).
+    """
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk
     except httpx.HTTPError as exc:
         raise ResponseAborted(str(translate(exc).detail)) from exc
+    finally:
+        await upstream.aclose()
