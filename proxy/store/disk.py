@@ -277,11 +277,15 @@ class DiskStore:
                 if self._bytes() + incoming <= self.max_bytes:
                     return
 
-    def _least_recently_used(self, limit: int) -> list[tuple[str, int]]:
+    def _query_index(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        """Rows of a read-only query on diskcache's index, through a connection of our own."""
         with contextlib.closing(sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True)) as db:
-            rows = db.execute(
-                "SELECT key, size FROM Cache WHERE raw = 1 ORDER BY access_time LIMIT ?", (limit,)
-            ).fetchall()
+            return db.execute(sql, params).fetchall()
+
+    def _least_recently_used(self, limit: int) -> list[tuple[str, int]]:
+        rows = self._query_index(
+            "SELECT key, size FROM Cache WHERE raw = 1 ORDER BY access_time LIMIT ?", (limit,)
+        )
         return [(str(key), int(size)) for key, size in rows]
 
     def _bytes(self) -> int:
@@ -305,15 +309,8 @@ class DiskStore:
         commit in another process may be between its two steps. Returns the number removed."""
         cache = self._cache
         try:
-            with contextlib.closing(
-                sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True)
-            ) as db:
-                known = {
-                    os.path.join(self._entries_dir, name)
-                    for (name,) in db.execute(
-                        "SELECT filename FROM Cache WHERE filename IS NOT NULL"
-                    )
-                }
+            rows = self._query_index("SELECT filename FROM Cache WHERE filename IS NOT NULL")
+            known = {os.path.join(self._entries_dir, name) for (name,) in rows}
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
             return 0
