@@ -77,7 +77,7 @@ class Metrics:
         )
         self.integrity_failures = Counter(
             "vlmrun_cache_integrity_failures",
-            "Cached entries found short, missing or with a wrong sha256; each is evicted.",
+            "Cached entries found short, missing or with a wrong digest; each is evicted.",
             registry=r,
         )
         self.access_checks = Counter(

@@ -301,7 +301,7 @@ def test_small_entry_with_wrong_bytes_is_refetched(
 def test_large_entry_with_wrong_bytes_aborts_the_transfer(
     standin: StandIn, proxy, cache_dir: Path
 ) -> None:
-    """A streamed hit failing its sha256 is cut before its last chunk, evicted, then refetched."""
+    """A streamed hit failing its digest is cut before its last chunk, evicted, then refetched."""
     body = standin.add("session", SESSION, "vid_8c8c8c", size=3_000_000)
     fetch(proxy, "vid_8c8c8c")
     (stored,) = _stored_files(cache_dir)
