@@ -1,10 +1,23 @@
-"""Proofs that a credential may read a scope (a session or an execution).
+"""Proofs that a credential may read a scope (a session or an execution), and split scopes.
 
 A 200 from upstream for any artifact of a scope, asked with credential T, proves that T may read
-that scope. We remember the proof for ``ttl`` seconds under an HMAC of T (never T itself), with a
-secret generated once per cache directory and kept in a 0600 file. Proofs live on disk so they
-survive restarts, and in memory so that a hit needs no disk access: :meth:`remembered` never
-blocks and may run on the event loop; the other methods block: call them from a worker thread.
+that scope (with ``access_check = "object"``, only that object: the proof's scope is then the
+triple (kind, scope id, object id)). To read bytes another credential F stored there, T also
+needs a proof ``(*scope, "filled-by", F)``: one check whose answer agreed with F's entry (see
+:mod:`proxy.validators`). So if two accounts ever held the same scope id, what one filled is
+never served to the other on the strength of a proof the other got from its own fills.
+
+We remember each proof for ``ttl`` seconds under an HMAC of T (never T itself), with a secret
+generated once per cache directory and kept in a 0600 file. Proofs live on disk so they survive
+restarts, and in memory so that a hit needs no disk access.
+
+A scope is *split* once two credentials were answered differently for the same key (see
+:mod:`proxy.validators`): the same scope id then names different things for different accounts,
+so from then on each credential gets its own copy of that scope's entries. Split scopes are kept
+on disk for good and reloaded by :meth:`AccessProofs.refresh` (other worker processes split too).
+
+:meth:`remembered` and :meth:`is_split` never block and may run on the event loop; the other
+methods block: call them from a worker thread.
 """
 
 from __future__ import annotations
@@ -22,6 +35,10 @@ import diskcache
 
 #: Proofs kept in memory at most.
 MEMORY_PROOFS = 100_000
+#: A proof's scope: (kind, scope id), or (kind, scope id, object id) for per-object checks.
+ProofScope = tuple[str, ...]
+_SPLITS_FILE = "splits.jsonl"
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
 _SECRET_FILE = "secret"  # noqa: S105 (a file name)
 
 
@@ -50,8 +67,13 @@ class AccessProofs:
             str(self.directory / "access"), size_limit=64 * 1024**2, statistics=False
         )
         self._proofs.expire()
-        #: (fingerprint, kind, id) -> expiry (time.time()); a cache of the disk proofs.
-        self._recent: dict[tuple[str, str, str], float] = {}
+        #: (fingerprint, *scope) -> expiry (time.time()); a cache of the disk proofs.
+        self._recent: dict[tuple[str, ...], float] = {}
+        #: (kind, scope id) of every split scope.
+        self._split: frozenset[tuple[str, str]] = frozenset()
+        self._splits_path = self.directory / _SPLITS_FILE
+        self._splits_size = -1
+        self.refresh()
 
     def fingerprint(self, authorization: str | None) -> str | None:
         """A stable, non-reversible name for a credential; ``None`` when there is none."""
@@ -60,39 +82,71 @@ class AccessProofs:
         return hmac.new(self._secret, authorization.encode(), hashlib.sha256).hexdigest()
 
     @staticmethod
-    def _key(fingerprint: str, scope_kind: str, scope_id: str) -> str:
-        return json.dumps([fingerprint, scope_kind, scope_id], separators=(",", ":"))
+    def _key(fingerprint: str, scope: ProofScope) -> str:
+        return json.dumps([fingerprint, *scope], separators=(",", ":"))
 
-    def remembered(self, fingerprint: str | None, scope_kind: str, scope_id: str) -> bool:
+    def remembered(self, fingerprint: str | None, scope: ProofScope) -> bool:
         """A live proof known in memory; False means "look on disk", not "no proof"."""
         if fingerprint is None:
             return False
-        expiry = self._recent.get((fingerprint, scope_kind, scope_id))
+        expiry = self._recent.get((fingerprint, *scope))
         return expiry is not None and expiry > time.time()
 
-    def _keep(self, fingerprint: str, scope_kind: str, scope_id: str, expiry: float) -> None:
+    def _keep(self, fingerprint: str, scope: ProofScope, expiry: float) -> None:
         if len(self._recent) >= MEMORY_PROOFS:
             self._recent.clear()  # rare; the disk still has them all
-        self._recent[(fingerprint, scope_kind, scope_id)] = expiry
+        self._recent[(fingerprint, *scope)] = expiry
 
-    def has_proof(self, fingerprint: str | None, scope_kind: str, scope_id: str) -> bool:
+    def has_proof(self, fingerprint: str | None, scope: ProofScope) -> bool:
         if fingerprint is None:
             return False
-        if self.remembered(fingerprint, scope_kind, scope_id):
+        if self.remembered(fingerprint, scope):
             return True
-        found, expiry = self._proofs.get(
-            self._key(fingerprint, scope_kind, scope_id), expire_time=True
-        )
+        found, expiry = self._proofs.get(self._key(fingerprint, scope), expire_time=True)
         if found is None:
             return False
-        self._keep(fingerprint, scope_kind, scope_id, expiry or time.time() + self.ttl)
+        self._keep(fingerprint, scope, expiry or time.time() + self.ttl)
         return True
 
-    def record(self, fingerprint: str | None, scope_kind: str, scope_id: str) -> None:
+    def record(self, fingerprint: str | None, *scopes: ProofScope) -> None:
         if fingerprint is None:
             return
-        self._proofs.set(self._key(fingerprint, scope_kind, scope_id), 1, expire=self.ttl)
-        self._keep(fingerprint, scope_kind, scope_id, time.time() + self.ttl)
+        for scope in scopes:
+            self._proofs.set(self._key(fingerprint, scope), 1, expire=self.ttl)
+            self._keep(fingerprint, scope, time.time() + self.ttl)
+
+    # -- split scopes -------------------------------------------------------------------------
+
+    def is_split(self, scope_kind: str, scope_id: str) -> bool:
+        return (scope_kind, scope_id) in self._split
+
+    def split(self, scope_kind: str, scope_id: str) -> None:
+        """Mark a scope split, for good: in this process at once, on disk for the others."""
+        self._split = self._split | {(scope_kind, scope_id)}
+        line = json.dumps([scope_kind, scope_id], separators=(",", ":")) + "\n"
+        fd = os.open(self._splits_path, _APPEND_FLAGS, 0o600)
+        try:
+            os.write(fd, line.encode())  # one O_APPEND write: lines never interleave
+        finally:
+            os.close(fd)
+
+    def refresh(self) -> None:
+        """Reload split scopes from disk if another process added some (a stat when not)."""
+        try:
+            fd = os.open(self._splits_path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return
+        with os.fdopen(fd, "rb") as file:
+            size = os.fstat(fd).st_size
+            if size == self._splits_size:
+                return
+            lines = file.read(size).splitlines()
+        found = set(self._split)
+        for line in lines:
+            with contextlib.suppress(ValueError, TypeError):
+                kind, scope_id = json.loads(line)
+                found.add((str(kind), str(scope_id)))
+        self._split, self._splits_size = frozenset(found), size
 
     def close(self) -> None:
         self._proofs.close()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,7 +29,8 @@ CONFIG_ENV = "VLMRUN_CACHE__WORKER_CONFIG"
 
 
 class _AbortGuard:
-    """Turns :class:`ResponseAborted` into a cut connection instead of a logged traceback."""
+    """Turns :class:`ResponseAborted` into a cut connection, and a client gone mid-request into
+    one debug line, instead of logged tracebacks."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -39,6 +40,8 @@ class _AbortGuard:
             await self.app(scope, receive, send)
         except ResponseAborted as exc:
             log.warning("response aborted: %s", exc)
+        except ClientDisconnect:
+            log.debug("client disconnected before its request was complete")
 
 
 def create_app_from_env() -> Starlette:

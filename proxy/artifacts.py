@@ -7,7 +7,9 @@ Miss: parse key -> join or start the key's fill -> access check if joining with 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -18,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import (
+    BadRequest,
     PayloadTooLarge,
     ProxyError,
     ResponseAborted,
@@ -35,6 +38,11 @@ from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.services import Services
 from proxy.store import Entry
 from proxy.upstream import Answer, read_answer
+from proxy.validators import Validators
+
+log = logging.getLogger(__name__)
+
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 
 CACHE_CONTROL = (b"Cache-Control", b"private, max-age=31536000, immutable")
 #: Entries up to this size that the store has in memory are read on the event loop.
@@ -68,8 +76,14 @@ class ArtifactRoute:
             self._count("bypass")
             await self.s.passthrough(scope, receive, send)
             return
-        authorization = request.headers.get("authorization")
+        try:
+            authorization = _credential(scope["headers"])
+        except ProxyError:
+            self._count("error")
+            raise
         fingerprint = self.s.access.fingerprint(authorization)
+        if self.s.access.is_split(key.scope_kind, key.scope_id):
+            key = key.owned_by(fingerprint)
         try:
             response = await self._hit(request, key, authorization, fingerprint)
             if response is None:
@@ -85,36 +99,64 @@ class ArtifactRoute:
     # -- access -------------------------------------------------------------------------------
 
     async def _authorize(
-        self, key: ArtifactKey, authorization: str | None, fingerprint: str | None
+        self,
+        request: Request,
+        key: ArtifactKey,
+        authorization: str | None,
+        fingerprint: str | None,
+        filler: str,
+        recorded: Validators | None,
     ) -> Response | None:
-        """``None`` if the credential may read ``key``'s scope, else upstream's refusal."""
+        """``None`` if the credential may read ``key`` as stored by ``filler``, else the response
+        to send instead.
+
+        Without a live proof, upstream is asked (the same artifact request, with this
+        credential; the body is not read). Its refusal is relayed. A 200 that contradicts
+        ``recorded`` (what the entry or running fill we would serve had from upstream) cannot be
+        for the same bytes: the scope is split and this caller is served from upstream.
+        """
         checks = self.s.metrics.access_checks
-        scope_kind, scope_id = key.scope_kind, key.scope_id
-        if self.s.access.remembered(fingerprint, scope_kind, scope_id) or (
-            await anyio.to_thread.run_sync(
-                self.s.access.has_proof, fingerprint, scope_kind, scope_id
-            )
+        scope = key.proof_scope(self.s.config.access_check == "object")
+        own = (fingerprint or "") == filler
+        needed = scope if own else key.proof_scope(self.s.config.access_check == "object", filler)
+        if self.s.access.remembered(fingerprint, needed) or (
+            await anyio.to_thread.run_sync(self.s.access.has_proof, fingerprint, needed)
         ):
             checks.labels("proof").inc()
             return None
-        request = self.s.upstream.artifact_request(key, authorization)
+        check = self.s.upstream.artifact_request(key, authorization)
         try:
-            async with self.s.upstream.stream(request, artifact=True) as upstream:
-                if upstream.status_code == 200:  # the status line is the proof; skip the body
-                    await anyio.to_thread.run_sync(
-                        self.s.access.record, fingerprint, scope_kind, scope_id
-                    )
+            async with self.s.upstream.stream(check, artifact=True) as upstream:
+                if upstream.status_code != 200:
+                    answer = await read_answer(upstream)
+                elif recorded is not None and Validators.of(upstream).conflicts(recorded):
+                    answer = None
+                else:  # the status line is the proof; skip the body
+                    proven = (scope,) if own else (scope, needed)
+                    await anyio.to_thread.run_sync(self.s.access.record, fingerprint, *proven)
                     checks.labels("granted").inc()
                     return None
-                answer = await read_answer(upstream)
         except ProxyError:
             checks.labels("unavailable").inc()
             raise
+        if upstream.status_code == 200:
+            checks.labels("mismatch").inc()
+            await self._split(key)
+            return await self._bypass(request)
         checks.labels("denied").inc()
         self._count("error")
         if answer is None:
             raise UpstreamUnavailable("upstream refused access with an oversized body")
         return _replay(answer)
+
+    async def _split(self, key: ArtifactKey) -> None:
+        """Two credentials got different answers for ``key``: stop sharing its scope."""
+        log.warning(
+            "%s %s answered differently for two credentials; its entries are no longer shared",
+            key.scope_kind,
+            key.scope_id,
+        )
+        await anyio.to_thread.run_sync(self.s.access.split, key.scope_kind, key.scope_id)
 
     # -- hit ----------------------------------------------------------------------------------
 
@@ -170,7 +212,9 @@ class ArtifactRoute:
             return None
         entry, body = found
         try:
-            refusal = await self._authorize(key, authorization, fingerprint)
+            refusal = await self._authorize(
+                request, key, authorization, fingerprint, entry.meta.filler, entry.meta.validators
+            )
             if refusal is not None:
                 entry.close()
                 return refusal
@@ -284,11 +328,6 @@ class ArtifactRoute:
             outcome = b"COALESCED"
         reader = fill.join()  # before any await: keeps the fill's file open for us
         try:
-            if outcome == b"COALESCED" and (fingerprint is None or fingerprint != fill.fingerprint):
-                refusal = await self._authorize(key, authorization, fingerprint)
-                if refusal is not None:
-                    reader.close()
-                    return refusal
             await fill.started.wait()
             if fill.error is not None:
                 raise fill.error
@@ -302,12 +341,27 @@ class ArtifactRoute:
                 reader.close()
                 self._count("error")
                 return _replay(fill.answer)
+            if not fill.streaming and not fill.has_direct:
+                reader.close()  # refused for someone else, or no room: go on our own
+                return await self._bypass(request)
+            if fingerprint is None or fingerprint != fill.fingerprint:
+                refusal = await self._authorize(
+                    request,
+                    key,
+                    authorization,
+                    fingerprint,
+                    fill.fingerprint or "",
+                    fill.validators,
+                )
+                if refusal is not None:
+                    reader.close()
+                    return refusal
             direct = fill.take_direct()
-            if direct is not None:  # the disk could not take it: this client streams it through
+            if direct is not None:  # not stored: this client streams it through
                 reader.close()
                 self._count("bypass")
                 return self._direct_response(fill, direct, outcome)
-            if not fill.streaming:  # refused for someone else, or no room: go on our own
+            if not fill.streaming:  # another client took the unstored answer
                 reader.close()
                 return await self._bypass(request)
         except BaseException:
@@ -332,8 +386,15 @@ class ArtifactRoute:
                 served.inc(len(data))
                 yield data
 
+        headers: RawHeaders = [(CONTENT_TYPE, fill.content_type.encode("latin-1"))]
+        validators = fill.validators
+        if validators is not None and validators.length is not None:  # the bytes as sent
+            headers.append((CONTENT_LENGTH, str(validators.length).encode()))
+        if validators is not None and validators.encoding:
+            headers.append((b"Content-Encoding", validators.encoding.encode("latin-1")))
+        headers += [CACHE_CONTROL, (b"X-Cache", outcome)]
         response = StreamingResponse(counted(), background=BackgroundTask(upstream.aclose))
-        return _raw(response, _fill_headers(fill, outcome))
+        return _raw(response, headers)
 
     async def _stream_fill(self, reader: Reader) -> AsyncIterator[bytes]:
         served = self.s.metrics.served_bytes.labels("upstream")
@@ -358,6 +419,19 @@ def _check_limits(request: Request, max_query_length: int) -> None:
         or int(length) > MAX_REQUEST_BODY
     ):
         raise PayloadTooLarge("GET /v1/artifacts takes no request body")
+
+
+def _credential(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The request's ``Authorization``; one at most, in printable ASCII, or a 400."""
+    found: bytes | None = None
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            if found is not None:
+                raise BadRequest("Give the Authorization header once")
+            if _PRINTABLE_ASCII.fullmatch(value) is None:
+                raise BadRequest("The Authorization header must be printable ASCII")
+            found = value
+    return None if found is None else found.decode("ascii")
 
 
 def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:

@@ -109,6 +109,9 @@ class Config:
     #: 0 means a quarter of ``max_size``; use :attr:`object_size_limit` for the effective value.
     max_object_size: int = 0
     proof_ttl: float = 3600.0
+    #: "scope": one upstream 200 proves access to a whole session/execution; "object": to one
+    #: artifact (for deployments that cannot rely on scope ids being unique across accounts).
+    access_check: str = "scope"
     connect_timeout: float = 5.0
     #: Time for an artifact fetch to get its response headers, per attempt.
     first_byte_timeout: float = 8.0
@@ -159,6 +162,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "max_size": parse_size,
     "max_object_size": parse_size,
     "proof_ttl": parse_duration,
+    "access_check": _parse_str,
     "connect_timeout": parse_duration,
     "first_byte_timeout": parse_duration,
     "read_timeout": parse_duration,
@@ -198,6 +202,8 @@ def _validate(config: Config) -> None:
         fail("max_object_size", "cannot be larger than max_size")
     if config.proof_ttl <= 0:
         fail("proof_ttl", "must be larger than zero")
+    if config.access_check not in ("scope", "object"):
+        fail("access_check", "must be scope or object")
     for key in (
         "connect_timeout",
         "first_byte_timeout",

@@ -37,6 +37,24 @@ class InvalidRequest(ProxyError):
         super().__init__([item])
 
 
+class BadRequest(ProxyError):
+    """The request cannot be forwarded as sent, e.g. a header HTTP does not allow (400)."""
+
+    status_code = 400
+
+
+class LengthRequired(ProxyError):
+    """A request body without a length where the upstream cannot frame one safely (411)."""
+
+    status_code = 411
+
+
+class NotImplementedByProxy(ProxyError):
+    """A request form the proxy does not forward, such as ``OPTIONS *`` (501)."""
+
+    status_code = 501
+
+
 class UriTooLong(ProxyError):
     """The query string is longer than any artifact request needs (414)."""
 
@@ -57,6 +75,18 @@ class TooManyWaiters(ProxyError):
 
 class UpstreamUnavailable(ProxyError):
     """The upstream could not be reached or broke the connection (502)."""
+
+    status_code = 502
+
+
+class UpstreamBusy(ProxyError):
+    """Every connection to the upstream is in use and none freed up in time (503)."""
+
+    status_code = 503
+
+
+class RedirectRefused(ProxyError):
+    """The upstream redirected somewhere the proxy does not follow (502)."""
 
     status_code = 502
 

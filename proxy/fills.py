@@ -35,6 +35,7 @@ import httpx
 
 from proxy.access import AccessProofs
 from proxy.config import Config
+from proxy.decoding import DecodeError, decodable, decode
 from proxy.errors import ProxyError
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
@@ -42,6 +43,7 @@ from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
 from proxy.store.claims import Claims
 from proxy.upstream import Answer, Upstream, read_answer, translate
+from proxy.validators import Validators
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,10 @@ class Fill:
         #: A 200 response nobody tees: the first reader to :meth:`take_direct` streams it.
         self._direct: httpx.Response | None = None
         self.content_type = "application/octet-stream"
+        #: The body's length as clients get it (identity), when known in advance.
         self.expected_length: int | None = None
+        #: What the upstream's 200 said about the body; set before ``started``.
+        self.validators: Validators | None = None
         #: Bytes received and available to readers (from the window or the file).
         self.written = 0
         #: Bytes safely in the temporary file.
@@ -123,6 +128,11 @@ class Fill:
         if self._refs == 0 and self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    @property
+    def has_direct(self) -> bool:
+        """True while an unstored 200 waits for a reader to :meth:`take_direct` it."""
+        return self._direct is not None
 
     def take_direct(self) -> httpx.Response | None:
         """The untee'd upstream response, for exactly one caller; it must close it."""
@@ -265,23 +275,34 @@ class Fills:
                 fill.answer = await read_answer(response)
                 return
             self._remember_proof(fill)
-            fill.content_type = response.headers.get("content-type", fill.content_type)
-            fill.expected_length = _content_length(response)
-            temp = await self._begin(fill.expected_length)
-            if temp is None:
+            validators = fill.validators = Validators.of(response)
+            fill.content_type = validators.content_type
+            encoding = validators.encoding
+            fill.expected_length = None if encoding else validators.length
+            if not encoding or decodable(encoding):
+                temp = await self._begin(fill.expected_length or validators.length)
+            if temp is None:  # no room, too large, or a coding we do not undo: relay it as is
                 fill._direct, response = response, None  # the reader that takes it closes it
                 return
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
-            digests = await self._tee(fill, response, temp.file)
+            body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
+            digests = await self._tee(fill, body, temp.file)
             self._metrics.upstream_fetch.observe(time.monotonic() - started_at)
-            if fill.expected_length is not None and fill.written != fill.expected_length:
-                raise FillFailed(f"body ended at {fill.written} of {fill.expected_length} bytes")
+            sent = response.num_bytes_downloaded
+            if validators.length is not None and sent != validators.length:
+                raise FillFailed(f"body ended at {sent} of {validators.length} bytes")
             fill.complete = True
             fill._notify()
             if not fill.disk_failed:
                 meta = EntryMeta(
-                    fill.content_type, fill.written, digests.sha256, time.time(), digests.xxh3
+                    fill.content_type,
+                    fill.written,
+                    digests.sha256,
+                    time.time(),
+                    digests.xxh3,
+                    validators.with_length(fill.written),
+                    fill.fingerprint or "",
                 )
                 pending, temp = temp, None
                 await self._commit(fill.key, pending, meta)
@@ -333,7 +354,10 @@ class Fills:
         return None
 
     async def _begin(self, length: int | None) -> FillFile | None:
-        """A temporary file for a body of ``length`` bytes, or None if the disk cannot take it."""
+        """A temporary file for a body of ``length`` bytes, or None if it will not be stored
+        (larger than an entry may be, or the disk cannot take it)."""
+        if length is not None and length > self._config.object_size_limit:
+            return None
         directory = getattr(self._store, "directory", None)
         try:
             if directory is not None:
@@ -347,7 +371,7 @@ class Fills:
             self._metrics.store_failures.labels("write").inc()
             return None
 
-    async def _tee(self, fill: Fill, response: httpx.Response, out: BinaryIO) -> BodyDigests:
+    async def _tee(self, fill: Fill, body: AsyncIterator[bytes], out: BinaryIO) -> BodyDigests:
         """Publish the body chunk by chunk as it arrives while a writer task appends it to
         ``out`` in batches; returns its digests once every byte is hashed (and written)."""
         digests = BodyDigests()
@@ -379,7 +403,7 @@ class Fills:
 
         writing = asyncio.create_task(writer())
         try:
-            async for chunk in response.aiter_raw():  # as they arrive: no re-chunking delay
+            async for chunk in body:  # as they arrive: no re-chunking delay
                 fill._publish(chunk)
                 pending.append(chunk)
                 wake.set()
@@ -391,6 +415,8 @@ class Fills:
                     await fill.changed()
         except httpx.HTTPError as exc:
             raise FillFailed(str(translate(exc).detail)) from exc
+        except DecodeError as exc:
+            raise FillFailed(str(exc)) from exc
         finally:
             receiving = False
             wake.set()
@@ -413,16 +439,8 @@ class Fills:
             self._metrics.store_failures.labels("commit").inc()
 
     def _remember_proof(self, fill: Fill) -> None:
+        scope = fill.key.proof_scope(self._config.access_check == "object")
         self._spawn(
-            anyio.to_thread.run_sync(
-                self._access.record, fill.fingerprint, fill.key.scope_kind, fill.key.scope_id
-            ),
+            anyio.to_thread.run_sync(self._access.record, fill.fingerprint, scope),
             "record proof",
         )
-
-
-def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length")
-    if value is None or not value.isdigit():
-        return None
-    return int(value)

@@ -18,16 +18,41 @@ ScopeKind = Literal["session", "execution"]
 MAX_ID_LENGTH = 512
 
 
+#: Version of the key layout; entries stored under an older one are never read.
+KEY_VERSION = "v2"
+#: The owner of entries of a split scope asked without any credential.
+ANONYMOUS = "-"
+
+
 @dataclasses.dataclass(frozen=True)
 class ArtifactKey:
     scope_kind: ScopeKind
     scope_id: str
     object_id: str
+    #: In a split scope (see :mod:`proxy.access`), the fingerprint of the credential whose own
+    #: copy this key names; None where entries are shared by every credential with access.
+    owner: str | None = None
 
     @property
     def cache_key(self) -> str:
         """An unambiguous string for the store (ids may contain any character)."""
-        return json.dumps(["v1", self.scope_kind, self.scope_id, self.object_id])
+        parts = [KEY_VERSION, self.scope_kind, self.scope_id, self.object_id]
+        if self.owner is not None:
+            parts.append(self.owner)
+        return json.dumps(parts)
+
+    def owned_by(self, fingerprint: str | None) -> ArtifactKey:
+        """This key as one credential's own copy (for a split scope)."""
+        return dataclasses.replace(self, owner=fingerprint or ANONYMOUS)
+
+    def proof_scope(self, per_object: bool, filler: str | None = None) -> tuple[str, ...]:
+        """What an upstream 200 for this key proves access to: its scope, or with
+        ``per_object`` (``access_check = "object"``) this one object; with ``filler``, the
+        right to read there what that credential's requests stored."""
+        scope: tuple[str, ...] = (self.scope_kind, self.scope_id)
+        if per_object:
+            scope = (*scope, self.object_id)
+        return scope if filler is None else (*scope, "filled-by", filler)
 
     def upstream_params(self) -> dict[str, str]:
         return {"object_id": self.object_id, f"{self.scope_kind}_id": self.scope_id}

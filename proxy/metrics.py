@@ -17,7 +17,7 @@ from proxy.store import StoreStats
 
 OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
 SOURCES = ("cache", "upstream")
-ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable")
+ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch")
 STORE_FAILURES = ("no_space", "write", "commit", "index")
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -83,7 +83,8 @@ class Metrics:
         self.access_checks = Counter(
             "vlmrun_cache_access_checks",
             "Decisions on whether a credential may read a cached scope: proof (remembered), "
-            "granted or denied (asked upstream), unavailable (upstream could not answer).",
+            "granted or denied (asked upstream), unavailable (upstream could not answer), "
+            "mismatch (upstream's answer contradicted the cached one: the scope was split).",
             ["result"],
             registry=r,
         )

@@ -8,21 +8,27 @@ bodies are not decoded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import ResponseAborted
-from proxy.headers import end_to_end, for_client
+from proxy.errors import BadRequest, LengthRequired, NotImplementedByProxy, ResponseAborted
+from proxy.headers import end_to_end
 from proxy.metrics import Metrics
-from proxy.upstream import Upstream, translate
+from proxy.upstream import Upstream, response_headers, translate
+
+log = logging.getLogger(__name__)
 
 #: Headers httpx must compute itself for the upstream connection.
 _REQUEST_DROP = (b"host", b"content-length")
+#: Methods whose requests carry no body: one sent anyway is refused, never forwarded. An upstream
+#: that ignores such a body would read it as the next request on a shared connection.
+_NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
 
 class Passthrough:
@@ -30,7 +36,6 @@ class Passthrough:
 
     def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
         self._upstream = upstream
-        self._client = upstream.client
         self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -41,18 +46,26 @@ class Passthrough:
     async def forward(self, request: Request) -> StreamingResponse:
         """Send ``request`` upstream; the returned response streams the answer back."""
         raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+        if not raw_path.startswith(b"/"):  # e.g. OPTIONS * (asterisk form)
+            raise NotImplementedByProxy(
+                f"{request.method} {raw_path.decode('latin-1')} is not forwarded"
+            )
         query: bytes = request.scope.get("query_string", b"")
-        url = self._client.base_url.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
         headers = end_to_end(request.headers.raw, drop=_REQUEST_DROP)
         length = request.headers.get("content-length")
-        has_body = length not in (None, "0") or "transfer-encoding" in request.headers
+        chunked = "transfer-encoding" in request.headers
+        has_body = length not in (None, "0") or chunked
+        if has_body and request.method in _NO_BODY:
+            raise BadRequest(f"a {request.method} request takes no body")
+        if chunked and request.method == "DELETE":
+            raise LengthRequired("a DELETE with a body needs a Content-Length")
         if length is not None:
             headers.append((b"Content-Length", length.encode()))
-        upstream_request = self._client.build_request(
+        upstream_request = self._upstream.request(
             request.method,
-            url,
-            headers=headers,
-            content=request.stream() if has_body else None,
+            raw_path + (b"?" + query if query else b""),
+            headers,
+            _body(request) if has_body else None,
         )
         upstream = await self._upstream.send(upstream_request)
         response = StreamingResponse(
@@ -60,8 +73,19 @@ class Passthrough:
             status_code=upstream.status_code,
             background=BackgroundTask(upstream.aclose),
         )
-        response.raw_headers = for_client(end_to_end(upstream.headers.raw))
+        response.raw_headers = response_headers(upstream.headers.raw)
         return response
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    """The client's request body as it arrives; a client that leaves mid-upload ends it quietly
+    (the upstream request then fails, and nobody is left to answer)."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        log.debug("client left during its upload to %s", request.url.path)
+        raise
 
 
 async def relay(upstream: httpx.Response) -> AsyncIterator[bytes]:

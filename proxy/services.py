@@ -65,9 +65,12 @@ class Services:
         self.serving = True
 
     async def _flush_touches_periodically(self) -> None:
+        """Every :data:`TOUCH_FLUSH_SECONDS`: persist access times, and pick up scopes another
+        worker process split (so a split reaches every worker within that time)."""
         while True:
             await anyio.sleep(TOUCH_FLUSH_SECONDS)
             await anyio.to_thread.run_sync(self.store.flush_touches)
+            await anyio.to_thread.run_sync(self.access.refresh)
 
     async def close(self) -> None:
         self.serving = False

@@ -1,13 +1,21 @@
 """The one HTTP client to the upstream API: timeouts, retries, a circuit breaker, error mapping.
 
 Artifact fetches are idempotent, so before their first byte they are retried (connect failures,
-first-byte timeouts, 5xx) with jittered exponential backoff, within the Python SDK's 30 s budget.
-Passed-through requests are sent once: their bodies stream and cannot be replayed.
+first-byte timeouts, 5xx) with jittered exponential backoff, within the Python SDK's 30 s budget,
+and their redirects are followed under the policy of :mod:`proxy.redirects`. Passed-through
+requests are sent once: their bodies stream and cannot be replayed.
 
-The circuit breaker counts consecutive failures to get any answer (connect errors and timeouts).
-After ``breaker_threshold`` of them it opens: requests fail at once with a 502 instead of piling
-up connections to a dead upstream. After ``breaker_cooldown`` one request is let through as a
-probe; its success closes the breaker again.
+Requests are built here, from the headers the caller gives and nothing else: no default
+``Accept``, ``Accept-Encoding`` or ``User-Agent`` of httpx's is added to a client's request, and
+no cookie is ever kept (see :mod:`proxy.transport`).
+
+The circuit breaker counts only the upstream's own faults (:func:`upstream_fault`): a connect
+error, a timeout waiting for it, a broken answer, or a 502/503/504. A request the client got wrong
+(a header HTTP forbids), a wait for a free pooled connection, or a 500 (which a client can provoke
+with its own request) never count. After ``breaker_threshold`` consecutive faults it opens:
+requests fail at once with a 502 instead of piling up connections to a dead upstream. After
+``breaker_cooldown`` one request is let through as a probe; any answer that is not a fault
+closes the breaker again.
 """
 
 from __future__ import annotations
@@ -16,16 +24,32 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import anyio
 import httpx
 
 from proxy import __version__
 from proxy.config import Config
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import (
+    BadRequest,
+    ProxyError,
+    RedirectRefused,
+    UpstreamBusy,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from proxy.headers import RawHeaders, end_to_end, for_client
 from proxy.keys import ArtifactKey
+from proxy.redirects import (
+    MAX_REDIRECTS,
+    REDIRECT_STATUSES,
+    Resolver,
+    allowed,
+    resolve,
+    same_origin,
+)
+from proxy.transport import SharedClient, transport
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +57,40 @@ ARTIFACT_PATH = "/v1/artifacts"
 USER_AGENT = f"vlmrun-artifact-cache/{__version__}"
 #: Largest non-200 body we hold in memory to replay to several clients.
 ERROR_BODY_LIMIT = 1024 * 1024
+#: Upstream statuses that say the service itself is failing (they count for the breaker).
+FAULT_STATUSES = frozenset({502, 503, 504})
+
+_UPSTREAM_FAULTS = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.ReadTimeout,
+    httpx.ReadError,
+    httpx.RemoteProtocolError,
+    TimeoutError,
+)
 
 
-def translate(exc: httpx.HTTPError | TimeoutError) -> UpstreamTimeout | UpstreamUnavailable:
+def upstream_fault(failure: BaseException | int) -> bool:
+    """The one rule of what counts against the upstream: an exception raised while exchanging
+    with it, or the status it answered. Clients' mistakes and local congestion never count."""
+    if isinstance(failure, int):
+        return failure in FAULT_STATUSES
+    return isinstance(failure, _UPSTREAM_FAULTS)
+
+
+def translate(exc: httpx.HTTPError | TimeoutError) -> ProxyError:
     """The domain error for a failed exchange with the upstream."""
+    if isinstance(exc, httpx.LocalProtocolError | httpx.InvalidURL | httpx.UnsupportedProtocol):
+        return BadRequest(f"the request cannot be forwarded: {exc}")
+    if isinstance(exc, httpx.PoolTimeout):
+        return UpstreamBusy("every connection to the upstream is busy; retry")
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return UpstreamTimeout(f"upstream did not answer in time ({type(exc).__name__})")
     return UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})")
 
 
 class CircuitBreaker:
-    """Closed -> open after ``threshold`` consecutive failures -> one probe after ``cooldown``."""
+    """Closed -> open after ``threshold`` consecutive faults -> one probe after ``cooldown``."""
 
     def __init__(self, threshold: int, cooldown: float) -> None:
         self.threshold = threshold
@@ -68,14 +115,23 @@ class CircuitBreaker:
             return True
         return False
 
-    def succeeded(self) -> None:
+    def record(self, outcome: BaseException | int) -> None:
+        """Count ``outcome`` (an exception or a status) by :func:`upstream_fault`."""
+        if upstream_fault(outcome):
+            self._failed()
+        elif isinstance(outcome, int):  # an answer that is not a fault
+            self._succeeded()
+        else:  # not the upstream's fault, and no answer either: a probe may go again
+            self._probing = False
+
+    def _succeeded(self) -> None:
         if self.opened_at is not None:
             log.info("upstream answers again; circuit closed")
         self.failures = 0
         self.opened_at = None
         self._probing = False
 
-    def failed(self) -> None:
+    def _failed(self) -> None:
         self.failures += 1
         self._probing = False
         if self.failures >= self.threshold:
@@ -87,47 +143,67 @@ class CircuitBreaker:
 class Upstream:
     """The shared client, with the retry policy and the circuit breaker around it."""
 
-    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: Config, resolver: Resolver = resolve) -> None:
         self.config = config
+        self.origin = httpx.URL(config.upstream_origin)
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
-        self.client = httpx.AsyncClient(
+        self._resolver = resolver
+        limits = httpx.Limits(
+            max_connections=config.max_connections,
+            max_keepalive_connections=min(32, config.max_connections),
+        )
+        self.client = SharedClient(
             base_url=config.upstream_origin,
-            # Defaults suit passed-through traffic (long SSE streams, big uploads).
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout,
-                read=config.passthrough_timeout,
-                write=config.passthrough_timeout,
-                pool=config.connect_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=min(32, config.max_connections),
-            ),
             follow_redirects=False,
             trust_env=False,
-            transport=transport,
+            transport=transport(limits),
         )
+        # Defaults suit passed-through traffic (long SSE streams, big uploads).
+        self._passthrough_timeout = httpx.Timeout(
+            connect=config.connect_timeout,
+            read=config.passthrough_timeout,
+            write=config.passthrough_timeout,
+            pool=config.connect_timeout,
+        ).as_dict()
+        self._artifact_timeout = httpx.Timeout(
+            connect=config.connect_timeout,
+            read=config.read_timeout,
+            write=config.read_timeout,
+            pool=config.connect_timeout,
+        ).as_dict()
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    def request(
+        self,
+        method: str,
+        raw_target: bytes,
+        headers: RawHeaders,
+        content: AsyncIterator[bytes] | None = None,
+    ) -> httpx.Request:
+        """A request for ``raw_target`` (path and query, as raw bytes) with exactly ``headers``
+        (plus ``Host`` and the body's framing, which httpx computes)."""
+        url = self.origin.copy_with(raw_path=raw_target)
+        return httpx.Request(
+            method,
+            url,
+            headers=headers,
+            content=content,
+            extensions={"timeout": self._passthrough_timeout},
+        )
+
     def artifact_request(self, key: ArtifactKey, authorization: str | None) -> httpx.Request:
         """``GET /v1/artifacts`` for ``key`` as the credential ``authorization``, uncompressed."""
-        config = self.config
         headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT}
         if authorization is not None:
             headers["Authorization"] = authorization
-        return self.client.build_request(
+        return httpx.Request(
             "GET",
-            ARTIFACT_PATH,
+            self.origin.join(ARTIFACT_PATH),
             params=key.upstream_params(),
             headers=headers,
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout,
-                read=config.read_timeout,
-                write=config.read_timeout,
-                pool=config.connect_timeout,
-            ),
+            extensions={"timeout": self._artifact_timeout},
         )
 
     async def _send_once(self, request: httpx.Request, *, artifact: bool) -> httpx.Response:
@@ -135,22 +211,49 @@ class Upstream:
             raise UpstreamUnavailable("upstream unavailable (circuit open after repeated failures)")
         try:
             if artifact:
-                # Redirects are followed here; httpx drops Authorization on a cross-origin hop.
                 with anyio.fail_after(self.config.first_byte_timeout):
-                    response = await self.client.send(request, stream=True, follow_redirects=True)
+                    response = await self._follow(request)
             else:
                 response = await self.client.send(request, stream=True)
         except (httpx.HTTPError, TimeoutError) as exc:
-            self.breaker.failed()
+            self.breaker.record(exc)
             raise translate(exc) from exc
-        self.breaker.succeeded()
+        except BaseException as exc:
+            self.breaker.record(exc)  # e.g. a refused redirect: frees the probe
+            raise
+        self.breaker.record(response.status_code)
         return response
+
+    async def _follow(self, request: httpx.Request) -> httpx.Response:
+        """Send an artifact request, following redirects the policy allows."""
+        response = await self.client.send(request, stream=True)
+        for _hop in range(MAX_REDIRECTS + 1):
+            location = response.headers.get("location")
+            if response.status_code not in REDIRECT_STATUSES or location is None:
+                return response
+            await response.aclose()
+            try:
+                target = request.url.join(location)
+            except httpx.InvalidURL:
+                raise RedirectRefused("upstream redirected to a malformed location") from None
+            if not await allowed(target, self.origin, self._resolver):
+                raise RedirectRefused("upstream redirected to a location the proxy does not follow")
+            headers = [
+                (name, value)
+                for name, value in request.headers.raw
+                if name.lower() != b"host"
+                and (name.lower() != b"authorization" or same_origin(target, self.origin))
+            ]
+            request = httpx.Request("GET", target, headers=headers, extensions=request.extensions)
+            response = await self.client.send(request, stream=True)
+        await response.aclose()
+        raise RedirectRefused(f"upstream redirected more than {MAX_REDIRECTS} times")
 
     async def send(self, request: httpx.Request, *, artifact: bool = False) -> httpx.Response:
         """The response to ``request`` with its body unread; the caller closes it.
 
-        Artifact requests are retried before their first byte; failures raise
-        :class:`UpstreamTimeout` or :class:`UpstreamUnavailable`.
+        Artifact requests are retried before their first byte on upstream faults only; failures
+        raise a :class:`ProxyError` (400 for a request that cannot be sent, 502/503/504).
         """
         attempts = 1 + (self.config.retries if artifact else 0)
         for attempt in range(1, attempts + 1):
@@ -183,6 +286,14 @@ class Upstream:
             await response.aclose()
 
 
+def response_headers(
+    headers: Iterable[tuple[bytes, bytes]], drop: Iterable[bytes] = ()
+) -> RawHeaders:
+    """An upstream answer's headers as a client gets them: end to end only, ``Content-Type``
+    spelled exactly, and no ``Date`` (the server adds its own: one ``Date`` per answer)."""
+    return for_client(end_to_end(headers, drop=(b"date", *drop)))
+
+
 class Answer:
     """A complete, small upstream answer kept in memory so it can be replayed verbatim."""
 
@@ -202,6 +313,6 @@ async def read_answer(response: httpx.Response) -> Answer | None:
                 return None
     except httpx.HTTPError as exc:
         raise translate(exc) from exc
-    headers = for_client(end_to_end(response.headers.raw, drop=(b"content-length",)))
+    headers = response_headers(response.headers.raw, drop=(b"content-length",))
     headers.append((b"Content-Length", str(len(body)).encode()))
     return Answer(response.status_code, headers, bytes(body))

@@ -7,6 +7,10 @@ without SSE, and multipart ``/v1/files``. Tests script it: per-key request count
 sends lowercase header names, and faults per object (cut body, 500, gates that hold the first or
 the middle byte until the test releases them).
 
+It also misbehaves on demand, as a hostile or broken API (or CDN) would: per-account bytes for
+ids that collide across accounts, a ``Set-Cookie`` on every answer, compression whatever the
+request asked for, ``ETag``s, redirects, and a record of every request's headers.
+
 It is a raw ASGI app so that header names go out exactly as written here.
 """
 
@@ -19,6 +23,7 @@ import hashlib
 import io
 import json
 import threading
+import zlib
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl
@@ -112,6 +117,16 @@ class StandIn:
         #: 503 first (each once per key). For load tests.
         self.generated_scopes: set[tuple[str, str]] = set()
         self._spent_faults: set[tuple[str, str, str]] = set()
+        #: Artifacts one token's account holds under ids another account may use too:
+        #: (token, kind, scope id, object id) -> (bytes, content type). Looked up first.
+        self.account_artifacts: dict[tuple[str, str, str, str], tuple[bytes, str]] = {}
+        #: Sent as ``Set-Cookie`` on every answer when set.
+        self.set_cookie: str | None = None
+        #: ``gzip`` or ``deflate``: code every artifact body so, whatever the request asked for.
+        #: Any other value is sent as the Content-Encoding of a body coded with gzip.
+        self.compress: str | None = None
+        #: Send ``ETag: "<sha256 of the body>"`` on artifact answers.
+        self.etags = False
         self._lock = threading.Lock()
 
     # -- scripting ---------------------------------------------------------------------------
@@ -136,6 +151,24 @@ class StandIn:
             CONTENT_TYPES.get(prefix, "application/octet-stream"),
         )
         return body
+
+    def add_for(self, token: str, kind: str, scope_id: str, object_id: str, body: bytes) -> bytes:
+        """Publish ``body`` as ``object_id`` in *this token's account's* scope ``scope_id``
+        (granting it), as if two accounts held scopes with the same id."""
+        self.grant(token, kind, scope_id)
+        prefix = object_id.split("_", 1)[0]
+        content_type = CONTENT_TYPES.get(prefix, "application/octet-stream")
+        self.account_artifacts[(token, kind, scope_id, object_id)] = (body, content_type)
+        return body
+
+    def headers_seen(self, path: str) -> list[dict[str, str]]:
+        """The headers of every request for ``path`` so far, names lowercased."""
+        with self._lock:
+            return [
+                {k.decode().lower(): v.decode("latin-1") for k, v in headers}
+                for seen_path, headers in self.seen
+                if seen_path == path
+            ]
 
     def hits(self, kind: str, scope_id: str, object_id: str) -> int:
         with self._lock:
@@ -172,6 +205,15 @@ class StandIn:
             return await self._json(send, 401, {"detail": "Invalid API key"})
         if path == "/v1/artifacts" and method == "GET":
             return await self._artifact(send, token, query)
+        if path.startswith("/_standin/blob/") and method == "GET":  # a same-origin redirect target
+            kind, scope_id, object_id = path.removeprefix("/_standin/blob/").split("/", 2)
+            if (kind, scope_id) not in self.tokens[token]:
+                return await self._json(send, 404, {"detail": "Not found"})
+            body, content_type = self.artifacts[(kind, scope_id, object_id)]
+            await self._start(
+                send, 200, [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+            )
+            return await send({"type": "http.response.body", "body": body})
         if path == "/v1/artifacts/list" and method == "GET":
             return await self._list(send, token, query)
         if path == "/v1/openai/chat/completions" and method == "POST":
@@ -198,6 +240,8 @@ class StandIn:
         return (name.lower() if self.lowercase_headers else name).encode()
 
     async def _start(self, send: Send, status: int, headers: list[tuple[str, str]]) -> None:
+        if self.set_cookie is not None:
+            headers = [*headers, ("Set-Cookie", self.set_cookie)]
         await send(
             {
                 "type": "http.response.start",
@@ -246,15 +290,23 @@ class StandIn:
         fault = self._fault(object_id)
         if fault and fault.hold_start:
             await _wait(fault.hold_start)
-        if (kind, scope_id) not in self.tokens[token] or key not in self.artifacts:
+        own = self.account_artifacts.get((token, *key))
+        if (kind, scope_id) not in self.tokens[token] or (
+            own is None and key not in self.artifacts
+        ):
             return await self._json(send, 404, {"detail": f"Artifact {object_id} not found"})
         if fault and fault.status:
             return await self._json(send, fault.status, {"detail": "Internal Server Error"})
         if fault and fault.redirect_to:
             await self._start(send, 302, [("Location", fault.redirect_to), ("Content-Length", "0")])
             return await send({"type": "http.response.body", "body": b""})
-        body, content_type = self.artifacts[key]
+        body, content_type = own or self.artifacts[key]
         headers = [("Content-Type", content_type)]
+        if self.etags:
+            headers.append(("ETag", f'"{hashlib.sha256(body).hexdigest()}"'))
+        if self.compress is not None:
+            body = _compressed(self.compress, body)
+            headers.append(("Content-Encoding", self.compress))
         if not (fault and fault.chunked):
             headers.append(("Content-Length", str(len(body))))
         await self._start(send, 200, headers)
@@ -370,6 +422,13 @@ class StandIn:
         }
         self.uploads.append(record)
         await self._json(send, 201, record)
+
+
+def _compressed(encoding: str, body: bytes) -> bytes:
+    if encoding == "deflate":
+        return zlib.compress(body)
+    coder = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    return coder.compress(body) + coder.flush()
 
 
 def _missing(name: str) -> dict[str, Any]:

@@ -26,14 +26,14 @@ def test_proofs_are_per_scope_and_survive_reopening(tmp_path: Path) -> None:
     """A proof covers exactly one (kind, id) and is still there after a restart."""
     proofs = AccessProofs(tmp_path, ttl=60)
     fp = proofs.fingerprint("Bearer t")
-    proofs.record(fp, "session", "s1")
-    assert proofs.has_proof(fp, "session", "s1")
-    assert not proofs.has_proof(fp, "execution", "s1")
-    assert not proofs.has_proof(fp, "session", "s2")
-    assert not proofs.has_proof(None, "session", "s1")
+    proofs.record(fp, ("session", "s1"))
+    assert proofs.has_proof(fp, ("session", "s1"))
+    assert not proofs.has_proof(fp, ("execution", "s1"))
+    assert not proofs.has_proof(fp, ("session", "s2"))
+    assert not proofs.has_proof(None, ("session", "s1"))
     proofs.close()
     again = AccessProofs(tmp_path, ttl=60)
-    assert again.has_proof(again.fingerprint("Bearer t"), "session", "s1")
+    assert again.has_proof(again.fingerprint("Bearer t"), ("session", "s1"))
 
 
 def test_proofs_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,14 +42,14 @@ def test_proofs_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(time, "time", lambda: now[0])  # diskcache's clock and ours
     proofs = AccessProofs(tmp_path, ttl=60)
     fp = proofs.fingerprint("Bearer t")
-    proofs.record(fp, "session", "s")
+    proofs.record(fp, ("session", "s"))
     now[0] += 59
-    assert proofs.has_proof(fp, "session", "s")
+    assert proofs.has_proof(fp, ("session", "s"))
     now[0] += 2
-    assert not proofs.has_proof(fp, "session", "s")
+    assert not proofs.has_proof(fp, ("session", "s"))
     proofs.close()
     reopened = AccessProofs(tmp_path, ttl=60)  # the disk copy has expired too
-    assert not reopened.has_proof(fp, "session", "s")
+    assert not reopened.has_proof(fp, ("session", "s"))
 
 
 def test_secret_file_is_owner_only(tmp_path: Path) -> None:

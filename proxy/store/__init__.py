@@ -30,6 +30,8 @@ import json
 import os
 from typing import BinaryIO, Protocol
 
+from proxy.validators import Validators
+
 
 @dataclasses.dataclass(frozen=True)
 class EntryMeta:
@@ -41,9 +43,15 @@ class EntryMeta:
     stored_at: float
     #: xxh3-128 of the body, the fast check on hits ("" for entries stored without one).
     xxh3: str = ""
+    #: What the upstream's 200 said about these bytes (see :mod:`proxy.validators`).
+    validators: Validators | None = None
+    #: Fingerprint of the credential whose request filled the entry ("" for none).
+    filler: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        data = dataclasses.asdict(self)
+        data["validators"] = None if self.validators is None else self.validators.to_dict()
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> EntryMeta:
@@ -54,6 +62,10 @@ class EntryMeta:
             sha256=str(data["sha256"]),
             stored_at=float(data["stored_at"]),
             xxh3=str(data.get("xxh3", "")),
+            validators=(
+                None if data.get("validators") is None else Validators.from_dict(data["validators"])
+            ),
+            filler=str(data.get("filler", "")),
         )
 
     @property

@@ -1,0 +1,109 @@
+"""The upstream HTTP client's plumbing: one pool shared by every user, made safe to share.
+
+Two things a stock ``httpx.AsyncClient`` does are wrong for a proxy that many credentials use:
+
+* It keeps a cookie jar. A ``Set-Cookie`` answered to one user would go out on every other
+  user's later requests. :class:`SharedClient` has no jar: nothing is parsed or stored, and a
+  client's own ``Cookie`` header goes upstream with that request only.
+* It puts a connection back in the pool as soon as a response's last framed byte is read. An
+  upstream that wrote *more* than its ``Content-Length`` leaves those bytes in the connection's
+  buffer, where they would be read as the answer to the next request, maybe another user's.
+  :class:`_ExactlyFramedHTTP11` closes a connection that holds any byte past the message.
+  (Bytes that arrive later make the idle socket readable, which httpcore already treats as
+  expired.)
+
+Both rely on internals of httpx 0.28 and httpcore 1.0, pinned in ``pyproject.toml``; the tests
+in ``tests/test_hostile_upstream.py`` fail if an upgrade changes them.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpcore
+import httpx
+
+
+class _NoCookies(httpx.Cookies):
+    """A cookie store that never stores: responses' cookies are ignored, requests get none."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        return None
+
+
+class SharedClient(httpx.AsyncClient):
+    """An ``httpx.AsyncClient`` without a cookie jar; see the module docstring."""
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, _cookies: Any) -> None:
+        return None  # httpx's constructor assigns a jar; we keep none
+
+
+_NO_COOKIES = _NoCookies()
+
+
+class _ExactlyFramedHTTP11(httpcore.AsyncHTTP11Connection):
+    """An HTTP/1.1 connection that is reused only if the last message ended exactly."""
+
+    async def _response_closed(self) -> None:
+        leftover, _closed = self._h11_state.trailing_data
+        if leftover:  # the upstream sent more than the message it framed
+            async with self._state_lock:
+                await self.aclose()
+            return
+        await super()._response_closed()
+
+
+class _Connection(httpcore.AsyncHTTPConnection):
+    """Opens :class:`_ExactlyFramedHTTP11` connections (HTTP/1.1 only)."""
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        if self._connection is None:
+            try:
+                async with self._request_lock:
+                    if self._connection is None:
+                        stream = await self._connect(request)
+                        self._connection = _ExactlyFramedHTTP11(
+                            origin=self._origin,
+                            stream=stream,
+                            keepalive_expiry=self._keepalive_expiry,
+                        )
+            except BaseException:
+                self._connect_failed = True
+                raise
+        return await super().handle_async_request(request)
+
+
+class _Pool(httpcore.AsyncConnectionPool):
+    def create_connection(self, origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
+        return _Connection(
+            origin=origin,
+            ssl_context=self._ssl_context,
+            keepalive_expiry=self._keepalive_expiry,
+            http1=True,
+            http2=False,
+            retries=self._retries,
+            network_backend=self._network_backend,
+            socket_options=self._socket_options,
+        )
+
+
+def transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """httpx's transport over a pool of :class:`_ExactlyFramedHTTP11` connections."""
+    result = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    context: ssl.SSLContext | None = result._pool._ssl_context
+    result._pool = _Pool(
+        ssl_context=context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+    )
+    return result
