@@ -19,6 +19,7 @@ from proxy import __version__
 from proxy.app import CONFIG_ENV, configure_logging, create_app
 from proxy.config import KEYS, Config, ConfigError, load
 from proxy.metrics import MULTIPROC_ENV
+from proxy.services import prepare_directory
 
 _HELP = {
     "host": "address to listen on (default 127.0.0.1)",
@@ -128,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {key: getattr(args, key) for key in KEYS}
     try:
         config = load(args.config, os.environ, flags)
+        # Before uvicorn starts, so that an unsafe directory is one clean line, not a traceback.
+        prepare_directory(config.cache_dir)
     except ConfigError as exc:
         print(f"vlmrun-cache: invalid setting {exc}", file=sys.stderr)
         return 2
