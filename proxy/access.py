@@ -28,6 +28,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -43,13 +44,22 @@ _SECRET_FILE = "secret"  # noqa: S105 (a file name)
 
 
 def _load_or_create_secret(directory: Path) -> bytes:
+    """The directory's HMAC secret, created on first use. The file is never reached through a
+    symbolic link (O_NOFOLLOW), and its mode is set through the descriptor, never by path."""
     path = directory / _SECRET_FILE
     with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))
-    os.chmod(path, 0o600)
-    value = path.read_text().strip()
+    # O_NONBLOCK: a FIFO planted under this name must not hang start-up (no effect on files).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "r") as source:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file; remove it to start with a new secret")
+        if stat.S_IMODE(info.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+        value = source.read().strip()
     if len(value) < 32:
         raise OSError(f"{path} is damaged; remove it to start with a new secret")
     return bytes.fromhex(value)
@@ -63,6 +73,8 @@ class AccessProofs:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ttl = ttl
         self._secret = _load_or_create_secret(self.directory)
+        # Ours, before diskcache would create it 0755.
+        (self.directory / "access").mkdir(exist_ok=True, mode=0o700)
         self._proofs = diskcache.Cache(
             str(self.directory / "access"), size_limit=64 * 1024**2, statistics=False
         )

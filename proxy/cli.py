@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import ipaddress
 import json
+import logging
 import os
 import shutil
 import sys
@@ -19,10 +21,15 @@ from proxy import __version__
 from proxy.app import CONFIG_ENV, configure_logging, create_app
 from proxy.config import KEYS, Config, ConfigError, load
 from proxy.metrics import MULTIPROC_ENV
+from proxy.services import prepare_directory
+
+log = logging.getLogger(__name__)
 
 _HELP = {
     "host": "address to listen on (default 127.0.0.1)",
     "port": "port to listen on (default 8080)",
+    "tls_certfile": "PEM certificate chain: serve https (with --tls-keyfile; default: http)",
+    "tls_keyfile": "PEM private key of --tls-certfile, without a password",
     "upstream": "origin of the VLM Run API (default https://api.vlm.run)",
     "cache_dir": "cache directory (default: the user's cache directory)",
     "max_size": "upper bound on cached bytes, e.g. 512MiB or 10GiB (default 10GiB)",
@@ -96,8 +103,30 @@ def remove_stale_metrics_dirs() -> None:
             continue
 
 
+def is_loopback(host: str) -> bool:
+    """True if ``host`` is reachable from this machine only; any other name counts as exposed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_clear_text(config: Config) -> None:
+    """One WARNING when clients' API keys would cross the network unencrypted."""
+    if not config.tls_certfile and not is_loopback(config.host):
+        log.warning(
+            "listening on %s without TLS: API keys sent to this proxy cross the network in "
+            "clear text; set tls_certfile and tls_keyfile, or bind 127.0.0.1 behind a TLS "
+            "terminator",
+            config.host,
+        )
+
+
 def serve(config: Config) -> None:
     configure_logging(config.log_level)
+    warn_if_clear_text(config)
     if config.workers > 1:
         # Workers are fresh interpreters: they get the settings, and a shared directory for
         # prometheus-client's multiprocess mode, through the environment.
@@ -115,6 +144,8 @@ def serve(config: Config) -> None:
         workers=config.workers,
         host=config.host,
         port=config.port,
+        ssl_certfile=config.tls_certfile or None,
+        ssl_keyfile=config.tls_keyfile or None,
         # Either keeps Content-Type's spelling; see proxy/headers.py.
         http=http_protocol(config.http),
         lifespan="on",
@@ -129,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {key: getattr(args, key) for key in KEYS}
     try:
         config = load(args.config, os.environ, flags)
+        # Before uvicorn starts, so that an unsafe directory is one clean line, not a traceback.
+        prepare_directory(config.cache_dir)
     except ConfigError as exc:
         print(f"vlmrun-cache: invalid setting {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,6 +104,9 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    #: PEM certificate chain and private key: both set, the proxy serves https; neither, http.
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
     upstream: str = "https://api.vlm.run"
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
     max_size: int = 10 * 1024**3
@@ -157,6 +161,8 @@ class Config:
 _PARSERS: dict[str, Callable[[object], Any]] = {
     "host": _parse_str,
     "port": _parse_int,
+    "tls_certfile": _parse_str,
+    "tls_keyfile": _parse_str,
     "upstream": _parse_str,
     "cache_dir": _parse_str,
     "max_size": parse_size,
@@ -191,6 +197,28 @@ def _validate(config: Config) -> None:
 
     if not 0 < config.port < 65536:
         fail("port", f"{config.port} is not a TCP port (1-65535)")
+    if config.tls_certfile and not config.tls_keyfile:
+        fail("tls_keyfile", "must be set with tls_certfile (TLS needs both, or neither)")
+    if config.tls_keyfile and not config.tls_certfile:
+        fail("tls_certfile", "must be set with tls_keyfile (TLS needs both, or neither)")
+    if config.tls_certfile:
+        for key in ("tls_certfile", "tls_keyfile"):
+            try:
+                with open(getattr(config, key), "rb"):
+                    pass
+            except OSError as exc:
+                fail(key, f"cannot read {getattr(config, key)}: {exc.strerror}")
+        try:
+            # A password-protected key is refused here rather than prompted for at start-up.
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                config.tls_certfile, config.tls_keyfile, password=b""
+            )
+        except ssl.SSLError as exc:
+            fail(
+                "tls_keyfile",
+                "does not load with tls_certfile (want a PEM certificate chain and its matching "
+                f"PEM key, without a password): {exc}",
+            )
     parts = urlsplit(config.upstream)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         fail("upstream", f"{config.upstream!r} is not an http(s) URL such as https://api.vlm.run")
@@ -272,8 +300,9 @@ def load(
     _apply(values, {k: v for k, v in (flags or {}).items() if v is not None}, "command line")
     if "log_level" in values:
         values["log_level"] = values["log_level"].lower()
-    if "cache_dir" in values:
-        values["cache_dir"] = os.path.expanduser(values["cache_dir"])
+    for key in ("cache_dir", "tls_certfile", "tls_keyfile"):
+        if key in values:
+            values[key] = os.path.expanduser(values[key])
     config = Config(**values)
     _validate(config)
     return config

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from pathlib import Path
 
 import anyio.to_thread
 
 from proxy.access import AccessProofs
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.fills import Fills
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
@@ -18,13 +19,95 @@ from proxy.store.claims import Claims
 from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
 from proxy.upstream import Upstream
 
+#: The names the proxy keeps in its cache directory, and the type each must have. None of them
+#: may be a symbolic link: through one, fills would write, sweeps delete, or the HMAC secret be
+#: read and chmod'ed somewhere else.
+OWNED_NAMES = {
+    "secret": stat.S_IFREG,  # proxy/access.py
+    "access": stat.S_IFDIR,  # proxy/access.py
+    "tmp": stat.S_IFDIR,  # proxy/store/disk.py
+    "entries": stat.S_IFDIR,  # proxy/store/disk.py
+    "locks": stat.S_IFDIR,  # proxy/store/claims.py
+}
+
+
+class CacheDirError(ConfigError):
+    """The cache directory cannot be used safely; the message starts with ``cache_dir``."""
+
+
+def _refuse(why: str) -> CacheDirError:
+    return CacheDirError(f"cache_dir: {why}")
+
 
 def prepare_directory(path: str) -> Path:
-    """Create the cache directory owner-only (0700): it holds credentials' proofs and the secret."""
+    """Create the cache directory, or check an existing one and the names we keep in it.
+
+    A missing directory is created 0700 (missing parents get the default mode). An existing one
+    must be a directory of the current user that group and others cannot write: it holds the
+    HMAC secret and credentials' proofs. Its mode is never changed (it may be someone's /tmp).
+    ``path`` itself may be a symbolic link (the user's choice); names inside it may not.
+    Raises :class:`CacheDirError`, whose message says what to do, to refuse.
+    """
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(directory, 0o700)
+    try:
+        directory.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        _check_existing(directory)
+    except OSError as exc:
+        raise _refuse(f"cannot create {directory}: {exc.strerror}") from None
+    for name, kind in OWNED_NAMES.items():
+        _check_owned(directory / name, kind)
     return directory
+
+
+def _check_existing(directory: Path) -> None:
+    try:
+        info = directory.stat()
+    except OSError as exc:
+        raise _refuse(f"cannot use {directory}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise _refuse(f"{directory} is not a directory; choose a directory path")
+    if info.st_uid != os.getuid():
+        raise _refuse(
+            f"{directory} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}); "
+            "choose a directory of your own, or a new path (it is created 0700)"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise _refuse(
+            f"{directory} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}) "
+            "and would hold the proxy's secret; choose a new path (it is created 0700), "
+            f"or run chmod go-w {directory} if the directory is yours alone"
+        )
+
+
+def _check_owned(path: Path, kind: int) -> None:
+    """Refuse a symbolic link or a wrong type at ``path``; a directory of ours that others can
+    enter (left by an older version) is made 0700 through a descriptor, never by path."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return  # created 0700 (0600 for the secret) by whoever keeps it
+    except OSError as exc:
+        raise _refuse(f"cannot use {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise _refuse(
+            f"{path} is a symbolic link, which the proxy never follows inside its cache "
+            "directory; remove the link, or choose another cache_dir"
+        )
+    if stat.S_IFMT(info.st_mode) != kind:
+        wanted = "directory" if kind == stat.S_IFDIR else "regular file"
+        raise _refuse(f"{path} is not a {wanted}; remove it, or choose another cache_dir")
+    if info.st_uid != os.getuid():
+        raise _refuse(f"{path} belongs to uid {info.st_uid}; remove it or choose another cache_dir")
+    if kind == stat.S_IFDIR and info.st_mode & 0o077:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise _refuse(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
 
 class Services:

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -100,6 +101,7 @@ class DiskStore:
             self._cache = self._open()
 
     def _open(self) -> diskcache.Cache:
+        self._entries_dir.mkdir(exist_ok=True, mode=0o700)  # before diskcache makes it 0755
         cache = diskcache.Cache(
             str(self._entries_dir),
             disk=_AdoptingDisk,
@@ -223,7 +225,7 @@ class DiskStore:
 
     def begin_fill(self) -> FillFile:
         fd_path = self._tmp / f"{os.urandom(12).hex()}{_TMP_SUFFIX}"
-        fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         return FillFile(path=str(fd_path), file=os.fdopen(fd, "wb"))
 
     def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool:
@@ -294,12 +296,21 @@ class DiskStore:
     # -- housekeeping ------------------------------------------------------------------------
 
     def _sweep_tmp(self) -> None:
-        """Remove temporary files left by fills that a crash interrupted."""
+        """Remove temporary files left by fills that a crash interrupted.
+
+        Names are unlinked relative to a descriptor of ``tmp/`` opened without following a
+        symbolic link, so the sweep cannot delete anything outside it (a symlinked ``tmp/``
+        raises ``OSError`` instead)."""
         swept = 0
-        for path in self._tmp.glob(f"*{_TMP_SUFFIX}"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                swept += 1
+        tmp = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for name in os.listdir(tmp):
+                if name.endswith(_TMP_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=tmp)
+                        swept += 1
+        finally:
+            os.close(tmp)
         if swept:
             log.info("removed %d unfinished fill(s) from a previous run", swept)
 
@@ -316,11 +327,17 @@ class DiskStore:
             return 0
         now = time.time()
         removed = 0
-        for path in self._entries_dir.rglob("*.val"):
-            with contextlib.suppress(FileNotFoundError):
-                if str(path) not in known and now - path.stat().st_ctime >= min_age:
-                    path.unlink()
-                    removed += 1
+        # fwalk with dir_fd: never descends through a symbolic link, and each unlink is relative
+        # to the directory walked, so nothing outside entries/ can be reached.
+        for folder, _dirs, files, folder_fd in os.fwalk(self._entries_dir, follow_symlinks=False):
+            for name in files:
+                if not name.endswith(".val") or os.path.join(folder, name) in known:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+                    if stat.S_ISREG(info.st_mode) and now - info.st_ctime >= min_age:
+                        os.unlink(name, dir_fd=folder_fd)
+                        removed += 1
         if removed:
             log.warning("removed %d cache file(s) missing from the index", removed)
         return removed
