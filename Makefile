@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test check bench load clean
+.PHONY: serve test check bench load lock clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,18 @@ bench: $(VENV)/.installed
 
 load: $(VENV)/.installed
 	$(PY) bench/load.py
+
+# The pinned, hashed dependency sets, from pyproject.toml: requirements-test.lock (runtime + the
+# test extra; CI installs it) first, then requirements.lock (runtime + the build backend; the
+# image installs it) within it, so the image ships the versions CI tested. Pins still allowed by
+# pyproject.toml are kept; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest.
+PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --generate-hashes \
+	--strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links $(LOCK_FLAGS)
+
+lock: $(VENV)/.installed
+	$(VENV)/bin/pip install -q 'pip-tools>=7.4'
+	$(PIP_COMPILE) --extra test -o requirements-test.lock pyproject.toml
+	$(PIP_COMPILE) --all-build-deps -c requirements-test.lock -o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,15 +1,22 @@
-"""``vlmrun-cache`` and ``python -m proxy``: parse flags, load the config, run uvicorn."""
+"""``vlmrun-cache`` and ``python -m proxy``: parse flags, load the config, run uvicorn.
+
+``serve`` records the address it listens on in the cache directory, and ``healthcheck`` dials
+that address, so a health check follows a port set by flag, file or environment.
+"""
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
+import http.client
 import ipaddress
 import json
 import logging
 import os
 import shutil
+import ssl
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -19,9 +26,11 @@ import uvicorn
 
 from proxy import __version__
 from proxy.app import CONFIG_ENV, configure_logging, create_app
-from proxy.config import KEYS, Config, ConfigError, load
+from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, load
 from proxy.metrics import MULTIPROC_ENV
 from proxy.services import prepare_directory
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the proxy",
-        description="Run the proxy. Settings: defaults < --config file < VLMRUN_CACHE_<KEY> "
-        "environment variables < flags.",
+        description=f"Run the proxy. Settings: defaults < the file named by ${BASE_CONFIG_ENV} "
+        "< --config file < VLMRUN_CACHE_<KEY> environment variables < flags.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML file (see config.example.toml)")
     for key in KEYS:
         serve.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE", help=_HELP[key])
+    healthcheck = commands.add_parser(
+        "healthcheck",
+        help="exit 0 if the running proxy answers /healthz, else 1",
+        description=f"Dial the address that serve recorded in <cache_dir>/{ADDRESS_FILE} and GET "
+        "/healthz; exit 0 on 200, else 1. The cache directory is found as serve finds it.",
+    )
+    healthcheck.add_argument("--config", metavar="FILE", help="TOML file (see config.example.toml)")
+    healthcheck.add_argument("--cache-dir", metavar="VALUE", help=_HELP["cache_dir"])
+    healthcheck.add_argument(
+        "--timeout", type=float, default=2.0, metavar="SECONDS", help="per connect and read (2)"
+    )
     return parser
 
 
@@ -124,9 +144,92 @@ def warn_if_clear_text(config: Config) -> None:
         )
 
 
+#: In the cache directory: where ``serve`` listens, as JSON ``{"scheme", "host", "port"}``.
+ADDRESS_FILE = "serve.json"
+
+
+def write_address_file(config: Config) -> Path:
+    """Record the address this server will listen on in ``<cache_dir>/serve.json`` (mode 0600).
+
+    Written atomically (a temporary file, then a rename). It is left behind at exit: a stale file
+    names an address where nothing answers, which is what a health check should then report.
+    """
+    directory = Path(config.cache_dir)
+    # Created only if missing, as the app's start-up would: owner-only (secret, proofs).
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{ADDRESS_FILE}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:  # mkstemp makes it 0600
+            scheme = "https" if config.tls_certfile else "http"
+            json.dump({"scheme": scheme, "host": config.host, "port": config.port}, out)
+        os.replace(temporary, directory / ADDRESS_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return directory / ADDRESS_FILE
+
+
+def _no_verify() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Unhealthy(Exception):
+    """The proxy did not answer its health check; the message says why."""
+
+
+def dial_host(host: str) -> str:
+    """The address to dial for a server listening on ``host``: a wildcard listens on loopback."""
+    wildcards = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104 (dialled)
+    return wildcards.get(host, host)
+
+
+def check_health(cache_dir: str | Path, timeout: float = 2.0) -> str:
+    """GET ``/healthz`` at the address recorded in ``cache_dir``; its URL if it answered 200.
+
+    Raises :class:`Unhealthy` if there is no address, nothing answers within ``timeout`` seconds
+    (per connect and per read), or the answer is not 200.
+    """
+    path = Path(cache_dir) / ADDRESS_FILE
+    try:
+        address = json.loads(path.read_text(encoding="utf-8"))
+        scheme, host, port = str(address["scheme"]), str(address["host"]), int(address["port"])
+    except FileNotFoundError:
+        raise Unhealthy(f"{path} does not exist: the proxy has not started here") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Unhealthy(f"{path} cannot be read: {exc!r}") from None
+    if scheme not in ("http", "https"):
+        raise Unhealthy(f"{path}: scheme {scheme!r} is not supported")
+    host = dial_host(host)
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    connection = (
+        http.client.HTTPConnection(host, port, timeout=timeout)
+        if scheme == "http"
+        # Our own process on this machine: what matters is that it answers, not who signed it.
+        else http.client.HTTPSConnection(host, port, timeout=timeout, context=_no_verify())
+    )
+    try:
+        connection.request("GET", "/healthz")
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unhealthy(f"{url}: {exc!r}") from None
+    finally:
+        connection.close()
+    if status != 200:
+        raise Unhealthy(f"{url} answered {status}")
+    return url
+
+
 def serve(config: Config) -> None:
     configure_logging(config.log_level)
     warn_if_clear_text(config)
+    try:
+        write_address_file(config)
+    except OSError as exc:  # the app's start-up will fail on the directory and say why
+        log.warning("cannot record the listening address in %s: %s", config.cache_dir, exc)
     if config.workers > 1:
         # Workers are fresh interpreters: they get the settings, and a shared directory for
         # prometheus-client's multiprocess mode, through the environment.
@@ -157,13 +260,21 @@ def serve(config: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    flags = {key: getattr(args, key) for key in KEYS}
+    checking = args.command == "healthcheck"
+    flags = {"cache_dir": args.cache_dir} if checking else {key: getattr(args, key) for key in KEYS}
     try:
-        config = load(args.config, os.environ, flags)
+        config = load(args.config, os.environ, flags, base=os.environ.get(BASE_CONFIG_ENV) or None)
         # Before uvicorn starts, so that an unsafe directory is one clean line, not a traceback.
         prepare_directory(config.cache_dir)
     except ConfigError as exc:
         print(f"vlmrun-cache: invalid setting {exc}", file=sys.stderr)
-        return 2
+        return 1 if checking else 2  # a health check exits 0 or 1 (Docker reserves 2)
+    if checking:
+        try:
+            print(f"healthy: {check_health(config.cache_dir, args.timeout)}")
+        except Unhealthy as exc:
+            print(f"vlmrun-cache: unhealthy: {exc}", file=sys.stderr)
+            return 1
+        return 0
     serve(config)
     return 0

@@ -1,4 +1,8 @@
-"""Settings: defaults < TOML file < environment (``VLMRUN_CACHE_<KEY>``) < command-line flags.
+"""Settings: defaults < base TOML file < TOML file < environment (``VLMRUN_CACHE_<KEY>``) < flags.
+
+The base file is an installation's own defaults (the container image's address and cache
+directory), named by :data:`BASE_CONFIG_ENV`; the user's ``--config`` file and environment
+outrank it.
 
 Everything is parsed once into a frozen :class:`Config`; an invalid value raises
 :class:`ConfigError` whose message names the offending key, so start-up fails loudly.
@@ -19,6 +23,8 @@ from urllib.parse import urlsplit
 import platformdirs
 
 ENV_PREFIX = "VLMRUN_CACHE_"
+#: Names the base file. Two underscores: not a setting, so ``VLMRUN_CACHE_<KEY>`` never clashes.
+BASE_CONFIG_ENV = "VLMRUN_CACHE__BASE_CONFIG"
 
 _SIZE_UNITS = {
     "": 1,
@@ -270,26 +276,34 @@ def _apply(base: dict[str, Any], values: Mapping[str, object], source: str) -> N
             raise ConfigError(f"{key}: {exc} (from {source})") from None
 
 
+def _apply_file(values: dict[str, Any], file: str | Path, source: str) -> None:
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {source} {file}: {exc.strerror}") from None
+    try:
+        _apply(values, tomllib.loads(text), f"{source} {file}")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {source} {file} is not valid TOML: {exc}") from None
+
+
 def load(
     file: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, object] | None = None,
+    base: str | Path | None = None,
 ) -> Config:
-    """Merge defaults, the TOML ``file``, ``env`` and ``flags`` (later wins) into a Config.
+    """Merge defaults, the ``base`` TOML file, the TOML ``file``, ``env`` and ``flags`` (later
+    wins) into a Config.
 
     Only environment variables named ``VLMRUN_CACHE_<KEY>`` for a known key are read; others
     (for instance the SDK's own ``VLMRUN_CACHE_DIR``) are ignored.
     """
     values: dict[str, Any] = {}
+    if base is not None:
+        _apply_file(values, base, "base file")
     if file is not None:
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"config: cannot read {file}: {exc.strerror}") from None
-        try:
-            _apply(values, tomllib.loads(text), f"file {file}")
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config: {file} is not valid TOML: {exc}") from None
+        _apply_file(values, file, "file")
     environ = os.environ if env is None else env
     from_env = {
         key: environ[ENV_PREFIX + key.upper()]

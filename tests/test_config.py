@@ -53,6 +53,33 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
     assert config.upstream == "https://api.vlm.run"
 
 
+def test_precedence_with_a_base_file(tmp_path: Path) -> None:
+    """The base file beats the defaults and loses to the user's file, the environment and flags."""
+    base = tmp_path / "base.toml"
+    base.write_text('host = "::1"\nport = 9000\nmax_size = "1GiB"\nretries = 5\nworkers = 3\n')
+    file = tmp_path / "c.toml"
+    file.write_text('max_size = "2GiB"\nretries = 4\nworkers = 2\n')
+    env = {"VLMRUN_CACHE_RETRIES": "3", "VLMRUN_CACHE_WORKERS": "4"}
+    config = load(file, env, {"workers": "5"}, base=base)
+    assert (config.host, config.port) == ("::1", 9000)
+    assert (config.max_size, config.retries, config.workers) == (2 * 1024**3, 3, 5)
+    assert config.upstream == "https://api.vlm.run"
+    assert load(env={}, base=base).port == 9000
+
+
+def test_base_file_errors_name_the_file(tmp_path: Path) -> None:
+    """A missing, malformed or mistyped base file stops start-up and says it was the base file."""
+    with pytest.raises(ConfigError, match=r"^config: cannot read base file .*missing\.toml"):
+        load(env={}, base=tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = \n")
+    with pytest.raises(ConfigError, match=r"^config: base file .* is not valid TOML"):
+        load(env={}, base=bad)
+    bad.write_text('port = "http"\n')
+    with pytest.raises(ConfigError, match=r"^port: .*\(from base file "):
+        load(env={}, base=bad)
+
+
 def test_unrelated_environment_is_ignored() -> None:
     """The SDK's own VLMRUN_CACHE_DIR is not one of ours and must not change anything."""
     assert load(env={"VLMRUN_CACHE_DIR": "/elsewhere"}) == load(env={})
