@@ -7,6 +7,7 @@ Miss: parse key -> join or start the key's fill -> access check if joining with 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -316,17 +317,21 @@ class ArtifactRoute:
         authorization: str | None,
         fingerprint: str | None,
     ) -> Response:
-        fill = self.s.fills.get(key)
+        fills = self.s.fills
+        fill = fills.get(key)
+        on_close = None
         if fill is None:
-            if self.s.fills.full:  # bounded fetches: beyond them, stream through uncached
+            if fills.full(fingerprint):  # bounded fetches: beyond them, stream through uncached
                 return await self._bypass(request)
-            fill = self.s.fills.start(key, authorization, fingerprint)
+            fill = fills.start(key, authorization, fingerprint)
             outcome = b"MISS"
         else:
             if fill.readers >= self.s.config.max_waiters:
                 raise TooManyWaiters("too many clients are waiting for this artifact; retry")
+            fills.waiters.acquire(fingerprint)  # 429 when this credential holds its share
+            on_close = functools.partial(fills.waiters.release, fingerprint)
             outcome = b"COALESCED"
-        reader = fill.join()  # before any await: keeps the fill's file open for us
+        reader = fill.join(on_close)  # before any await: keeps the fill's file open for us
         try:
             await fill.started.wait()
             if fill.error is not None:

@@ -142,6 +142,19 @@ class Config:
     max_fills: int = 64
     #: Clients following one fill; further ones get 503.
     max_waiters: int = 1024
+    #: Upstream connections for fills and access checks, a pool apart from passed-through traffic.
+    artifact_connections: int = 80
+    #: Fills one credential may run at once; its further misses stream through uncached.
+    max_fills_per_key: int = 32
+    #: Passed-through requests (and uncached artifact streams) per credential at once (then 429).
+    max_passthrough_per_key: int = 64
+    #: Clients of one credential following fills at once (then 429).
+    max_waiters_per_key: int = 512
+    #: Longest a fill may take in all; a longer one is abandoned (clients see a failed transfer).
+    fill_timeout: float = 3600.0
+    #: Slowest a fill may run, in bytes/s averaged over ``fill_rate_window``, before abandoned.
+    fill_min_rate: int = 16 * 1024
+    fill_rate_window: float = 60.0
     #: Longest query string accepted on the artifact route.
     max_query_length: int = 4096
     #: Free disk space to keep; a fill that would eat into it streams through uncached.
@@ -186,6 +199,13 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "max_connections": _parse_int,
     "max_fills": _parse_int,
     "max_waiters": _parse_int,
+    "artifact_connections": _parse_int,
+    "max_fills_per_key": _parse_int,
+    "max_passthrough_per_key": _parse_int,
+    "max_waiters_per_key": _parse_int,
+    "fill_timeout": parse_duration,
+    "fill_min_rate": parse_size,
+    "fill_rate_window": parse_duration,
     "max_query_length": _parse_int,
     "min_free_space": parse_size,
     "shutdown_timeout": parse_duration,
@@ -244,10 +264,21 @@ def _validate(config: Config) -> None:
         "read_timeout",
         "passthrough_timeout",
         "shutdown_timeout",
+        "fill_timeout",
+        "fill_rate_window",
     ):
         if getattr(config, key) <= 0:
             fail(key, "must be larger than zero")
-    for key in ("max_connections", "max_fills", "max_waiters", "breaker_threshold"):
+    for key in (
+        "max_connections",
+        "max_fills",
+        "max_waiters",
+        "breaker_threshold",
+        "artifact_connections",
+        "max_fills_per_key",
+        "max_passthrough_per_key",
+        "max_waiters_per_key",
+    ):
         if getattr(config, key) < 1:
             fail(key, "must be at least 1")
     if not 0 <= config.retries <= 10:

@@ -19,6 +19,8 @@ class ProxyError(Exception):
     """An error the proxy answers itself."""
 
     status_code = 500
+    #: Extra response headers.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, detail: Any) -> None:
         super().__init__(detail)
@@ -65,6 +67,13 @@ class PayloadTooLarge(ProxyError):
     """A request body where none belongs (413)."""
 
     status_code = 413
+
+
+class TooManyRequests(ProxyError):
+    """One credential holds its whole share of something every user shares (429)."""
+
+    status_code = 429
+    headers = ((b"Retry-After", b"1"),)
 
 
 class TooManyWaiters(ProxyError):
@@ -121,4 +130,4 @@ def json_response(
 
 async def handle_proxy_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return json_response(exc.status_code, {"detail": exc.detail})
+    return json_response(exc.status_code, {"detail": exc.detail}, list(exc.headers))

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, BinaryIO
 
 import anyio
@@ -34,6 +34,7 @@ import anyio.to_thread
 import httpx
 
 from proxy.access import AccessProofs
+from proxy.capacity import PerKey, RateFloor
 from proxy.config import Config
 from proxy.decoding import DecodeError, decodable, decode
 from proxy.errors import ProxyError
@@ -117,11 +118,12 @@ class Fill:
         """True when a 200 body is (or was) being written and readers can follow it."""
         return self._fd is not None
 
-    def join(self) -> Reader:
-        """Register a reader, before awaiting anything; close the reader when done."""
+    def join(self, on_close: Callable[[], None] | None = None) -> Reader:
+        """Register a reader, before awaiting anything; close the reader when done
+        (``on_close`` is then called once)."""
         self._refs += 1
         self.readers += 1
-        return Reader(self)
+        return Reader(self, on_close)
 
     def _release(self) -> None:
         self._refs -= 1
@@ -195,14 +197,17 @@ class Fill:
 class Reader:
     """One client's hold on a fill; :meth:`close` is idempotent."""
 
-    def __init__(self, fill: Fill) -> None:
+    def __init__(self, fill: Fill, on_close: Callable[[], None] | None = None) -> None:
         self.fill = fill
         self._open = True
+        self._on_close = on_close
 
     def close(self) -> None:
         if self._open:
             self._open = False
             self.fill._release()
+            if self._on_close is not None:
+                self._on_close()
 
 
 class Fills:
@@ -225,18 +230,24 @@ class Fills:
         self._metrics = metrics
         self._running: dict[ArtifactKey, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Fills each credential runs (``max_fills_per_key``).
+        self._per_key = PerKey(config.max_fills_per_key, "artifact fetches")
+        #: Clients each credential has following fills (``max_waiters_per_key``).
+        self.waiters = PerKey(config.max_waiters_per_key, "clients waiting for artifacts")
 
     def get(self, key: ArtifactKey) -> Fill | None:
         return self._running.get(key)
 
-    @property
-    def full(self) -> bool:
-        return len(self._running) >= self._config.max_fills
+    def full(self, fingerprint: str | None) -> bool:
+        """True when no fill may start for this credential: every slot is taken, or it holds
+        its share of them."""
+        return len(self._running) >= self._config.max_fills or self._per_key.full(fingerprint)
 
     def start(self, key: ArtifactKey, authorization: str | None, fingerprint: str | None) -> Fill:
         assert key not in self._running
         fill = Fill(key, fingerprint)
         self._running[key] = fill
+        self._per_key.acquire(fingerprint)
         self._spawn(self._run(fill, authorization), f"fill {key.object_id}")
         return fill
 
@@ -324,6 +335,7 @@ class Fills:
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
+            self._per_key.release(fill.fingerprint)
             fill._release()
             fill._notify()
 
@@ -402,8 +414,18 @@ class Fills:
                 fill._notify()
 
         writing = asyncio.create_task(writer())
+        config = self._config
+        now = time.monotonic()
+        deadline = now + config.fill_timeout
+        floor = RateFloor(config.fill_min_rate, config.fill_rate_window, now)
         try:
             async for chunk in body:  # as they arrive: no re-chunking delay
+                # Silence is read_timeout's; a trickle is caught here, as each piece arrives.
+                now = time.monotonic()
+                if now > deadline:
+                    raise FillFailed(f"took longer than fill_timeout ({config.fill_timeout:g} s)")
+                if floor.too_slow(now, fill.written):
+                    raise FillFailed(f"slower than fill_min_rate ({config.fill_min_rate} B/s)")
                 fill._publish(chunk)
                 pending.append(chunk)
                 wake.set()

@@ -8,8 +8,9 @@ bodies are not decoded.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 from starlette.background import BackgroundTask
@@ -17,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from proxy.capacity import PerKey
 from proxy.errors import BadRequest, LengthRequired, NotImplementedByProxy, ResponseAborted
 from proxy.headers import end_to_end
 from proxy.metrics import Metrics
@@ -31,12 +33,36 @@ _REQUEST_DROP = (b"host", b"content-length")
 _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
 
-class Passthrough:
-    """An ASGI app forwarding each request to the upstream through the shared client."""
+class _HeldResponse(StreamingResponse):
+    """A streamed answer that gives back its credential's passthrough allowance when sent."""
 
-    def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
+    release: Callable[[], None] = staticmethod(lambda: None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+class Passthrough:
+    """An ASGI app forwarding each request to the upstream through the shared client.
+
+    Each credential may have ``max_passthrough_per_key`` of these in flight (then 429): one
+    client's long streams or slow uploads cannot take every connection of the pool.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        metrics: Metrics,
+        fingerprint: Callable[[str | None], str | None],
+        per_key: int,
+    ) -> None:
         self._upstream = upstream
         self._metrics = metrics
+        self._fingerprint = fingerprint
+        self._held = PerKey(per_key, "requests in flight")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._metrics.passthrough.inc()
@@ -67,12 +93,19 @@ class Passthrough:
             headers,
             _body(request) if has_body else None,
         )
-        upstream = await self._upstream.send(upstream_request)
-        response = StreamingResponse(
+        fingerprint = self._fingerprint(request.headers.get("authorization"))
+        self._held.acquire(fingerprint)
+        try:
+            upstream = await self._upstream.send(upstream_request)
+        except BaseException:
+            self._held.release(fingerprint)
+            raise
+        response = _HeldResponse(
             relay(upstream),
             status_code=upstream.status_code,
             background=BackgroundTask(upstream.aclose),
         )
+        response.release = functools.partial(self._held.release, fingerprint)
         response.raw_headers = response_headers(upstream.headers.raw)
         return response
 

@@ -148,16 +148,10 @@ class Upstream:
         self.origin = httpx.URL(config.upstream_origin)
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
         self._resolver = resolver
-        limits = httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=min(32, config.max_connections),
-        )
-        self.client = SharedClient(
-            base_url=config.upstream_origin,
-            follow_redirects=False,
-            trust_env=False,
-            transport=transport(limits),
-        )
+        #: Passed-through requests and uncached artifact streams.
+        self.passthrough_client = _client(config.upstream_origin, config.max_connections)
+        #: Fills and access checks: a pool of their own (see :mod:`proxy.capacity`).
+        self.artifact_client = _client(config.upstream_origin, config.artifact_connections)
         # Defaults suit passed-through traffic (long SSE streams, big uploads).
         self._passthrough_timeout = httpx.Timeout(
             connect=config.connect_timeout,
@@ -173,7 +167,8 @@ class Upstream:
         ).as_dict()
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.passthrough_client.aclose()
+        await self.artifact_client.aclose()
 
     def request(
         self,
@@ -214,7 +209,7 @@ class Upstream:
                 with anyio.fail_after(self.config.first_byte_timeout):
                     response = await self._follow(request)
             else:
-                response = await self.client.send(request, stream=True)
+                response = await self.passthrough_client.send(request, stream=True)
         except (httpx.HTTPError, TimeoutError) as exc:
             self.breaker.record(exc)
             raise translate(exc) from exc
@@ -226,7 +221,7 @@ class Upstream:
 
     async def _follow(self, request: httpx.Request) -> httpx.Response:
         """Send an artifact request, following redirects the policy allows."""
-        response = await self.client.send(request, stream=True)
+        response = await self.artifact_client.send(request, stream=True)
         for _hop in range(MAX_REDIRECTS + 1):
             location = response.headers.get("location")
             if response.status_code not in REDIRECT_STATUSES or location is None:
@@ -245,7 +240,7 @@ class Upstream:
                 and (name.lower() != b"authorization" or same_origin(target, self.origin))
             ]
             request = httpx.Request("GET", target, headers=headers, extensions=request.extensions)
-            response = await self.client.send(request, stream=True)
+            response = await self.artifact_client.send(request, stream=True)
         await response.aclose()
         raise RedirectRefused(f"upstream redirected more than {MAX_REDIRECTS} times")
 
@@ -284,6 +279,15 @@ class Upstream:
             yield response
         finally:
             await response.aclose()
+
+
+def _client(origin: str, connections: int) -> SharedClient:
+    limits = httpx.Limits(
+        max_connections=connections, max_keepalive_connections=min(32, connections)
+    )
+    return SharedClient(
+        base_url=origin, follow_redirects=False, trust_env=False, transport=transport(limits)
+    )
 
 
 def response_headers(

@@ -240,7 +240,7 @@ def test_authorization_never_leaves_the_upstream_origin() -> None:
 
     async def run() -> bytes:
         upstream = Upstream(load(env={}, flags={"upstream": "https://api.example"}), resolver)
-        upstream.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        upstream.artifact_client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
         request = upstream.request(
             "GET", b"/v1/artifacts?object_id=vid_a&session_id=s", [(b"Authorization", b"Bearer k")]
         )
