@@ -87,6 +87,8 @@ class Fault:
     chunked: bool = False
     #: Answer 302 to this URL instead of the bytes.
     redirect_to: str | None = None
+    #: Send the body one byte at a time, this many seconds apart (a dripping upstream).
+    drip: float | None = None
     #: Apply only to this many requests (None: all).
     times: int | None = None
 
@@ -106,6 +108,8 @@ class StandIn:
         self.seen: list[tuple[str, list[tuple[bytes, bytes]]]] = []
         #: Set whenever an artifact request arrives (tests clear it).
         self.arrived = threading.Event()
+        #: Notified on every request (see :meth:`wait_for_requests`).
+        self._requests_changed = threading.Condition()
         self.lowercase_headers = False
         #: SSE streams send their first event, then wait for this before the rest.
         self.sse_gate: threading.Event | None = None
@@ -170,6 +174,11 @@ class StandIn:
                 if seen_path == path
             ]
 
+    def wait_for_requests(self, path: str, count: int, timeout: float = 20) -> bool:
+        """Block until ``count`` requests for ``path`` have arrived (False on timeout)."""
+        with self._requests_changed:
+            return self._requests_changed.wait_for(lambda: self.path_hits[path] >= count, timeout)
+
     def hits(self, kind: str, scope_id: str, object_id: str) -> int:
         with self._lock:
             return self.artifact_hits[(kind, scope_id, object_id)]
@@ -189,6 +198,8 @@ class StandIn:
         with self._lock:
             self.path_hits[path] += 1
             self.seen.append((path, list(scope["headers"])))
+        with self._requests_changed:
+            self._requests_changed.notify_all()
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope["query_string"].decode(), keep_blank_values=True))
         token = headers.get("authorization", "").removeprefix("Bearer ")
@@ -315,6 +326,17 @@ class StandIn:
                 {"type": "http.response.body", "body": body[: fault.cut_at], "more_body": True}
             )
             raise ConnectionAbortedError("stand-in cut the body on purpose")
+        if fault and fault.drip is not None:
+            for index in range(len(body)):
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": body[index : index + 1],
+                        "more_body": index + 1 < len(body),
+                    }
+                )
+                await asyncio.sleep(fault.drip)
+            return
         if fault and fault.hold_middle:
             half = len(body) // 2 if fault.hold_at is None else fault.hold_at
             await send({"type": "http.response.body", "body": body[:half], "more_body": True})

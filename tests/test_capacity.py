@@ -1,0 +1,220 @@
+"""No client can take the proxy from the others: the breaker counts only upstream faults, the
+capacity model keeps each credential to its share, and a dripping upstream cannot hold a fill."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from proxy.capacity import PerKey, RateFloor
+from proxy.errors import TooManyRequests
+from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
+from tests.helpers import auth, fetch, metric
+from tests.standin import Fault, StandIn
+
+THIRD_TOKEN = "key-carol-0003"
+
+
+@pytest.fixture
+def three_keys(standin: StandIn) -> StandIn:
+    for token in (OTHER_TOKEN, THIRD_TOKEN):
+        standin.grant(token, "session", SESSION)
+    return standin
+
+
+def _raw_status(port: int, request: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_malformed_client_headers_never_open_the_breaker(standin: StandIn, start_proxy) -> None:
+    """30 requests with a header HTTP forbids upstream each get a 400, are neither retried nor
+    counted, and another user's new artifact is fetched right after."""
+    proxy = start_proxy(breaker_threshold=2)
+    body = standin.add("session", SESSION, "img_b4ea00")
+    for index in range(30):
+        target = (
+            b"/v1/echo"
+            if index % 2
+            else f"/v1/artifacts?filename=x.png&session_id={SESSION}".encode()
+        )
+        status = _raw_status(
+            proxy.port,
+            b"GET " + target + b" HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\nX-Trailing: value \r\n\r\n",
+        )
+        assert status == 400
+    assert standin.path_hits["/v1/echo"] == 0  # nothing was sent, so nothing to retry
+    assert metric(proxy, "vlmrun_cache_upstream_circuit_open") == 0
+    response = fetch(proxy, "img_b4ea00", OTHER_TOKEN)
+    assert response.status_code == 404  # Bob does not own the session: but the API answered
+    assert (fetch(proxy, "img_b4ea00").status_code, fetch(proxy, "img_b4ea00").content) == (
+        200,
+        body,
+    )
+
+
+class _SlowUpload:
+    """A client uploading a 1 MB body of which it sends only the first bytes."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.sendall(
+            f"POST /v1/files?purpose=assistants HTTP/1.1\r\nHost: p\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 1000000\r\n\r\n"
+            "--x\r\n".encode()
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def uploads() -> Iterator[list[_SlowUpload]]:
+    held: list[_SlowUpload] = []
+    yield held
+    for upload in held:
+        upload.close()
+
+
+def test_slow_uploads_cannot_starve_artifact_misses(
+    standin: StandIn, start_proxy, uploads: list[_SlowUpload]
+) -> None:
+    """Slow uploads that hold every passthrough connection (and more wait for one) do not stop
+    a new artifact from being fetched: fills and checks have a pool of their own."""
+    proxy = start_proxy(max_connections=8, max_passthrough_per_key=100)
+    body = standin.add("session", SESSION, "vid_510e00", size=200_000)
+    for _ in range(11):
+        uploads.append(_SlowUpload(proxy.port, TOKEN))
+    assert standin.wait_for_requests("/v1/files", 8)  # the pool is taken
+    started = time.monotonic()
+    response = fetch(proxy, "vid_510e00")
+    assert (response.status_code, response.content) == (200, body)
+    assert time.monotonic() - started < 5  # generous: a starved miss waits first_byte_timeout
+
+
+def test_one_key_cannot_take_every_fill_slot(three_keys: StandIn, start_proxy) -> None:
+    """A credential holding its share of fill slots streams further misses uncached, while
+    another credential's miss still starts a fill of its own."""
+    standin = three_keys
+    proxy = start_proxy(max_fills=4, max_fills_per_key=2)
+    release = threading.Event()
+    for index in range(4):
+        standin.add("session", SESSION, f"arr_f111{index:02x}")
+        standin.faults[f"arr_f111{index:02x}"] = Fault(hold_start=release, times=1)
+    with ThreadPoolExecutor(4) as pool:
+        held = [pool.submit(fetch, proxy, f"arr_f111{index:02x}") for index in range(2)]
+        assert standin.wait_for_requests("/v1/artifacts", 2)
+        third = pool.submit(fetch, proxy, "arr_f11102")  # over Alice's share: uncached
+        other = pool.submit(fetch, proxy, "arr_f11103", OTHER_TOKEN)  # Bob: a fill of his own
+        assert standin.wait_for_requests("/v1/artifacts", 4)
+        release.set()
+        assert [f.result(timeout=20).headers.get("x-cache") for f in held] == ["MISS", "MISS"]
+        assert third.result(timeout=20).headers.get("x-cache") is None
+        assert other.result(timeout=20).headers.get("x-cache") == "MISS"
+
+
+def test_one_key_cannot_take_every_waiter_place(three_keys: StandIn, start_proxy) -> None:
+    """A credential following fills with its share of waiters gets a 429 for one more, while
+    another credential still joins."""
+    standin = three_keys
+    proxy = start_proxy(max_waiters_per_key=2)
+    body = standin.add("session", SESSION, "vid_3a1700", size=100_000)
+    release = threading.Event()
+    standin.faults["vid_3a1700"] = Fault(hold_middle=release, times=1)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(fetch, proxy, "vid_3a1700")
+        assert standin.wait_for_requests("/v1/artifacts", 1)
+        joined = [pool.submit(fetch, proxy, "vid_3a1700", OTHER_TOKEN) for _ in range(2)]
+        assert standin.wait_for_requests("/v1/artifacts", 2)  # Bob's access check
+        refused = fetch(proxy, "vid_3a1700", OTHER_TOKEN)
+        carol = pool.submit(fetch, proxy, "vid_3a1700", THIRD_TOKEN)
+        assert (refused.status_code, refused.headers["retry-after"]) == (429, "1")
+        assert refused.json()["detail"]
+        release.set()
+        for future in [first, *joined, carol]:
+            assert future.result(timeout=20).content == body
+
+
+def test_one_key_cannot_take_every_passthrough_connection(standin: StandIn, start_proxy) -> None:
+    """A credential holding its share of passthrough requests (open event streams) gets a 429
+    for one more; another credential is served, and the share comes back when streams end."""
+    proxy = start_proxy(max_passthrough_per_key=2)
+    gate = threading.Event()
+    standin.sse_gate = gate
+    payload = {"model": "m", "stream": True, "messages": []}
+    url = f"{proxy.url}/v1/openai/chat/completions"
+    with httpx.Client(timeout=20) as client, ThreadPoolExecutor(2) as pool:
+
+        def stream() -> bytes:
+            with client.stream("POST", url, json=payload, headers=auth()) as response:
+                return b"".join(response.iter_bytes())
+
+        streams = [pool.submit(stream) for _ in range(2)]
+        assert standin.wait_for_requests("/v1/openai/chat/completions", 2)
+        refused = client.post(url, json={**payload, "stream": False}, headers=auth())
+        assert refused.status_code == 429
+        standin.sse_gate = None
+        other = client.post(url, json={**payload, "stream": False}, headers=auth(OTHER_TOKEN))
+        assert other.status_code == 200
+        gate.set()
+        assert all(b"[DONE]" in f.result(timeout=20) for f in streams)
+        again = client.post(url, json={**payload, "stream": False}, headers=auth())
+        assert again.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"fill_timeout": "2s"}, {"fill_min_rate": "16KiB", "fill_rate_window": "1s"}],
+    ids=["fill_timeout", "fill_min_rate"],
+)
+def test_a_dripping_upstream_is_abandoned(
+    standin: StandIn, start_proxy, limits: dict[str, str]
+) -> None:
+    """An upstream that drips one byte every 50 ms is cut off by the fill deadlines: the client
+    sees a failed transfer in bounded time, and nothing is cached."""
+    proxy = start_proxy(**limits)
+    body = standin.add("session", SESSION, "vid_d41900", size=100_000)
+    standin.faults["vid_d41900"] = Fault(drip=0.05, times=1)
+    started = time.monotonic()
+    with pytest.raises(httpx.HTTPError):
+        fetch(proxy, "vid_d41900")
+    assert time.monotonic() - started < 8
+    again = fetch(proxy, "vid_d41900")
+    assert (again.headers["x-cache"], again.content) == ("MISS", body)
+
+
+def test_rate_floor_judges_only_whole_windows() -> None:
+    """The floor looks at the bytes of the last window, and only once a window has passed."""
+    floor = RateFloor(min_rate=100, window=10, started=0)
+    assert not floor.too_slow(5, 0)  # no whole window yet
+    assert not floor.too_slow(10, 1000)  # 1000 B in 10 s: exactly the floor
+    assert not floor.too_slow(15, 1600)
+    assert floor.too_slow(21, 1700)  # 700 B since t=10: under 100 B/s
+    fast = RateFloor(min_rate=100, window=10, started=0)
+    assert not fast.too_slow(30, 10_000)  # one sample after a long silence: judged on the whole
+
+
+def test_per_key_counts_and_releases() -> None:
+    """A share is per credential, anonymous requests share one, and releases give it back."""
+    shares = PerKey(2, "things")
+    shares.acquire("a")
+    shares.acquire("a")
+    with pytest.raises(TooManyRequests):
+        shares.acquire("a")
+    shares.acquire(None)
+    shares.acquire("b")
+    shares.release("a")
+    shares.acquire("a")
+    assert shares.held("a") == 2 and shares.held(None) == 1
