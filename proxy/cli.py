@@ -12,13 +12,16 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from proxy import __version__
 from proxy.app import CONFIG_ENV, configure_logging, create_app
 from proxy.config import KEYS, Config, ConfigError, load
+from proxy.guards import Limits
 from proxy.metrics import MULTIPROC_ENV
+from proxy.protocols import GuardedHTTP
 
 _HELP = {
     "host": "address to listen on (default 127.0.0.1)",
@@ -82,6 +85,21 @@ def http_protocol(choice: str) -> str:
     return "httptools"
 
 
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    """The uvicorn settings that decide what a client meets: the HTTP protocol with the guards
+    of proxy/guards.py (proxy/protocols.py) and their limits. ``serve`` runs with exactly these,
+    and so do the tests.
+    """
+    return {
+        # Either protocol keeps Content-Type's spelling; see proxy/headers.py.
+        "http": GuardedHTTP(http_protocol(config.http), Limits.from_config(config)),
+        # uvicorn's default, stated: idle connections, new or between requests, close after it.
+        "timeout_keep_alive": 5,
+        "lifespan": "on",
+        "server_header": False,
+    }
+
+
 METRICS_DIR_PREFIX = "vlmrun-cache-metrics-"
 
 
@@ -119,12 +137,9 @@ def serve(config: Config) -> None:
         workers=config.workers,
         host=config.host,
         port=config.port,
-        # Either keeps Content-Type's spelling; see proxy/headers.py.
-        http=http_protocol(config.http),
-        lifespan="on",
         log_level=config.log_level,
-        server_header=False,
         timeout_graceful_shutdown=30,
+        **uvicorn_options(config),
     )
 
 

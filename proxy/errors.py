@@ -49,6 +49,12 @@ class PayloadTooLarge(ProxyError):
     status_code = 413
 
 
+class HeaderFieldsTooLarge(ProxyError):
+    """A request head with too many, too long or too large header fields (431)."""
+
+    status_code = 431
+
+
 class TooManyWaiters(ProxyError):
     """Too many clients already follow this fetch (503)."""
 
