@@ -21,16 +21,17 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from proxy import __version__
 from proxy.app import CONFIG_ENV, configure_logging, create_app
 from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, load
+from proxy.guards import Limits
 from proxy.metrics import MULTIPROC_ENV
+from proxy.protocols import GuardedHTTP
 from proxy.services import prepare_directory
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ _HELP = {
     "fill_min_rate": "slowest a fill may run, per second, before it is abandoned (default 16KiB)",
     "fill_rate_window": "the window fill_min_rate is averaged over (default 60s)",
     "max_query_length": "longest artifact query string (default 4096)",
+    "max_header_bytes": "longest request head; longer get 431 (default 64KiB)",
+    "max_header_line": "longest line of a request head; longer get 431 (default 8KiB)",
+    "max_headers": "most header fields in a request; more get 431 (default 100)",
+    "max_client_connections": "client connections at once per process; more get 503 (default 1000)",
+    "header_timeout": "time to receive a request head from its first byte (default 10s)",
     "min_free_space": "disk space to keep free; fetches beyond it are not stored (default 256MiB)",
     "shutdown_timeout": "how long shutdown waits for running fetches (default 10s)",
     "chunk_size": "bytes per read when serving from disk (default 256KiB)",
@@ -110,6 +116,21 @@ def http_protocol(choice: str) -> str:
     except ImportError:
         return "h11"
     return "httptools"
+
+
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    """The uvicorn settings that decide what a client meets: the HTTP protocol with the guards
+    of proxy/guards.py (proxy/protocols.py) and their limits. ``serve`` runs with exactly these,
+    and so do the tests.
+    """
+    return {
+        # Either protocol keeps Content-Type's spelling; see proxy/headers.py.
+        "http": GuardedHTTP(http_protocol(config.http), Limits.from_config(config)),
+        # uvicorn's default, stated: idle connections, new or between requests, close after it.
+        "timeout_keep_alive": 5,
+        "lifespan": "on",
+        "server_header": False,
+    }
 
 
 METRICS_DIR_PREFIX = "vlmrun-cache-metrics-"
@@ -256,12 +277,9 @@ def serve(config: Config) -> None:
         port=config.port,
         ssl_certfile=config.tls_certfile or None,
         ssl_keyfile=config.tls_keyfile or None,
-        # Either keeps Content-Type's spelling; see proxy/headers.py.
-        http=http_protocol(config.http),
-        lifespan="on",
         log_level=config.log_level,
-        server_header=False,
         timeout_graceful_shutdown=30,
+        **uvicorn_options(config),
     )
 
 

@@ -157,6 +157,16 @@ class Config:
     fill_rate_window: float = 60.0
     #: Longest query string accepted on the artifact route.
     max_query_length: int = 4096
+    #: Longest request head (request line, header fields, line ends); longer: 431.
+    max_header_bytes: int = 64 * 1024
+    #: Longest line of a request head, without its line end; longer: 431 (414 for the request line).
+    max_header_line: int = 8 * 1024
+    #: Most header fields in one request; more: 431.
+    max_headers: int = 100
+    #: Client connections open at once, per server process; further ones get 503 and are closed.
+    max_client_connections: int = 1000
+    #: Time from the first byte of a request head to its end; slower: 408 and closed.
+    header_timeout: float = 10.0
     #: Free disk space to keep; a fill that would eat into it streams through uncached.
     min_free_space: int = 256 * 1024**2
     #: How long shutdown waits for running fills before abandoning them.
@@ -207,6 +217,11 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "fill_min_rate": parse_size,
     "fill_rate_window": parse_duration,
     "max_query_length": _parse_int,
+    "max_header_bytes": parse_size,
+    "max_header_line": parse_size,
+    "max_headers": _parse_int,
+    "max_client_connections": _parse_int,
+    "header_timeout": parse_duration,
     "min_free_space": parse_size,
     "shutdown_timeout": parse_duration,
     "chunk_size": parse_size,
@@ -285,6 +300,16 @@ def _validate(config: Config) -> None:
         fail("retries", "must be between 0 and 10")
     if config.max_query_length < 256:
         fail("max_query_length", "must be at least 256")
+    if config.max_header_line < 1024:
+        fail("max_header_line", "must be at least 1KiB")
+    if config.max_header_bytes < config.max_header_line:
+        fail("max_header_bytes", "cannot be smaller than max_header_line")
+    if config.max_headers < 32:
+        fail("max_headers", "must be at least 32 (SDKs send 10 to 20 headers)")
+    if config.max_client_connections < 1:
+        fail("max_client_connections", "must be at least 1")
+    if config.header_timeout <= 0:
+        fail("header_timeout", "must be larger than zero")
     if not 4096 <= config.chunk_size <= 16 * 1024**2:
         fail("chunk_size", "must be between 4KiB and 16MiB")
     if not 1 <= config.workers <= 64:

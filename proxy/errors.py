@@ -76,6 +76,12 @@ class TooManyRequests(ProxyError):
     headers = ((b"Retry-After", b"1"),)
 
 
+class HeaderFieldsTooLarge(ProxyError):
+    """A request head with too many, too long or too large header fields (431)."""
+
+    status_code = 431
+
+
 class TooManyWaiters(ProxyError):
     """Too many clients already follow this fetch (503)."""
 

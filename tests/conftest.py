@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-cache-"))
 
 from proxy.app import create_app
-from proxy.cli import http_protocol
+from proxy.cli import uvicorn_options
 from proxy.config import load
 from tests.servers import ServerThread
 from tests.standin import StandIn
@@ -57,7 +57,7 @@ def start_proxy(upstream: ServerThread, cache_dir: Path) -> Iterator[ProxyFactor
         settings: dict[str, object] = {"upstream": upstream.url, "cache_dir": str(cache_dir)}
         settings.update(overrides)
         config = load(env={}, flags=settings)
-        server = ServerThread(create_app(config), http=http_protocol(config.http))
+        server = ServerThread(create_app(config), **uvicorn_options(config))
         started.append(server.start())
         return server
 

@@ -15,28 +15,28 @@ import uvicorn
 
 
 class ServerThread:
-    """Serve an ASGI app on 127.0.0.1 with uvicorn's h11 protocol until :meth:`stop`.
+    """Serve an ASGI app on 127.0.0.1 until :meth:`stop`; ``options`` go to uvicorn.Config
+    (the proxy passes proxy.cli.uvicorn_options; by default h11, unguarded).
 
     The socket is bound and listening before the thread starts, so clients may connect at
     once: the kernel queues them until uvicorn accepts, after its lifespan start-up.
     """
 
-    def __init__(self, app: Any, http: str = "h11", port: int = 0, **options: Any) -> None:
+    def __init__(self, app: Any, port: int = 0, **options: Any) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
         self.sock.listen(512)
         self.port: int = self.sock.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            http=http,
-            lifespan="on",
-            log_level="warning",
-            server_header=False,
-            timeout_graceful_shutdown=5,
-            **options,
-        )
+        settings: dict[str, Any] = {
+            "http": "h11",
+            "lifespan": "on",
+            "server_header": False,
+            "log_level": "warning",
+            "timeout_graceful_shutdown": 5,
+        }
+        config = uvicorn.Config(app, **{**settings, **options})
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name=f"uvicorn:{self.port}", daemon=True)
         self.error: BaseException | None = None

@@ -103,11 +103,11 @@ def test_huge_headers_are_refused_cleanly(proxy) -> None:
 
 
 def test_many_range_specs(standin: StandIn, proxy) -> None:
-    """A Range with thousands of parts is served as the whole body, once."""
+    """A Range with a thousand parts (as many as fit the 8 KiB line limit) is served whole, once."""
     body = standin.add("session", SESSION, "arr_a1b2c3", size=10_000)
     url = f"{proxy.url}/v1/artifacts?object_id=arr_a1b2c3&session_id={SESSION}"
     httpx.get(url, headers=auth())
-    ranges = "bytes=" + ",".join(f"{i}-{i}" for i in range(3000))
+    ranges = "bytes=" + ",".join(f"{i}-{i}" for i in range(1000))
     response = httpx.get(url, headers={**auth(), "Range": ranges})
     assert (response.status_code, response.content) == (200, body)
 

@@ -1,0 +1,177 @@
+"""uvicorn's two HTTP/1.1 protocols, h11 and httptools, each driving a
+:class:`~proxy.guards.ConnectionGuard`: the guards sit between the socket and the parser, and
+between the parser and the app."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import h11
+from uvicorn.config import Config as UvicornConfig
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from proxy.errors import HeaderFieldsTooLarge, ProxyError
+from proxy.guards import ConnectionGuard, Limits
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol behind the guards."""
+
+    def __init__(
+        self,
+        config: UvicornConfig,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: Limits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.guard = ConnectionGuard(limits, self.loop, server_state, self._responding)
+        self.conn = _CheckedH11Connection(self.guard)
+
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.guard.connection_made(transport):
+            _close_when_silent(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.connection_lost()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self.guard.meter.complete and self.conn.their_state is h11.IDLE:
+            self.guard.meter.reset()  # the last request is done: these bytes start a new head
+        if self.guard.admit(data):
+            super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.guard.response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.guard.answer_pending():
+            super().send_400_response(msg)
+
+
+class _CheckedH11Connection(h11.Connection):
+    """h11's server side, with the limits checked on each head it parses."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        # h11 refuses an incomplete head larger than this on its own ("Receive buffer too long").
+        super().__init__(h11.SERVER, max_incomplete_event_size=guard.limits.max_header_bytes)
+        self._guard = guard
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                self._guard.pending = HeaderFieldsTooLarge(
+                    f"Request head larger than {self._guard.limits.max_header_bytes} bytes"
+                )
+            raise
+        if isinstance(event, h11.Request):
+            request = event
+            try:
+                self._guard.parsed(lambda: self._guard.fields.head(request.target, request.headers))
+            except ProxyError as exc:
+                raise h11.RemoteProtocolError(str(exc.detail)) from exc
+        return event
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol behind the guards."""
+
+    def __init__(
+        self,
+        config: UvicornConfig,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: Limits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.guard = ConnectionGuard(limits, self.loop, server_state, self._responding)
+
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.guard.connection_made(transport):
+            _close_when_silent(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.connection_lost()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self.guard.admit(data):
+            super().data_received(data)
+
+    # httptools calls these as it parses; raising in them stops the parser (HttpParserError).
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.guard.fields.reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.guard.parsed(lambda: self.guard.fields.target(len(url)))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.guard.parsed(lambda: self.guard.fields.field(name, value))
+        super().on_header(name, value)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.guard.meter.reset()  # whatever follows starts a new head
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.guard.response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.guard.answer_pending():
+            super().send_400_response(msg)
+
+
+def _close_when_silent(protocol: GuardedH11Protocol | GuardedHttpToolsProtocol) -> None:
+    """Close a new connection that sends nothing as uvicorn closes one idle between requests
+    (uvicorn arms that timer only after a response); its first byte disarms it."""
+    protocol.timeout_keep_alive_task = protocol.loop.call_later(
+        protocol.timeout_keep_alive, protocol.timeout_keep_alive_handler
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardedHTTP:
+    """uvicorn's ``http=``: makes the guarded protocol for each connection.
+
+    An instance rather than a class, so that the limits travel with it to worker processes
+    (uvicorn pickles its settings for them).
+    """
+
+    #: ``h11`` or ``httptools``.
+    http: str
+    limits: Limits
+
+    def __call__(
+        self,
+        config: UvicornConfig,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> asyncio.Protocol:
+        protocol = GuardedHttpToolsProtocol if self.http == "httptools" else GuardedH11Protocol
+        return protocol(config, server_state, app_state, _loop, limits=self.limits)
