@@ -34,9 +34,29 @@ _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
 
 class _HeldResponse(StreamingResponse):
-    """A streamed answer that gives back its credential's passthrough allowance when sent."""
+    """A streamed answer that gives back its credential's passthrough allowance once: when the
+    body has been relayed (before the client sees its end, so a client that read a whole answer
+    may send the next request at once), or when sending stops for any other reason."""
 
-    release: Callable[[], None] = staticmethod(lambda: None)
+    def __init__(self, upstream: httpx.Response, release: Callable[[], None]) -> None:
+        self._release = release
+        self._held = True
+        super().__init__(
+            self._relay(upstream),
+            status_code=upstream.status_code,
+            background=BackgroundTask(upstream.aclose),
+        )
+        self.raw_headers = response_headers(upstream.headers.raw)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._release()
+
+    async def _relay(self, upstream: httpx.Response) -> AsyncIterator[bytes]:
+        async for chunk in relay(upstream):
+            yield chunk
+        self.release()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -100,14 +120,7 @@ class Passthrough:
         except BaseException:
             self._held.release(fingerprint)
             raise
-        response = _HeldResponse(
-            relay(upstream),
-            status_code=upstream.status_code,
-            background=BackgroundTask(upstream.aclose),
-        )
-        response.release = functools.partial(self._held.release, fingerprint)
-        response.raw_headers = response_headers(upstream.headers.raw)
-        return response
+        return _HeldResponse(upstream, functools.partial(self._held.release, fingerprint))
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:
