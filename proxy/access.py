@@ -38,6 +38,8 @@ import diskcache
 MEMORY_PROOFS = 100_000
 #: A proof's scope: (kind, scope id), or (kind, scope id, object id) for per-object checks.
 ProofScope = tuple[str, ...]
+#: The proof kept for "the API accepted this credential for something".
+_ANY: ProofScope = ("*",)
 _SPLITS_FILE = "splits.jsonl"
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
 _SECRET_FILE = "secret"  # noqa: S105 (a file name)
@@ -68,10 +70,12 @@ def _load_or_create_secret(directory: Path) -> bytes:
 class AccessProofs:
     """HMAC-keyed, TTL-bounded proofs of (credential, scope) access, stored on disk."""
 
-    def __init__(self, directory: str | Path, ttl: float) -> None:
+    def __init__(self, directory: str | Path, ttl: float, offline_ttl: float = 0.0) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ttl = ttl
+        #: How old a proof may be while the API cannot be reached (at least ``ttl``).
+        self.offline_ttl = max(ttl, offline_ttl)
         self._secret = _load_or_create_secret(self.directory)
         # Ours, before diskcache would create it 0755.
         (self.directory / "access").mkdir(exist_ok=True, mode=0o700)
@@ -79,7 +83,7 @@ class AccessProofs:
             str(self.directory / "access"), size_limit=64 * 1024**2, statistics=False
         )
         self._proofs.expire()
-        #: (fingerprint, *scope) -> expiry (time.time()); a cache of the disk proofs.
+        #: (fingerprint, *scope) -> when it was proven (time.time()); a cache of the disk proofs.
         self._recent: dict[tuple[str, ...], float] = {}
         #: (kind, scope id) of every split scope.
         self._split: frozenset[tuple[str, str]] = frozenset()
@@ -97,35 +101,52 @@ class AccessProofs:
     def _key(fingerprint: str, scope: ProofScope) -> str:
         return json.dumps([fingerprint, *scope], separators=(",", ":"))
 
-    def remembered(self, fingerprint: str | None, scope: ProofScope) -> bool:
-        """A live proof known in memory; False means "look on disk", not "no proof"."""
+    def remembered(self, fingerprint: str | None, scope: ProofScope, offline: bool = False) -> bool:
+        """A live proof known in memory; False means "look on disk", not "no proof".
+
+        A proof is live for ``ttl`` after it was recorded, or ``offline_ttl`` with ``offline``
+        (while the API cannot be reached to check again).
+        """
         if fingerprint is None:
             return False
-        expiry = self._recent.get((fingerprint, *scope))
-        return expiry is not None and expiry > time.time()
+        proven = self._recent.get((fingerprint, *scope))
+        return proven is not None and time.time() - proven < self._max_age(offline)
 
-    def _keep(self, fingerprint: str, scope: ProofScope, expiry: float) -> None:
+    def _max_age(self, offline: bool) -> float:
+        return self.offline_ttl if offline else self.ttl
+
+    def _keep(self, fingerprint: str, scope: ProofScope, proven: float) -> None:
         if len(self._recent) >= MEMORY_PROOFS:
             self._recent.clear()  # rare; the disk still has them all
-        self._recent[(fingerprint, *scope)] = expiry
+        self._recent[(fingerprint, *scope)] = proven
 
-    def has_proof(self, fingerprint: str | None, scope: ProofScope) -> bool:
+    def has_proof(self, fingerprint: str | None, scope: ProofScope, offline: bool = False) -> bool:
         if fingerprint is None:
             return False
-        if self.remembered(fingerprint, scope):
+        if self.remembered(fingerprint, scope, offline):
             return True
-        found, expiry = self._proofs.get(self._key(fingerprint, scope), expire_time=True)
-        if found is None:
+        found = self._proofs.get(self._key(fingerprint, scope))
+        if not isinstance(found, int):  # absent (or from an older layout)
             return False
-        self._keep(fingerprint, scope, expiry or time.time() + self.ttl)
-        return True
+        proven = found / 1000
+        self._keep(fingerprint, scope, proven)
+        return time.time() - proven < self._max_age(offline)
+
+    def has_any_proof(self, fingerprint: str | None, offline: bool = False) -> bool:
+        """Whether the API accepted this credential for anything lately: one lookup, no scan."""
+        return self.has_proof(fingerprint, _ANY, offline)
 
     def record(self, fingerprint: str | None, *scopes: ProofScope) -> None:
+        """Remember that the API just accepted ``fingerprint`` for each of ``scopes``."""
         if fingerprint is None:
             return
-        for scope in scopes:
-            self._proofs.set(self._key(fingerprint, scope), 1, expire=self.ttl)
-            self._keep(fingerprint, scope, time.time() + self.ttl)
+        now = time.time()
+        for scope in (*scopes, _ANY):
+            # An int (milliseconds): diskcache stores it as is; floats it would pickle.
+            self._proofs.set(
+                self._key(fingerprint, scope), int(now * 1000), expire=self.offline_ttl
+            )
+            self._keep(fingerprint, scope, now)
 
     # -- split scopes -------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ def create_app(config: Config | None = None) -> Starlette:
     async def metrics(_request: Request) -> Response:
         stats = await anyio.to_thread.run_sync(services.store.stats)
         services.metrics.circuit_open.set(services.upstream.breaker.state == "open")
+        services.metrics.upstream_up.set(not services.upstream.offline)
         body = services.metrics.render(stats)
         response = Response(body)
         response.raw_headers = [

@@ -27,6 +27,7 @@ from proxy.errors import (
     ResponseAborted,
     TooManyWaiters,
     UpstreamUnavailable,
+    UpstreamUnreachable,
     UriTooLong,
     json_response,
 )
@@ -117,26 +118,35 @@ class ArtifactRoute:
         for the same bytes: the scope is split and this caller is served from upstream.
         """
         checks = self.s.metrics.access_checks
+        access = self.s.access
         scope = key.proof_scope(self.s.config.access_check == "object")
         own = (fingerprint or "") == filler
         needed = scope if own else key.proof_scope(self.s.config.access_check == "object", filler)
-        if self.s.access.remembered(fingerprint, needed) or (
-            await anyio.to_thread.run_sync(self.s.access.has_proof, fingerprint, needed)
+        if access.remembered(fingerprint, needed) or (
+            await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed)
         ):
             checks.labels("proof").inc()
             return None
+        # A proof too old to trust online may still serve while the API cannot be reached.
+        fallback = await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed, True)
         check = self.s.upstream.artifact_request(key, authorization)
         try:
-            async with self.s.upstream.stream(check, artifact=True) as upstream:
+            async with self.s.upstream.stream(check, artifact=True, retry=not fallback) as upstream:
                 if upstream.status_code != 200:
                     answer = await read_answer(upstream)
                 elif recorded is not None and Validators.of(upstream).conflicts(recorded):
                     answer = None
                 else:  # the status line is the proof; skip the body
                     proven = (scope,) if own else (scope, needed)
-                    await anyio.to_thread.run_sync(self.s.access.record, fingerprint, *proven)
+                    await anyio.to_thread.run_sync(access.record, fingerprint, *proven)
                     checks.labels("granted").inc()
                     return None
+        except UpstreamUnreachable:
+            if fallback:
+                checks.labels("offline").inc()
+                return None
+            checks.labels("unavailable").inc()
+            raise
         except ProxyError:
             checks.labels("unavailable").inc()
             raise

@@ -45,6 +45,7 @@ _HELP = {
     "max_size": "upper bound on cached bytes, e.g. 512MiB or 10GiB (default 10GiB)",
     "max_object_size": "larger artifacts stream through uncached (default max-size / 4)",
     "proof_ttl": "how long an upstream 200 proves access to a scope (default 1h)",
+    "offline_proof_ttl": "while the API is unreachable, proofs this old still count (default 7d)",
     "access_check": "scope (one check per session/execution) or object (per artifact)",
     "connect_timeout": "time to connect to the upstream (default 5s)",
     "first_byte_timeout": "time for an artifact fetch to get headers, per attempt (default 8s)",

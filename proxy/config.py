@@ -122,6 +122,8 @@ class Config:
     #: "scope": one upstream 200 proves access to a whole session/execution; "object": to one
     #: artifact (for deployments that cannot rely on scope ids being unique across accounts).
     access_check: str = "scope"
+    #: While the API cannot be reached, proofs up to this old still serve hits (and /v1/health).
+    offline_proof_ttl: float = 7 * 86400.0
     connect_timeout: float = 5.0
     #: Time for an artifact fetch to get its response headers, per attempt.
     first_byte_timeout: float = 8.0
@@ -198,6 +200,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "max_object_size": parse_size,
     "proof_ttl": parse_duration,
     "access_check": _parse_str,
+    "offline_proof_ttl": parse_duration,
     "connect_timeout": parse_duration,
     "first_byte_timeout": parse_duration,
     "read_timeout": parse_duration,
@@ -271,6 +274,8 @@ def _validate(config: Config) -> None:
         fail("max_object_size", "cannot be larger than max_size")
     if config.proof_ttl <= 0:
         fail("proof_ttl", "must be larger than zero")
+    if config.offline_proof_ttl < config.proof_ttl:
+        fail("offline_proof_ttl", "cannot be shorter than proof_ttl")
     if config.access_check not in ("scope", "object"):
         fail("access_check", "must be scope or object")
     for key in (

@@ -94,6 +94,10 @@ class UpstreamUnavailable(ProxyError):
     status_code = 502
 
 
+class UpstreamUnreachable(UpstreamUnavailable):
+    """No connection to the upstream could be made, or the breaker is open (502): offline."""
+
+
 class UpstreamBusy(ProxyError):
     """Every connection to the upstream is in use and none freed up in time (503)."""
 

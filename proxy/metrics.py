@@ -17,7 +17,7 @@ from proxy.store import StoreStats
 
 OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
 SOURCES = ("cache", "upstream")
-ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch")
+ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
 STORE_FAILURES = ("no_space", "write", "commit", "index")
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -84,7 +84,8 @@ class Metrics:
             "vlmrun_cache_access_checks",
             "Decisions on whether a credential may read a cached scope: proof (remembered), "
             "granted or denied (asked upstream), unavailable (upstream could not answer), "
-            "mismatch (upstream's answer contradicted the cached one: the scope was split).",
+            "mismatch (upstream's answer contradicted the cached one: the scope was split), "
+            "offline (the API was unreachable; a proof younger than offline_proof_ttl served).",
             ["result"],
             registry=r,
         )
@@ -106,6 +107,13 @@ class Metrics:
             "1 while the circuit breaker fails upstream requests at once (in any worker).",
             registry=r,
             multiprocess_mode="livemax",
+        )
+        self.upstream_up = Gauge(
+            "vlmrun_cache_upstream_up",
+            "1 while the VLM Run API can be reached; 0 from a failure to connect (or an open "
+            "circuit breaker) until it answers again.",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         for reason in STORE_FAILURES:
             self.store_failures.labels(reason)

@@ -15,11 +15,19 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from proxy import offline
+from proxy.access import AccessProofs
 from proxy.capacity import PerKey
-from proxy.errors import BadRequest, LengthRequired, NotImplementedByProxy, ResponseAborted
+from proxy.errors import (
+    BadRequest,
+    LengthRequired,
+    NotImplementedByProxy,
+    ResponseAborted,
+    UpstreamUnreachable,
+)
 from proxy.headers import end_to_end
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, response_headers, translate
@@ -76,17 +84,24 @@ class Passthrough:
         self,
         upstream: Upstream,
         metrics: Metrics,
-        fingerprint: Callable[[str | None], str | None],
+        access: AccessProofs,
         per_key: int,
     ) -> None:
         self._upstream = upstream
         self._metrics = metrics
-        self._fingerprint = fingerprint
+        self._access = access
         self._held = PerKey(per_key, "requests in flight")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._metrics.passthrough.inc()
-        response = await self.forward(Request(scope, receive))
+        request = Request(scope, receive)
+        response: Response
+        try:
+            response = await self.forward(request)
+        except UpstreamUnreachable:
+            if not offline.is_health(request.method, scope["path"]):
+                raise
+            response = await offline.health(self._access, request.headers.get("authorization"))
         await response(scope, receive, send)
 
     async def forward(self, request: Request) -> StreamingResponse:
@@ -113,7 +128,7 @@ class Passthrough:
             headers,
             _body(request) if has_body else None,
         )
-        fingerprint = self._fingerprint(request.headers.get("authorization"))
+        fingerprint = self._access.fingerprint(request.headers.get("authorization"))
         self._held.acquire(fingerprint)
         try:
             upstream = await self._upstream.send(upstream_request)

@@ -137,13 +137,15 @@ class Services:
                 on_reset=self.metrics.store_failures.labels("index").inc,
             )
         )
-        self.access = await anyio.to_thread.run_sync(AccessProofs, directory, config.proof_ttl)
+        self.access = await anyio.to_thread.run_sync(
+            AccessProofs, directory, config.proof_ttl, config.offline_proof_ttl
+        )
         self.upstream = Upstream(config)
         self.fills = Fills(
             config, self.upstream, self.store, self.access, self.metrics, Claims(directory)
         )
         self.passthrough = Passthrough(
-            self.upstream, self.metrics, self.access.fingerprint, config.max_passthrough_per_key
+            self.upstream, self.metrics, self.access, config.max_passthrough_per_key
         )
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         # After start-up, not during it: the scan is proportional to the number of entries.

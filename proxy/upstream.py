@@ -38,6 +38,7 @@ from proxy.errors import (
     UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnavailable,
+    UpstreamUnreachable,
 )
 from proxy.headers import RawHeaders, end_to_end, for_client
 from proxy.keys import ArtifactKey
@@ -78,8 +79,15 @@ def upstream_fault(failure: BaseException | int) -> bool:
     return isinstance(failure, _UPSTREAM_FAULTS)
 
 
+def unreachable(exc: BaseException) -> bool:
+    """No connection could be made at all (DNS, refused, connect timeout): we are offline."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
 def translate(exc: httpx.HTTPError | TimeoutError) -> ProxyError:
     """The domain error for a failed exchange with the upstream."""
+    if unreachable(exc):
+        return UpstreamUnreachable(f"upstream unavailable ({type(exc).__name__})")
     if isinstance(exc, httpx.LocalProtocolError | httpx.InvalidURL | httpx.UnsupportedProtocol):
         return BadRequest(f"the request cannot be forwarded: {exc}")
     if isinstance(exc, httpx.PoolTimeout):
@@ -148,6 +156,8 @@ class Upstream:
         self.origin = httpx.URL(config.upstream_origin)
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
         self._resolver = resolver
+        #: False from a failure to connect until the upstream answers again.
+        self.up = True
         #: Passed-through requests and uncached artifact streams.
         self.passthrough_client = _client(config.upstream_origin, config.max_connections)
         #: Fills and access checks: a pool of their own (see :mod:`proxy.capacity`).
@@ -201,9 +211,27 @@ class Upstream:
             extensions={"timeout": self._artifact_timeout},
         )
 
+    @property
+    def offline(self) -> bool:
+        """True while the upstream cannot be reached (last connect failed, or breaker open)."""
+        return not self.up or self.breaker.state == "open"
+
+    def _reached(self, up: bool) -> None:
+        """Note whether the upstream could be connected to; log the transitions once."""
+        if up != self.up:
+            self.up = up
+            if up:
+                log.warning("the VLM Run API at %s is reachable again", self.origin)
+            else:
+                log.warning(
+                    "the VLM Run API at %s is unreachable; serving cached artifacts to keys with "
+                    "a recent proof",
+                    self.origin,
+                )
+
     async def _send_once(self, request: httpx.Request, *, artifact: bool) -> httpx.Response:
         if not self.breaker.admit():
-            raise UpstreamUnavailable("upstream unavailable (circuit open after repeated failures)")
+            raise UpstreamUnreachable("upstream unavailable (circuit open after repeated failures)")
         try:
             if artifact:
                 with anyio.fail_after(self.config.first_byte_timeout):
@@ -212,11 +240,14 @@ class Upstream:
                 response = await self.passthrough_client.send(request, stream=True)
         except (httpx.HTTPError, TimeoutError) as exc:
             self.breaker.record(exc)
+            if unreachable(exc):
+                self._reached(False)
             raise translate(exc) from exc
         except BaseException as exc:
             self.breaker.record(exc)  # e.g. a refused redirect: frees the probe
             raise
         self.breaker.record(response.status_code)
+        self._reached(True)
         return response
 
     async def _follow(self, request: httpx.Request) -> httpx.Response:
@@ -244,13 +275,16 @@ class Upstream:
         await response.aclose()
         raise RedirectRefused(f"upstream redirected more than {MAX_REDIRECTS} times")
 
-    async def send(self, request: httpx.Request, *, artifact: bool = False) -> httpx.Response:
+    async def send(
+        self, request: httpx.Request, *, artifact: bool = False, retry: bool = True
+    ) -> httpx.Response:
         """The response to ``request`` with its body unread; the caller closes it.
 
-        Artifact requests are retried before their first byte on upstream faults only; failures
-        raise a :class:`ProxyError` (400 for a request that cannot be sent, 502/503/504).
+        Artifact requests are retried (unless ``retry`` is false) before their first byte on
+        upstream faults only; failures raise a :class:`ProxyError` (400 for a request that
+        cannot be sent, 502/503/504; :class:`UpstreamUnreachable` when offline).
         """
-        attempts = 1 + (self.config.retries if artifact else 0)
+        attempts = 1 + (self.config.retries if artifact and retry else 0)
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
@@ -271,10 +305,10 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, request: httpx.Request, *, artifact: bool = False
+        self, request: httpx.Request, *, artifact: bool = False, retry: bool = True
     ) -> AsyncIterator[httpx.Response]:
         """:meth:`send` as a context manager that closes the response on exit."""
-        response = await self.send(request, artifact=artifact)
+        response = await self.send(request, artifact=artifact, retry=retry)
         try:
             yield response
         finally:

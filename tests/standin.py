@@ -131,6 +131,8 @@ class StandIn:
         self.compress: str | None = None
         #: Send ``ETag: "<sha256 of the body>"`` on artifact answers.
         self.etags = False
+        #: ``/v1/health`` answers this status (and no body check of the key) when not 200.
+        self.health_status = 200
         self._lock = threading.Lock()
 
     # -- scripting ---------------------------------------------------------------------------
@@ -209,6 +211,8 @@ class StandIn:
                 send, 200, {"artifact_requests": sum(self.artifact_hits.values())}
             )
         if path == "/v1/health":
+            if self.health_status != 200:
+                return await self._json(send, self.health_status, {"detail": "Unavailable"})
             if token not in self.tokens:
                 return await self._json(send, 401, {"detail": "Invalid API key"})
             return await self._json(send, 200, {"status": "ok"})

@@ -82,9 +82,9 @@ def test_breaker_opens_and_fails_fast(offline: tuple[ServerThread, bytes]) -> No
     """After repeated connect failures requests fail at once without dialling upstream."""
     proxy, _ = offline
     for _ in range(3):
-        assert httpx.get(f"{proxy.url}/v1/health", headers=auth()).status_code == 502
+        assert httpx.get(f"{proxy.url}/v1/models", headers=auth()).status_code == 502
     assert metric(proxy, "vlmrun_cache_upstream_circuit_open") == 1
-    response = httpx.get(f"{proxy.url}/v1/health", headers=auth())
+    response = httpx.get(f"{proxy.url}/v1/models", headers=auth())
     assert response.status_code == 502 and "circuit open" in response.json()["detail"]
 
 
@@ -96,15 +96,15 @@ def test_breaker_closes_when_upstream_returns(
     port = upstream.port
     upstream.stop()
     for _ in range(2):
-        assert httpx.get(f"{proxy.url}/v1/health", headers=auth()).status_code == 502
+        assert httpx.get(f"{proxy.url}/v1/models", headers=auth()).status_code == 502
     assert metric(proxy, "vlmrun_cache_upstream_circuit_open") == 1
     back = ServerThread(standin, port=port).start()
     try:
         deadline = time.monotonic() + 10  # the cooldown is a timer of the product's own
         status = 0
-        while status != 200 and time.monotonic() < deadline:
-            status = httpx.get(f"{proxy.url}/v1/health", headers=auth()).status_code
-        assert status == 200
+        while status != 404 and time.monotonic() < deadline:  # the stand-in has no /v1/models
+            status = httpx.get(f"{proxy.url}/v1/models", headers=auth()).status_code
+        assert status == 404
         assert metric(proxy, "vlmrun_cache_upstream_circuit_open") == 0
     finally:
         back.stop()

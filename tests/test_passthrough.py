@@ -144,7 +144,7 @@ def test_large_multipart_upload_streams_through(standin: StandIn, proxy, tmp_pat
 def test_unreachable_upstream_gives_a_clear_502(start_proxy) -> None:
     """With nothing listening upstream, requests get a JSON 502 at once, not a hang or a 500."""
     proxy = start_proxy(upstream="http://127.0.0.1:1")
-    passthrough = httpx.get(f"{proxy.url}/v1/health", headers=auth())
+    passthrough = httpx.get(f"{proxy.url}/v1/models", headers=auth())
     artifact = httpx.get(
         f"{proxy.url}/v1/artifacts?object_id=arr_1&session_id={SESSION}", headers=auth()
     )
