@@ -54,7 +54,8 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
-    tcp_nopush on;
+    # tcp_nopush stays off (nginx's default): with sendfile on it made 50 MiB hits about a third
+    # slower here, with wrk reading 8 KiB at a time.
     keepalive_requests 1000000;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy_temp;
