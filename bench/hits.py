@@ -69,11 +69,11 @@ def per_round(a: list[Sample], b: list[Sample], what: Callable[[Sample], float])
 
 
 def rps(sample: Sample) -> float:
-    return sample.load.rps
+    return sample.load["rps"]
 
 
 def p99(sample: Sample) -> float:
-    return sample.load.p99
+    return sample.load["p99"]
 
 
 def alternate(
@@ -94,12 +94,12 @@ def alternate(
                 foreign = max(0.0, foreign_cpu_seconds(ours) - foreign)
                 elapsed = time.monotonic() - started
             # wrk prints the bytes it read with two decimals (e.g. 1.23GB): allow 1 %.
-            if load.bytes_per_request and load.bytes_per_request < size * 0.99:
+            if load["bytes_per_request"] and load["bytes_per_request"] < size * 0.99:
                 raise RuntimeError(
-                    f"{arm.label}: {load.bytes_per_request:,.0f} bytes per answer for a {size:,}"
+                    f"{arm.label}: {load['bytes_per_request']:,.0f} bytes per answer for a {size:,}"
                     "-byte artifact: it did not send the artifact"
                 )
-            sample = Sample(load, cpu / max(load.requests, 1) * 1e6, foreign / elapsed)
+            sample = Sample(load, cpu / max(load["requests"], 1) * 1e6, foreign / elapsed)
             samples[arm.label].append(sample)
     return samples
 
@@ -161,7 +161,7 @@ def hit_rows(results: Sequence[Result]) -> list[list[str]]:
                     name,
                     spread([rps(s) for s in samples]),
                     f"{median([rps(s) for s in samples]) * comparison.size / 1e6:,.0f}",
-                    f"{median([s.load.p50 for s in samples]):.2f}",
+                    f"{median([s.load['p50'] for s in samples]):.2f}",
                     spread([p99(s) for s in samples], ".2f"),
                     f"{median([s.cpu_us for s in samples]):,.0f}",
                     "-" if index == 0 else spread(result.ratio(arm.label), ".2f"),
@@ -211,7 +211,7 @@ def attack_rows(idle: list[Sample], attacked: list[Sample]) -> list[list[str]]:
             [
                 label,
                 spread([rps(s) for s in samples]),
-                spread([s.load.p50 for s in samples], ".2f"),
+                spread([s.load["p50"] for s in samples], ".2f"),
                 spread([p99(s) for s in samples], ".2f"),
                 "-" if samples is idle else spread(per_round(attacked, idle, p99), ".2f"),
             ]

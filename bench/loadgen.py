@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from typing import TypedDict
 
 import httpx
 
@@ -21,9 +21,8 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 _SIZES = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}  # wrk's are binary
 
 
-@dataclass
-class Load:
-    """What one run of keep-alive GETs measured."""
+class Load(TypedDict):
+    """What one run of keep-alive GETs measured (a dict, as bench/run.py's ``wrk`` always gave)."""
 
     rps: float
     #: Latency percentiles, ms.

@@ -214,7 +214,7 @@ def hit_key_figures(results: list[Result], how: str) -> list[list[str]]:
         if c.label == "8 KiB":
             samples = result.samples["proxy"]
             latency = (
-                f"p50 {median([s.load.p50 for s in samples]):.2f} ms, "
+                f"p50 {median([s.load['p50'] for s in samples]):.2f} ms, "
                 f"p99 {spread([p99(s) for s in samples], '.2f')} ms"
             )
             rows.append([f"{where}: proxy latency", latency, how])

@@ -238,16 +238,16 @@ def section_workers(
                 for _ in range(4):  # warm every worker's memory index
                     httpx.get(url(base, object_id), headers=AUTH, timeout=120).raise_for_status()
                 result = wrk(url(base, object_id), 32, seconds, pin=False)
-                results[(label, workers)] = result.rps
+                results[(label, workers)] = result["rps"]
                 rows.append(
                     [
                         label,
                         str(workers),
-                        f"{result.rps:,.0f}",
-                        f"{result.rps * size / 1e6:,.0f}",
-                        f"{result.p50:.2f}",
-                        f"{result.p99:.2f}",
-                        f"{result.rps / results[(label, 1)]:.2f}x",
+                        f"{result['rps']:,.0f}",
+                        f"{result['rps'] * size / 1e6:,.0f}",
+                        f"{result['p50']:.2f}",
+                        f"{result['p99']:.2f}",
+                        f"{result['rps'] / results[(label, 1)]:.2f}x",
                     ]
                 )
     return rows
