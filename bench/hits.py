@@ -49,6 +49,9 @@ class Sample:
     load: Load
     #: Server CPU time per request, µs.
     cpu_us: float
+    #: Server CPU time per second of the run, in cores: a Python server that is not at 1.00 at
+    #: 32 connections was kept from its core by something else.
+    cores: float
     #: CPU used meanwhile by processes outside the benchmark, in cores (0.25: a quarter of one).
     foreign: float
 
@@ -99,7 +102,8 @@ def alternate(
                     f"{arm.label}: {load['bytes_per_request']:,.0f} bytes per answer for a {size:,}"
                     "-byte artifact: it did not send the artifact"
                 )
-            sample = Sample(load, cpu / max(load["requests"], 1) * 1e6, foreign / elapsed)
+            per_request = cpu / max(load["requests"], 1) * 1e6
+            sample = Sample(load, per_request, cpu / elapsed, foreign / elapsed)
             samples[arm.label].append(sample)
     return samples
 
@@ -164,6 +168,7 @@ def hit_rows(results: Sequence[Result]) -> list[list[str]]:
                     f"{median([s.load['p50'] for s in samples]):.2f}",
                     spread([p99(s) for s in samples], ".2f"),
                     f"{median([s.cpu_us for s in samples]):,.0f}",
+                    f"{median([s.cores for s in samples]):.2f}",
                     "-" if index == 0 else spread(result.ratio(arm.label), ".2f"),
                 ]
             )
@@ -213,6 +218,7 @@ def attack_rows(idle: list[Sample], attacked: list[Sample]) -> list[list[str]]:
                 spread([rps(s) for s in samples]),
                 spread([s.load["p50"] for s in samples], ".2f"),
                 spread([p99(s) for s in samples], ".2f"),
+                f"{median([s.cores for s in samples]):.2f}",
                 "-" if samples is idle else spread(per_round(attacked, idle, p99), ".2f"),
             ]
         )

@@ -257,6 +257,13 @@ def run(args: argparse.Namespace, sections: set[str], plan: Plan, logs: Path) ->
     ports = {name: free_port() for name in ("upstream", "proxy", "quiet", "starlette", "raw")}
     ports |= {"nginx, sendfile on": free_port(), "nginx, sendfile off": free_port()}
     upstream = f"http://127.0.0.1:{ports['upstream']}"
+    busy_before = busy_elsewhere(2.0)
+    if busy_before > 0.1:
+        print(
+            f"warning: other processes are using {busy_before:.0%} of a core: the figures will "
+            "show it (see the notes under each table)",
+            file=sys.stderr,
+        )
     started_at = time.monotonic()
     foreign_at_start = foreign_cpu_seconds(descendants(os.getpid()))
     with contextlib.ExitStack() as stack:
@@ -295,7 +302,7 @@ def run(args: argparse.Namespace, sections: set[str], plan: Plan, logs: Path) ->
         if ngx is not None:
             for name in ("nginx, sendfile on", "nginx, sendfile off"):
                 targets[name] = Target(name, f"http://127.0.0.1:{ports[name]}", ngx.pid)
-        report = Report(args.out, header(args, plan, targets))
+        report = Report(args.out, header(args, plan, targets, busy_before))
         bench = Bench(targets, upstream, plan, args, logs, report)
         for name, section in SECTION_RUNNERS.items():
             if name in sections:
@@ -309,7 +316,17 @@ def run(args: argparse.Namespace, sections: set[str], plan: Plan, logs: Path) ->
         )
 
 
-def header(args: argparse.Namespace, plan: Plan, targets: dict[str, Target]) -> str:
+def busy_elsewhere(seconds: float) -> float:
+    """CPU used by processes outside the benchmark over the next ``seconds``, in cores."""
+    ours = descendants(os.getpid())
+    before = foreign_cpu_seconds(ours)
+    time.sleep(seconds)
+    return max(0.0, foreign_cpu_seconds(ours) - before) / seconds
+
+
+def header(
+    args: argparse.Namespace, plan: Plan, targets: dict[str, Target], busy_before: float
+) -> str:
     """Date, machine, the method, and the checks that the servers are what the tables say."""
     python = ("proxy", "quiet", "starlette", "raw")
     libraries = {
@@ -355,7 +372,9 @@ def header(args: argparse.Namespace, plan: Plan, targets: dict[str, Target]) -> 
             + " A figure that looks too good is a bug in the benchmark until shown otherwise.",
             "",
             f"Absolute numbers on a shared {os.cpu_count()}-core machine are noisy; the ratios, "
-            "taken within each round of alternating runs, are the result.",
+            "taken within each round of alternating runs, are the result. Before the run, "
+            f"processes outside the benchmark used {busy_before:.0%} of a core (over 2 s); the hit "
+            "tables say how much they used while measured, the last line over the whole run.",
             "",
         ]
     )
@@ -397,6 +416,7 @@ def run_hits(bench: Bench) -> None:
                 "p50 ms",
                 "p99 ms",
                 "server CPU µs/req",
+                "server CPU, cores",
                 "proxy ÷ this, req/s",
             ],
             hit_rows(results),
@@ -406,7 +426,9 @@ def run_hits(bench: Bench) -> None:
             "nginx sendfile off (at 500 connections only the nginx faster at 8 KiB and 32). "
             "req/s, p99 and the ratio: median of the rounds (min-max); the "
             "ratio is computed within each round. p50, MB/s and CPU: medians. Server CPU is "
-            "user + system time of the server's processes during the run, per request. "
+            "user + system time of the server's processes during the run, per request and per "
+            "second (cores: 1.00 is all of core 0; a Python server well below it at 32 "
+            "connections was probably kept off its core). "
             + foreign_note([s for r in results for each in r.samples.values() for s in each]),
         )
     )
@@ -450,7 +472,7 @@ def run_attack(bench: Bench) -> None:
     bench.report.add(
         table(
             "Hits under attack",
-            ["proxy", "req/s", "p50 ms", "p99 ms", "p99 ÷ idle"],
+            ["proxy", "req/s", "p50 ms", "p99 ms", "proxy CPU, cores", "p99 ÷ idle"],
             attack_rows(idle, attacked),
             f"8 KiB hits on the proxy: wrk, 32 connections, {plan.attack_seconds:g} s per run, "
             f"{plan.rounds} rounds alternating idle and under attack; median (min-max), the "
