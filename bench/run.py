@@ -429,7 +429,10 @@ def run_hits(bench: Bench) -> None:
             "user + system time of the server's processes during the run, per request and per "
             "second (cores: 1.00 is all of core 0; a Python server well below it at 32 "
             "connections was probably kept off its core). "
-            + foreign_note([s for r in results for each in r.samples.values() for s in each]),
+            + foreign_note(
+                [s for r in results for each in r.samples.values() for s in each],
+                sum(r.repeated for r in results),
+            ),
         )
     )
 
@@ -446,8 +449,8 @@ def run_attack(bench: Bench) -> None:
     arms = [Arm("idle", target), Arm("under attack", target, attack)]
     object_id = new_id(8 * KiB)
     check_hit(target, object_id, 8 * KiB)
-    samples = alternate(arms, object_id, 8 * KiB, 32, plan.attack_seconds, plan.rounds)
-    idle, attacked = samples["idle"], samples["under attack"]
+    taken = alternate(arms, object_id, 8 * KiB, 32, plan.attack_seconds, plan.rounds)
+    idle, attacked = taken.samples["idle"], taken.samples["under attack"]
     ratio = per_round(attacked, idle, p99)
     verdict = "met" if median(ratio) <= 2 else "NOT met"
     held = [r["open"] for r in tally.rounds]
@@ -477,7 +480,7 @@ def run_attack(bench: Bench) -> None:
             f"8 KiB hits on the proxy: wrk, 32 connections, {plan.attack_seconds:g} s per run, "
             f"{plan.rounds} rounds alternating idle and under attack; median (min-max), the "
             f"ratio within each round. Attackers: {attackers_note} Goal: p99 under attack ≤ 2x "
-            f"idle: {verdict}. " + foreign_note(idle + attacked),
+            f"idle: {verdict}. " + foreign_note(idle + attacked, taken.repeated),
         )
     )
 
