@@ -1,6 +1,6 @@
 """The Python ceilings: the artifacts' bytes from memory, on the proxy's server, protocol and loop.
 
-    python bench/ceiling.py --port N --app starlette|raw
+    python bench/ceiling.py --port N --app starlette|raw [--guards]
 
 ``starlette`` is a one-route Starlette app; ``raw`` is a bare ASGI callable. Both answer
 ``GET /v1/artifacts?object_id=...`` with the header fields of a hit (Content-Type,
@@ -13,7 +13,8 @@ Both run as ``serve`` runs the proxy: uvicorn with the same HTTP protocol (``htt
 of the proxy's default, httptools when installed), the same loop (uvicorn's ``auto``: uvloop
 when installed), the same keep-alive and server-header settings, one process. The proxy's
 protocol is uvicorn's wrapped in its guards (proxy/protocols.py); the guards are the proxy's
-work, so the ceilings run uvicorn's own.
+work, so the ceilings run uvicorn's own. ``--guards`` runs the proxy's instead: the raw app
+behind the guards shows what they cost, apart from everything else the proxy does.
 """
 
 from __future__ import annotations
@@ -84,10 +85,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--app", choices=["starlette", "raw"], default="starlette")
+    parser.add_argument(
+        "--guards", action="store_true", help="run the proxy's guarded protocol (a diagnostic)"
+    )
     args = parser.parse_args()
     config = Config()
     options = uvicorn_options(config)  # the keep-alive, lifespan and server-header settings
-    options["http"] = http_protocol(config.http)  # uvicorn's own, without the proxy's guards
+    if not args.guards:
+        options["http"] = http_protocol(config.http)  # uvicorn's own, without the guards
     uvicorn.run(
         starlette_app() if args.app == "starlette" else raw_app,
         host="127.0.0.1",

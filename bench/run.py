@@ -195,8 +195,11 @@ def hit_comparisons(targets: dict[str, Target]) -> list[Comparison]:
 
 
 def crowd_comparison(targets: dict[str, Target], nginx: str | None) -> Comparison:
-    """8 KiB hits at 500 connections, against the nginx configuration ``nginx`` only."""
-    others = _baselines(targets) + ([Arm(nginx, targets[nginx])] if nginx else [])
+    """8 KiB hits at 500 connections, against the nginx configuration ``nginx`` only; and the
+    raw app behind the proxy's guards, which tells the guards' share of the proxy's tail."""
+    guarded = Arm("raw ASGI behind the proxy's guards", targets["guarded"])
+    others = [*_baselines(targets), guarded]
+    others += [Arm(nginx, targets[nginx])] if nginx else []
     return Comparison("8 KiB", 8 * KiB, 500, (Arm("proxy", targets["proxy"]), *others))
 
 
@@ -218,6 +221,16 @@ def hit_key_figures(results: list[Result], how: str) -> list[list[str]]:
                 f"p99 {spread([p99(s) for s in samples], '.2f')} ms"
             )
             rows.append([f"{where}: proxy latency", latency, how])
+        if "raw ASGI behind the proxy's guards" in result.samples:
+            plain = median([p99(s) for s in result.samples["raw ASGI"]])
+            guarded = median([p99(s) for s in result.samples["raw ASGI behind the proxy's guards"]])
+            rows.append(
+                [
+                    f"{where}: raw ASGI p99, plain → behind the proxy's guards",
+                    f"{plain:.2f} → {guarded:.2f} ms",
+                    how,
+                ]
+            )
         if "proxy, access log off" in result.samples:
             on_off = spread(result.ratio("proxy, access log off"), ".2f")
             rows.append([f"{where}: req/s, access log on ÷ off", on_off, how])
@@ -254,7 +267,8 @@ def main() -> int:
 
 def run(args: argparse.Namespace, sections: set[str], plan: Plan, logs: Path) -> None:
     extra = args.proxy_args.split()
-    ports = {name: free_port() for name in ("upstream", "proxy", "quiet", "starlette", "raw")}
+    names = ("upstream", "proxy", "quiet", "starlette", "raw", "guarded")
+    ports = {name: free_port() for name in names}
     ports |= {"nginx, sendfile on": free_port(), "nginx, sendfile off": free_port()}
     upstream = f"http://127.0.0.1:{ports['upstream']}"
     busy_before = busy_elsewhere(2.0)
@@ -289,6 +303,7 @@ def run(args: argparse.Namespace, sections: set[str], plan: Plan, logs: Path) ->
             ),
             "starlette": ceiling(ports["starlette"], "starlette", logs),
             "raw": ceiling(ports["raw"], "raw", logs),
+            "guarded": ceiling(ports["guarded"], "raw", logs, guards=True),
         }
         targets = {
             name: Target(name, f"http://127.0.0.1:{ports[name]}", stack.enter_context(cm).pid)
@@ -328,13 +343,13 @@ def header(
     args: argparse.Namespace, plan: Plan, targets: dict[str, Target], busy_before: float
 ) -> str:
     """Date, machine, the method, and the checks that the servers are what the tables say."""
-    python = ("proxy", "quiet", "starlette", "raw")
+    python = ("proxy", "quiet", "starlette", "raw", "guarded")
     libraries = {
         lib: all(loaded(targets[n].pid, lib) for n in python) for lib in ("uvloop", "httptools")
     }
     probe = new_id(8 * KiB)
     names = {n: header_names(check_hit(t, probe, 8 * KiB)) for n, t in targets.items()}
-    differ = [n for n in ("starlette", "raw") if names[n] != names["proxy"]]
+    differ = [n for n in ("starlette", "raw", "guarded") if names[n] != names["proxy"]]
     fields = ", ".join(sorted(names["proxy"]))
     return "\n".join(
         [
@@ -357,6 +372,8 @@ def header(
             "a hit's header fields, no lookup, access check, hashing, guards or log. Same server "
             "(uvicorn), protocol, loop, keep-alive setting and process count (1) as the proxy: "
             "`http_protocol` and `uvicorn_options` of proxy/cli.py, uvicorn's `auto` loop.",
+            "* **raw ASGI behind the proxy's guards** (500 connections only, a diagnostic): the "
+            "raw app on the proxy's own protocol, `uvicorn_options` unchanged.",
             "* **nginx**: `proxy_cache` keyed on the three query parameters, `proxy_cache_lock`, "
             "upstream keep-alive, access log off, `tcp_nopush` off (on was slower here), 1 worker "
             "process; one instance and one cache on two ports, `sendfile on` and `sendfile off`. "
@@ -423,7 +440,8 @@ def run_hits(bench: Bench) -> None:
             f"Repeated GETs of one cached artifact: wrk, `-t1`, the connections shown, "
             f"{plan.seconds:g} s per run, {plan.rounds} rounds alternating proxy, proxy with its "
             "access log off (8 KiB at 32 only), Starlette ceiling, raw ASGI, nginx sendfile on, "
-            "nginx sendfile off (at 500 connections only the nginx faster at 8 KiB and 32). "
+            "nginx sendfile off (at 500 connections only the nginx faster at 8 KiB and 32, and "
+            "also the raw ASGI app behind the proxy's guards, proxy/protocols.py: a diagnostic). "
             "req/s, p99 and the ratio: median of the rounds (min-max); the "
             "ratio is computed within each round. p50, MB/s and CPU: medians. Server CPU is "
             "user + system time of the server's processes during the run, per request and per "

@@ -122,11 +122,14 @@ def nginx(
 
 
 def ceiling(
-    port: int, app: str, logs: Path
+    port: int, app: str, logs: Path, guards: bool = False
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    """bench/ceiling.py's ``app`` (starlette or raw) on ``port``, pinned like the proxy."""
+    """bench/ceiling.py's ``app`` (starlette or raw) on ``port``, pinned like the proxy; with
+    ``guards``, behind the proxy's guarded protocol."""
     args = [sys.executable, "bench/ceiling.py", "--port", str(port), "--app", app]
-    return child(args, port, SERVER_CPU, logs / f"ceiling-{app}.log")
+    args += ["--guards"] if guards else []
+    name = f"ceiling-{app}{'-guards' if guards else ''}"
+    return child(args, port, SERVER_CPU, logs / f"{name}.log")
 
 
 def check_hit(target: Target, object_id: str, size: int) -> dict[str, str]:
