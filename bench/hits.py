@@ -100,8 +100,12 @@ def alternate(
     other processes disturbed (:data:`BUSY_NEIGHBOURS`) is run again, up to ``rounds`` times in
     all; after that, disturbed rounds are kept (and the tables say how busy the machine was)."""
     result = Rounds({arm.label: [] for arm in arms})
+    pids = {arm.target.pid for arm in arms}
     while len(result.samples[arms[0].label]) < rounds:
-        taken = {arm.label: measure(arm, object_id, size, connections, seconds) for arm in arms}
+        taken = {}
+        for arm in arms:
+            quiesce(pids)
+            taken[arm.label] = measure(arm, object_id, size, connections, seconds)
         disturbed = max(sample.foreign for sample in taken.values()) > BUSY_NEIGHBOURS
         if disturbed and result.repeated < rounds:
             result.repeated += 1
@@ -109,6 +113,24 @@ def alternate(
         for label, sample in taken.items():
             result.samples[label].append(sample)
     return result
+
+
+def quiesce(pids: set[int], limit: float = 3.0) -> None:
+    """Wait (up to ``limit`` seconds) until the servers ``pids`` use no CPU for 100 ms.
+
+    wrk closes hundreds of connections at the end of a run, some with a request in flight; the
+    server tearing them down must not share the core with the next run's server (back to back
+    at 500 connections, the next server's p99 had second-long tails that a pause removed)."""
+    deadline = time.monotonic() + limit
+    before = sum(cpu_seconds(pid) for pid in pids)
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = sum(cpu_seconds(pid) for pid in pids)
+        if now != before:  # CPU time counts in clock ticks (10 ms): any change is work
+            before, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= 0.1:
+            return
 
 
 def measure(arm: Arm, object_id: str, size: int, connections: int, seconds: float) -> Sample:
@@ -145,6 +167,8 @@ class Comparison:
     connections: int
     #: The first arm is the proxy; every other is compared with it.
     arms: tuple[Arm, ...]
+    #: Of each wrk run, as a share of the usual length (large bodies need fewer requests).
+    length: float = 1.0
 
 
 @dataclass
@@ -170,8 +194,9 @@ def run_comparisons(
         for arm in comparison.arms:
             check_hit(arm.target, object_id, comparison.size)
         print(f"  {comparison.label} x {comparison.connections}", file=sys.stderr, flush=True)
+        length = seconds * comparison.length
         taken = alternate(
-            comparison.arms, object_id, comparison.size, comparison.connections, seconds, rounds
+            comparison.arms, object_id, comparison.size, comparison.connections, length, rounds
         )
         samples = taken.samples
         nginx = [label for label in samples if label.startswith("nginx")]
