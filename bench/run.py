@@ -129,10 +129,14 @@ def table(title: str, header: list[str], rows: list[list[str]], note: str = "") 
 
 
 def commit() -> str:
-    out = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
-    )
-    return out.stdout.strip() or "unknown"
+    """The commit measured, ``+changes`` if anything but bench/results differs from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    changed = git("status", "--porcelain", "--", ".", ":!bench/results").strip()
+    return f"{head}{' +changes' if changed else ''}"
 
 
 def machine() -> str:
@@ -204,10 +208,12 @@ def crowd_comparison(targets: dict[str, Target], nginx: str | None) -> Compariso
     return Comparison("8 KiB", 8 * KiB, 500, (Arm("proxy", targets["proxy"]), *others))
 
 
-def hit_key_figures(results: list[Result], how: str) -> list[list[str]]:
+def hit_key_figures(results: list[Result], seconds: float, rounds: int) -> list[list[str]]:
     rows = []
     for result in results:
         c = result.comparison
+        length = max(1, round(seconds * c.length))
+        how = f"wrk, {rounds} alternating rounds of {length} s"
         where = f"{c.label} hits, {c.connections} conn{'s' if c.connections > 1 else ''}"
         if (c.label, c.connections) in (("8 KiB", 32), ("256 KiB", 32)):
             for other in ("Starlette ceiling", "raw ASGI"):
@@ -358,7 +364,7 @@ def header(
             f"# Benchmark, {datetime.date.today().isoformat()}",
             "",
             f"Machine: {machine()}. Code: {commit()}. "
-            f"Command: `python bench/run.py {' '.join(sys.argv[1:])}`.",
+            f"Command: `{' '.join(['python', 'bench/run.py', *sys.argv[1:]])}`.",
             "",
             f"Upstream: the stand-in API (tests/standin.py) with {args.latency * 1000:.0f} ms of "
             f"latency per artifact. Servers pinned to core {SERVER_CPU}; wrk (`-t1`, keep-alive, "
@@ -421,8 +427,7 @@ def run_hits(bench: Bench) -> None:
     # is meant to take about 5 minutes.
     more = [crowd_comparison(bench.targets, results[0].nginx)]
     results += run_comparisons(more, new_id, plan.seconds, plan.rounds)
-    how = f"wrk, {plan.rounds} alternating rounds of {plan.seconds:g} s (50 MiB: half)"
-    bench.report.key += hit_key_figures(results, how)
+    bench.report.key += hit_key_figures(results, plan.seconds, plan.rounds)
     bench.report.add(
         table(
             "Hits",
@@ -440,7 +445,7 @@ def run_hits(bench: Bench) -> None:
             ],
             hit_rows(results),
             f"Repeated GETs of one cached artifact: wrk, `-t1`, the connections shown, "
-            f"{plan.seconds:g} s per run (50 MiB: {max(1, round(plan.seconds / 2))} s), "
+            f"{max(1, round(plan.seconds))} s per run (50 MiB: {max(1, round(plan.seconds / 2))} s), "
             f"{plan.rounds} rounds alternating proxy, proxy with its "
             "access log off (8 KiB at 32 only), Starlette ceiling, raw ASGI, nginx sendfile on, "
             "nginx sendfile off (at 500 connections only the nginx faster at 8 KiB and 32, and "
