@@ -44,6 +44,7 @@ _HELP = {
     "cache_dir": "cache directory (default: the user's cache directory)",
     "max_size": "upper bound on cached bytes, e.g. 512MiB or 10GiB (default 10GiB)",
     "max_object_size": "larger artifacts stream through uncached (default max-size / 4)",
+    "memory_cache_size": "hot small entries kept in memory per worker (default 64MiB; 0: none)",
     "proof_ttl": "how long an upstream 200 proves access to a scope (default 1h)",
     "offline_proof_ttl": "while the API is unreachable, proofs this old still count (default 7d)",
     "access_check": "scope (one check per session/execution) or object (per artifact)",

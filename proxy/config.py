@@ -118,6 +118,8 @@ class Config:
     max_size: int = 10 * 1024**3
     #: 0 means a quarter of ``max_size``; use :attr:`object_size_limit` for the effective value.
     max_object_size: int = 0
+    #: Hot small entries kept in memory by each worker process (0: no memory tier).
+    memory_cache_size: int = 64 * 1024**2
     proof_ttl: float = 3600.0
     #: "scope": one upstream 200 proves access to a whole session/execution; "object": to one
     #: artifact (for deployments that cannot rely on scope ids being unique across accounts).
@@ -198,6 +200,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "cache_dir": _parse_str,
     "max_size": parse_size,
     "max_object_size": parse_size,
+    "memory_cache_size": parse_size,
     "proof_ttl": parse_duration,
     "access_check": _parse_str,
     "offline_proof_ttl": parse_duration,

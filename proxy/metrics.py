@@ -17,6 +17,7 @@ from proxy.store import StoreStats
 
 OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
 SOURCES = ("cache", "upstream")
+TIERS = ("memory", "disk")
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
 STORE_FAILURES = ("no_space", "write", "commit", "index")
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
@@ -32,6 +33,12 @@ class Metrics:
             "Artifact requests by outcome: hit, miss, coalesced (joined a running fill), bypass "
             "(not cacheable), error (answered with an error status).",
             ["outcome"],
+            registry=r,
+        )
+        self.hits = Counter(
+            "vlmrun_cache_hits",
+            "Artifact requests served from the cache, by the tier that answered: memory, disk.",
+            ["tier"],
             registry=r,
         )
         self.passthrough = Counter(
@@ -119,6 +126,8 @@ class Metrics:
             self.store_failures.labels(reason)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        for tier in TIERS:
+            self.hits.labels(tier)
         for source in SOURCES:
             self.served_bytes.labels(source)
         for result in ACCESS_RESULTS:

@@ -15,8 +15,10 @@ from proxy.fills import Fills
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
 from proxy.store import Store
+from proxy.store.chain import Chain, DiskTier
 from proxy.store.claims import Claims
 from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
+from proxy.store.memory import MemoryTier
 from proxy.upstream import Upstream
 
 #: The names the proxy keeps in its cache directory, and the type each must have. None of them
@@ -115,6 +117,7 @@ class Services:
     """Config and metrics from construction; the rest exists between :meth:`open` and close."""
 
     store: Store
+    chain: Chain
     access: AccessProofs
     upstream: Upstream
     fills: Fills
@@ -136,6 +139,10 @@ class Services:
                 on_evict=self.metrics.evicted,
                 on_reset=self.metrics.store_failures.labels("index").inc,
             )
+        )
+        self.chain = Chain(
+            MemoryTier(config.memory_cache_size, config.memory_cache_size // 64),
+            DiskTier(self.store, config.chunk_size, self.metrics.integrity_failures.inc),
         )
         self.access = await anyio.to_thread.run_sync(
             AccessProofs, directory, config.proof_ttl, config.offline_proof_ttl
