@@ -140,6 +140,8 @@ class Services:
                 on_reset=self.metrics.store_failures.labels("index").inc,
             )
         )
+        # Once per server start; fills running in other processes hold locks and are spared.
+        await anyio.to_thread.run_sync(self.store.sweep_temporary)
         self.chain = Chain(
             MemoryTier(config.memory_cache_size, config.memory_cache_size // 64),
             DiskTier(self.store, config.chunk_size, self.metrics.integrity_failures.inc),

@@ -80,15 +80,25 @@ def test_evicted_entry_stays_readable_through_an_open_handle(store: DiskStore) -
         assert entry.file.read() == b"abc" * 1000
 
 
-def test_leftover_fills_are_swept_at_start(tmp_path: Path) -> None:
-    """Temporary files of fills a crash interrupted are removed when the store opens."""
+def test_leftover_fills_are_swept_but_live_ones_are_spared(tmp_path: Path) -> None:
+    """The sweep removes temporary files whose fill is gone, and leaves alone those another
+    store (another worker, an admin command) is still writing: opening a store and sweeping
+    never breaks a running fill."""
     first = DiskStore(tmp_path, 1_000_000, 400_000)
-    fill = first.begin_fill()
-    fill.file.write(b"partial")
-    fill.file.close()
-    first.close()
-    DiskStore(tmp_path, 1_000_000, 400_000)
-    assert list((tmp_path / "tmp").iterdir()) == []
+    crashed = first.begin_fill()
+    crashed.file.write(b"partial")
+    crashed.file.close()  # its process is gone: no lock
+    live = first.begin_fill()
+    live.file.write(b"still coming")
+    other = DiskStore(tmp_path, 1_000_000, 400_000)
+    assert other.sweep_temporary() == 1
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [Path(live.path).name]
+    live.file.write(b" and done")
+    meta = EntryMeta("text/plain", 21, "0" * 64, 0.0)
+    assert first.commit("k", live, meta)
+    entry = other.get("k")
+    assert entry is not None and entry.file.read() == b"still coming and done"
+    entry.close()
 
 
 def test_nothing_is_pickled(store: DiskStore, tmp_path: Path) -> None:

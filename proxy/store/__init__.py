@@ -19,6 +19,9 @@ Contract (every implementation):
   enough to call on the event loop (an ``open`` of a file of at most ``max_length`` bytes, no
   index query). ``memory_only`` lookups return None rather than query the index.
 * ``flush_touches()`` persists recency information collected in memory; call it periodically.
+* ``sweep_temporary()`` deletes temporary files of fills that crashed; live fills of any
+  process are spared, so it is safe at any time. Opening a store has no side effects on other
+  processes using it.
 * ``sweep_orphans()`` deletes stored files a crash left without an index entry; it scans every
   entry, so run it in the background.
 """
@@ -117,6 +120,8 @@ class Store(Protocol):
     def remembers(self, key: str, max_length: int) -> bool: ...
 
     def flush_touches(self) -> None: ...
+
+    def sweep_temporary(self) -> int: ...
 
     def sweep_orphans(self) -> int: ...
 

@@ -21,6 +21,7 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -92,7 +93,6 @@ class DiskStore:
         self._touched: dict[str, float] = {}
         self._memo_lock = threading.Lock()
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._sweep_tmp()
         self._db_path = self._entries_dir / "cache.db"
         try:
             self._cache = self._open()
@@ -224,15 +224,18 @@ class DiskStore:
     # -- fills -------------------------------------------------------------------------------
 
     def begin_fill(self) -> FillFile:
+        """A new temporary file, locked (``flock``) for as long as it is open: that lock is how
+        :meth:`sweep_temporary`, in any process, tells a live fill from a crashed one's."""
         fd_path = self._tmp / f"{os.urandom(12).hex()}{_TMP_SUFFIX}"
         fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         return FillFile(path=str(fd_path), file=os.fdopen(fd, "wb"))
 
     def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool:
         try:
             fill.file.flush()
             os.fsync(fill.file.fileno())
-            fill.file.close()
+            # The file stays open (and locked) until it is renamed into place.
             if meta.length > self.max_object_bytes:
                 return False
             cache = self._cache
@@ -295,17 +298,18 @@ class DiskStore:
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    def _sweep_tmp(self) -> None:
-        """Remove temporary files left by fills that a crash interrupted.
+    def sweep_temporary(self) -> int:
+        """Remove temporary files left by fills that a crash interrupted; returns how many.
 
-        Names are unlinked relative to a descriptor of ``tmp/`` opened without following a
-        symbolic link, so the sweep cannot delete anything outside it (a symlinked ``tmp/``
-        raises ``OSError`` instead)."""
+        A file whose ``flock`` is held belongs to a live fill (of this or another process) and
+        is left alone, so any process may sweep at any time. Names are unlinked relative to a
+        descriptor of ``tmp/`` opened without following a symbolic link, so the sweep cannot
+        delete anything outside it (a symlinked ``tmp/`` raises ``OSError`` instead)."""
         swept = 0
         tmp = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             for name in os.listdir(tmp):
-                if name.endswith(_TMP_SUFFIX):
+                if name.endswith(_TMP_SUFFIX) and self._abandoned(name, tmp):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(name, dir_fd=tmp)
                         swept += 1
@@ -313,6 +317,22 @@ class DiskStore:
             os.close(tmp)
         if swept:
             log.info("removed %d unfinished fill(s) from a previous run", swept)
+        return swept
+
+    @staticmethod
+    def _abandoned(name: str, directory: int) -> bool:
+        """True if no process holds the fill file's lock (its fill crashed or ended)."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # also drops the lock we may have taken
+        return True
 
     def sweep_orphans(self, min_age: float = ORPHAN_MIN_AGE) -> int:
         """Delete entry files the index does not know (a crash between a fill's rename and its
