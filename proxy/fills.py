@@ -42,7 +42,7 @@ from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
-from proxy.store.claims import Claims
+from proxy.store.claims import Coordinator, Lease
 from proxy.upstream import Answer, Upstream, read_answer, translate
 from proxy.validators import Validators
 
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 
 #: Bytes a fill keeps in memory for its readers after its file stopped taking writes.
 MEMORY_TAIL_LIMIT = 16 * 1024**2
-#: How often a worker checks whether another process finished fetching a key it wants.
-CLAIM_POLL_SECONDS = 0.005
 #: Recent bytes kept in memory for readers that keep pace; also how far the disk writer may lag
 #: before the fill waits for it.
 WINDOW_BYTES = 1024**2
@@ -220,10 +218,10 @@ class Fills:
         store: Store,
         access: AccessProofs,
         metrics: Metrics,
-        claims: Claims | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self._config = config
-        self._claims = claims
+        self._coordinator = coordinator
         self._upstream = upstream
         self._store = store
         self._access = access
@@ -275,7 +273,7 @@ class Fills:
         started_at = time.monotonic()
         temp: FillFile | None = None
         response: httpx.Response | None = None
-        claim: int | None = None
+        claim: Lease | None = None
         try:
             claim = await self._claim(fill)
             if fill.from_store:
@@ -331,7 +329,7 @@ class Fills:
             if temp is not None:
                 await anyio.to_thread.run_sync(self._store.discard, temp)
             if claim is not None:
-                Claims.release(claim)
+                claim.release()
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
@@ -339,29 +337,24 @@ class Fills:
             fill._release()
             fill._notify()
 
-    async def _claim(self, fill: Fill) -> int | None:
-        """Make sure no other process is fetching this key; see :mod:`proxy.store.claims`.
+    async def _claim(self, fill: Fill) -> Lease | None:
+        """Make sure no other process is fetching this key (see :mod:`proxy.store.claims`).
 
-        Returns the held claim, or None when there are no claims, when another process stored
+        Returns the lease, or None when there is no coordinator, when another process stored
         the key meanwhile (``fill.from_store``), or after waiting ``first_byte_timeout`` for a
-        holder that is slow (then we fetch regardless: a duplicate fetch beats a timeout).
+        holder that is slow (then we fetch regardless).
         """
-        if self._claims is None:
+        if self._coordinator is None:
             return None
         key = fill.key.cache_key
-        give_up = time.monotonic() + self._config.first_byte_timeout
-        while True:
-            claim = await anyio.to_thread.run_sync(self._claims.try_claim, key)
-            if claim is not None:
-                break
-            if time.monotonic() > give_up:
-                return None
-            await anyio.sleep(CLAIM_POLL_SECONDS)  # a cross-process wait: no event to wait on
+        lease = await self._coordinator.claim(key, self._config.first_byte_timeout)
+        if lease is None:
+            return None
         entry = await anyio.to_thread.run_sync(self._store.get, key)
         if entry is None:
-            return claim
+            return lease
         entry.close()
-        Claims.release(claim)
+        lease.release()
         fill.from_store = True
         return None
 

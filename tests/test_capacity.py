@@ -3,6 +3,7 @@ capacity model keeps each credential to its share, and a dripping upstream canno
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 from proxy.capacity import PerKey, RateFloor
 from proxy.errors import TooManyRequests
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
-from tests.helpers import auth, fetch, metric
+from tests.helpers import artifact_url, auth, fetch, metric
 from tests.standin import Fault, StandIn
 
 THIRD_TOKEN = "key-carol-0003"
@@ -133,18 +134,27 @@ def test_one_key_cannot_take_every_waiter_place(three_keys: StandIn, start_proxy
     body = standin.add("session", SESSION, "vid_3a1700", size=100_000)
     release = threading.Event()
     standin.faults["vid_3a1700"] = Fault(hold_middle=release, times=1)
-    with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(fetch, proxy, "vid_3a1700")
-        assert standin.wait_for_requests("/v1/artifacts", 1)
-        joined = [pool.submit(fetch, proxy, "vid_3a1700", OTHER_TOKEN) for _ in range(2)]
-        assert standin.wait_for_requests("/v1/artifacts", 2)  # Bob's access check
-        refused = fetch(proxy, "vid_3a1700", OTHER_TOKEN)
-        carol = pool.submit(fetch, proxy, "vid_3a1700", THIRD_TOKEN)
+    url = artifact_url(proxy, "vid_3a1700")
+    with httpx.Client(timeout=20) as client, contextlib.ExitStack() as streams:
+        # Each stream is open once its headers arrived: its client holds a waiter place.
+        first = streams.enter_context(client.stream("GET", url, headers=auth()))
+        joined = [
+            streams.enter_context(client.stream("GET", url, headers=auth(OTHER_TOKEN)))
+            for _ in range(2)
+        ]
+        refused = client.get(url, headers=auth(OTHER_TOKEN))
         assert (refused.status_code, refused.headers["retry-after"]) == (429, "1")
         assert refused.json()["detail"]
+        carol = streams.enter_context(client.stream("GET", url, headers=auth(THIRD_TOKEN)))
+        assert [r.headers["x-cache"] for r in (first, *joined, carol)] == [
+            "MISS",
+            "COALESCED",
+            "COALESCED",
+            "COALESCED",
+        ]
         release.set()
-        for future in [first, *joined, carol]:
-            assert future.result(timeout=20).content == body
+        for response in (first, *joined, carol):
+            assert response.read() == body
 
 
 def test_one_key_cannot_take_every_passthrough_connection(standin: StandIn, start_proxy) -> None:
