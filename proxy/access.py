@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -34,6 +35,9 @@ from pathlib import Path
 
 import diskcache
 
+from proxy.errors import BadRequest
+
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 #: Proofs kept in memory at most.
 MEMORY_PROOFS = 100_000
 #: A proof's scope: (kind, scope id), or (kind, scope id, object id) for per-object checks.
@@ -65,6 +69,19 @@ def _load_or_create_secret(directory: Path) -> bytes:
     if len(value) < 32:
         raise OSError(f"{path} is damaged; remove it to start with a new secret")
     return bytes.fromhex(value)
+
+
+def credential(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The request's ``Authorization``; one at most, in printable ASCII, or a 400."""
+    found: bytes | None = None
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            if found is not None:
+                raise BadRequest("Give the Authorization header once")
+            if _PRINTABLE_ASCII.fullmatch(value) is None:
+                raise BadRequest("The Authorization header must be printable ASCII")
+            found = value
+    return None if found is None else found.decode("ascii")
 
 
 class AccessProofs:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -19,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from proxy.access import credential
 from proxy.errors import (
-    BadRequest,
     PayloadTooLarge,
     ProxyError,
     ResponseAborted,
@@ -42,7 +41,6 @@ from proxy.validators import Validators
 
 log = logging.getLogger(__name__)
 
-_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 
 CACHE_CONTROL = (b"Cache-Control", b"private, max-age=31536000, immutable")
 #: RFC 9211 ``Cache-Status`` of a hit, by the tier that answered.
@@ -79,7 +77,7 @@ class ArtifactRoute:
             await self.s.passthrough(scope, receive, send)
             return
         try:
-            authorization = _credential(scope["headers"])
+            authorization = credential(scope["headers"])
         except ProxyError:
             self._count("error")
             raise
@@ -279,7 +277,7 @@ class ArtifactRoute:
         fill = fills.get(key)
         on_close = None
         if fill is None:
-            if fills.full(fingerprint):  # bounded fetches: beyond them, stream through uncached
+            if fills.full(fingerprint) or fills.uncacheable(key):  # stream through uncached
                 return await self._bypass(request)
             fill = fills.start(key, authorization, fingerprint)
             outcome = b"MISS"
@@ -382,19 +380,6 @@ def _check_limits(request: Request, max_query_length: int) -> None:
         or int(length) > MAX_REQUEST_BODY
     ):
         raise PayloadTooLarge("GET /v1/artifacts takes no request body")
-
-
-def _credential(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The request's ``Authorization``; one at most, in printable ASCII, or a 400."""
-    found: bytes | None = None
-    for name, value in headers:
-        if name.lower() == b"authorization":
-            if found is not None:
-                raise BadRequest("Give the Authorization header once")
-            if _PRINTABLE_ASCII.fullmatch(value) is None:
-                raise BadRequest("The Authorization header must be printable ASCII")
-            found = value
-    return None if found is None else found.decode("ascii")
 
 
 def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:

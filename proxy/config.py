@@ -151,7 +151,7 @@ class Config:
     #: Fills one credential may run at once; its further misses stream through uncached.
     max_fills_per_key: int = 32
     #: Passed-through requests (and uncached artifact streams) per credential at once (then 429).
-    max_passthrough_per_key: int = 64
+    max_passthrough_per_key: int = 25
     #: Clients of one credential following fills at once (then 429).
     max_waiters_per_key: int = 512
     #: Longest a fill may take in all; a longer one is abandoned (clients see a failed transfer).
@@ -159,6 +159,10 @@ class Config:
     #: Slowest a fill may run, in bytes/s averaged over ``fill_rate_window``, before abandoned.
     fill_min_rate: int = 16 * 1024
     fill_rate_window: float = 60.0
+    #: Longest silence in a client's request body (uploads) before it is answered 408.
+    body_timeout: float = 30.0
+    #: Slowest a client's request body may arrive, averaged over ``fill_rate_window`` (then 408).
+    upload_min_rate: int = 16 * 1024
     #: Longest query string accepted on the artifact route.
     max_query_length: int = 4096
     #: Longest request head (request line, header fields, line ends); longer: 431.
@@ -222,6 +226,8 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "fill_timeout": parse_duration,
     "fill_min_rate": parse_size,
     "fill_rate_window": parse_duration,
+    "body_timeout": parse_duration,
+    "upload_min_rate": parse_size,
     "max_query_length": _parse_int,
     "max_header_bytes": parse_size,
     "max_header_line": parse_size,
@@ -289,6 +295,7 @@ def _validate(config: Config) -> None:
         "shutdown_timeout",
         "fill_timeout",
         "fill_rate_window",
+        "body_timeout",
     ):
         if getattr(config, key) <= 0:
             fail(key, "must be larger than zero")

@@ -45,6 +45,12 @@ class BadRequest(ProxyError):
     status_code = 400
 
 
+class RequestTimeout(ProxyError):
+    """The client's request body stalled or crawled (408)."""
+
+    status_code = 408
+
+
 class LengthRequired(ProxyError):
     """A request body without a length where the upstream cannot frame one safely (411)."""
 
@@ -96,6 +102,10 @@ class UpstreamUnavailable(ProxyError):
 
 class UpstreamUnreachable(UpstreamUnavailable):
     """No connection to the upstream could be made, or the breaker is open (502): offline."""
+
+
+class RedirectTargetFailed(UpstreamUnavailable):
+    """A redirect's target (not the API itself) could not be fetched (502)."""
 
 
 class UpstreamBusy(ProxyError):

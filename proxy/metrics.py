@@ -19,7 +19,7 @@ OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
 SOURCES = ("cache", "upstream")
 TIERS = ("memory", "disk")
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
-STORE_FAILURES = ("no_space", "write", "commit", "index")
+STORE_FAILURES = ("no_space", "write", "commit", "index", "too_large")
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -105,7 +105,9 @@ class Metrics:
             "vlmrun_cache_store_failures",
             "Artifacts that could not be stored and streamed through uncached instead: no_space "
             "(below min_free_space), write (a disk write failed), commit (could not publish), "
-            "index (the cache database was damaged and reset).",
+            "index (the cache database was damaged and reset), too_large (a body of unannounced "
+            "size grew past max_object_size, or a compressed one exploded: passed through for a "
+            "while).",
             ["reason"],
             registry=r,
         )

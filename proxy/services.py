@@ -153,9 +153,7 @@ class Services:
         self.fills = Fills(
             config, self.upstream, self.store, self.access, self.metrics, Claims(directory)
         )
-        self.passthrough = Passthrough(
-            self.upstream, self.metrics, self.access, config.max_passthrough_per_key
-        )
+        self.passthrough = Passthrough(self.upstream, self.metrics, self.access, config)
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         # After start-up, not during it: the scan is proportional to the number of entries.
         self._sweep = asyncio.create_task(anyio.to_thread.run_sync(self.store.sweep_orphans))

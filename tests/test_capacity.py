@@ -228,3 +228,38 @@ def test_per_key_counts_and_releases() -> None:
     shares.release("a")
     shares.acquire("a")
     assert shares.held("a") == 2 and shares.held(None) == 1
+
+
+def test_a_stalled_upload_gets_a_408_and_frees_its_connection(
+    standin: StandIn, start_proxy, uploads: list[_SlowUpload]
+) -> None:
+    """An upload that goes silent for body_timeout is answered 408; its connection is back in
+    the pool for others."""
+    proxy = start_proxy(body_timeout="500ms", max_connections=1, connect_timeout="10s")
+    upload = _SlowUpload(proxy.port, TOKEN)
+    uploads.append(upload)
+    started = time.monotonic()
+    head = upload.sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert time.monotonic() - started < 5
+    assert httpx.get(f"{proxy.url}/v1/health", headers=auth()).status_code == 200
+
+
+def test_uploads_dropped_by_the_upstream_never_open_the_breaker(start_proxy) -> None:
+    """An upstream that hangs up on a client's upload (as a server's body timeout would) is not
+    counted against it, however often: other users' requests still go through."""
+    from tests.rawupstream import RawUpstream, framed
+
+    raw = RawUpstream().start()
+    try:
+        raw.answer = lambda path, n: None if path.startswith("/v1/files") else framed(b"ok")
+        proxy = start_proxy(upstream=raw.url, breaker_threshold=1)
+        for _ in range(5):
+            response = httpx.post(
+                f"{proxy.url}/v1/files", headers=auth(), content=b"x" * 100_000, timeout=20
+            )
+            assert response.status_code in (502, 504)
+        assert metric(proxy, "vlmrun_cache_upstream_circuit_open") == 0
+        assert httpx.get(f"{proxy.url}/v1/models", headers=auth()).content == b"ok"
+    finally:
+        raw.stop()
