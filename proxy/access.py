@@ -97,7 +97,11 @@ class AccessProofs:
         # Ours, before diskcache would create it 0755.
         (self.directory / "access").mkdir(exist_ok=True, mode=0o700)
         self._proofs = diskcache.Cache(
-            str(self.directory / "access"), size_limit=64 * 1024**2, statistics=False
+            str(self.directory / "access"),
+            # Never cull live proofs for room: expired ones go by :meth:`expire` instead.
+            size_limit=2**62,
+            cull_limit=0,
+            statistics=False,
         )
         self._proofs.expire()
         #: (fingerprint, *scope) -> when it was proven (time.time()); a cache of the disk proofs.
@@ -164,6 +168,16 @@ class AccessProofs:
                 self._key(fingerprint, scope), int(now * 1000), expire=self.offline_ttl
             )
             self._keep(fingerprint, scope, now)
+
+    def expire(self) -> int:
+        """Drop proofs too old to count even offline, on disk and in memory; returns how many
+        were dropped from memory. Blocks; call it now and then."""
+        self._proofs.expire()
+        oldest = time.time() - self.offline_ttl
+        stale = [scope for scope, proven in list(self._recent.items()) if proven <= oldest]
+        for scope in stale:
+            self._recent.pop(scope, None)
+        return len(stale)
 
     # -- split scopes -------------------------------------------------------------------------
 

@@ -34,6 +34,10 @@ OWNED_NAMES = {
 }
 
 
+#: Housekeeping rounds (of TOUCH_FLUSH_SECONDS) between sweeps of expired proofs.
+PROOF_EXPIRY_ROUNDS = 60
+
+
 class CacheDirError(ConfigError):
     """The cache directory cannot be used safely; the message starts with ``cache_dir``."""
 
@@ -162,10 +166,14 @@ class Services:
     async def _flush_touches_periodically(self) -> None:
         """Every :data:`TOUCH_FLUSH_SECONDS`: persist access times, and pick up scopes another
         worker process split (so a split reaches every worker within that time)."""
+        rounds = 0
         while True:
             await anyio.sleep(TOUCH_FLUSH_SECONDS)
             await anyio.to_thread.run_sync(self.store.flush_touches)
             await anyio.to_thread.run_sync(self.access.refresh)
+            rounds += 1
+            if rounds % PROOF_EXPIRY_ROUNDS == 0:
+                await anyio.to_thread.run_sync(self.access.expire)
 
     async def close(self) -> None:
         self.serving = False

@@ -56,3 +56,20 @@ def test_secret_file_is_owner_only(tmp_path: Path) -> None:
     """The HMAC secret is created with mode 0600."""
     AccessProofs(tmp_path, ttl=60)
     assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600
+
+
+def test_expired_proofs_are_dropped_from_disk_and_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proofs too old to count even offline are removed; younger ones are kept."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=60, offline_ttl=120)
+    fp = proofs.fingerprint("Bearer t")
+    proofs.record(fp, ("session", "old"))
+    now[0] += 100
+    proofs.record(fp, ("session", "new"))
+    now[0] += 30
+    assert proofs.expire() == 1  # ("session", "old") is 130 s old
+    assert not proofs.has_proof(fp, ("session", "old"), offline=True)
+    assert proofs.has_proof(fp, ("session", "new"), offline=True)

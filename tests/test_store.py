@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -193,3 +194,62 @@ def test_orphaned_files_are_swept(store: DiskStore, tmp_path: Path) -> None:
     assert entry is not None
     with entry.file:
         assert entry.file.read() == b"indexed"
+
+
+def _access_times(directory: Path) -> dict[str, float]:
+    with sqlite3.connect(directory / "entries" / "cache.db") as db:
+        return dict(db.execute("SELECT key, access_time FROM Cache"))
+
+
+def test_a_lookup_through_the_index_writes_nothing(tmp_path: Path) -> None:
+    """A key the memory index does not know is read with a read-only query; its recency is
+    written later, in the batched flush, not as a write transaction per hit."""
+    writer = DiskStore(tmp_path, 1_000_000, 400_000)
+    assert _put(writer, "k", b"x" * 100)
+    reader = DiskStore(tmp_path, 1_000_000, 400_000)  # knows nothing in memory
+    before = _access_times(tmp_path)
+    entry = reader.get("k")
+    assert entry is not None and entry.file.read() == b"x" * 100
+    entry.close()
+    assert _access_times(tmp_path) == before
+    reader.flush_touches()
+    assert _access_times(tmp_path)["k"] > before["k"]
+
+
+def test_room_for_one_large_object_among_many_small_ones(tmp_path: Path) -> None:
+    """Thousands of small entries make room for one large one: the bound holds, the oldest
+    go first, and the newest small ones stay."""
+    store = DiskStore(tmp_path, max_bytes=1_000_000, max_object_bytes=1_000_000)
+    for index in range(2000):
+        assert _put(store, f"small{index}", bytes([index % 256]) * 400)
+    assert _put(store, "large", b"L" * 600_000)
+    stats = store.stats()
+    assert stats.bytes <= 1_000_000
+    assert store.get("small0") is None
+    newest = store.get("small1999")
+    assert newest is not None
+    newest.close()
+
+
+def test_two_processes_committing_at_once_keep_the_bound(tmp_path: Path) -> None:
+    """Two stores on one directory (two workers) making room at once never overshoot it."""
+
+    stores = [DiskStore(tmp_path, 100_000, 100_000) for _ in range(2)]
+    start = threading.Barrier(2)
+    overshoot: list[int] = []
+
+    def work(store: DiskStore, name: str) -> None:
+        start.wait()
+        for index in range(60):
+            _put(store, f"{name}{index}", b"z" * 9_000)
+            if (size := store.stats().bytes) > 100_000:
+                overshoot.append(size)
+
+    threads = [
+        threading.Thread(target=work, args=(s, n)) for s, n in zip(stores, "ab", strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert overshoot == []

@@ -30,7 +30,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from proxy.store import Entry, EntryMeta, FillFile, StoreStats
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".fill"
-_EVICT_BATCH = 64
+_EVICT_BATCH = 1024
 #: Longest time access times stay only in memory before they are written to the index.
 TOUCH_FLUSH_SECONDS = 1.0
 #: Unindexed entry files younger than this (by ctime, which a rename sets) are left alone.
@@ -87,13 +87,18 @@ class DiskStore:
         self._on_evict = on_evict
         self._on_reset = on_reset
         self._tmp = self.directory / "tmp"
+        self._commit_lock_path = self.directory / "locks" / "commit.lock"
         self._entries_dir = self.directory / "entries"
         self._commit_lock = threading.RLock()
         self._memo: OrderedDict[str, tuple[str, EntryMeta]] = OrderedDict()
         self._touched: dict[str, float] = {}
         self._memo_lock = threading.Lock()
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._commit_lock_path.parent.mkdir(exist_ok=True, mode=0o700)
         self._db_path = self._entries_dir / "cache.db"
+        #: Per-thread read-only index connections, and the index's generation (bumped on reset).
+        self._local = threading.local()
+        self._generation = 0
         try:
             self._cache = self._open()
         except sqlite3.DatabaseError as exc:
@@ -138,6 +143,7 @@ class DiskStore:
                 return
             cache.close()
             self._quarantine(exc)
+            self._generation += 1
             with self._memo_lock:
                 self._memo.clear()
                 self._touched.clear()
@@ -201,17 +207,27 @@ class DiskStore:
             log.warning("could not record access times: %s", exc)
 
     def _get_indexed(self, key: str) -> Entry | None:
+        """Look ``key`` up with a read-only query: diskcache's LRU ``get`` would be a write
+        transaction per hit (recency goes through :meth:`_touch` and the batched flush)."""
         cache = self._cache
         try:
-            found = cache.get(key, read=True, tag=True)
+            row = (
+                self._reader()
+                .execute("SELECT filename, tag FROM Cache WHERE key = ? AND raw = 1", (key,))
+                .fetchone()
+            )
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
             return None
-        except (OSError, diskcache.Timeout) as exc:
+        except sqlite3.Error as exc:  # locked, I/O error: not damage
             log.warning("cache index read failed (%s); treating as a miss", type(exc).__name__)
             return None
-        handle, tag = found
-        if handle is None:
+        if row is None or row[0] is None:
+            return None
+        filename, tag = row
+        try:
+            handle = open(self._entries_dir / filename, "rb")  # noqa: SIM115 (the caller closes it)
+        except FileNotFoundError:  # evicted meanwhile
             return None
         try:
             meta = EntryMeta.from_json(tag)
@@ -219,7 +235,21 @@ class DiskStore:
             handle.close()
             self.evict(key)
             return None
+        self._touch(key)
         return Entry(meta=meta, file=handle)
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection to the index (reopened after a reset)."""
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            if getattr(local, "db", None) is not None:
+                local.db.close()
+            local.db = sqlite3.connect(
+                f"file:{self._db_path}?mode=ro", uri=True, timeout=5, check_same_thread=False
+            )
+            local.generation = self._generation
+        db: sqlite3.Connection = local.db
+        return db
 
     # -- fills -------------------------------------------------------------------------------
 
@@ -240,7 +270,7 @@ class DiskStore:
                 return False
             cache = self._cache
             try:
-                with self._commit_lock:
+                with self._exclusive():
                     self.evict(key)
                     self._make_room(meta.length)
                     cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
@@ -250,6 +280,18 @@ class DiskStore:
             return True
         finally:
             self.discard(fill)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The commit lock: of this process's threads, and (``flock``) of every process using
+        the directory, so that two workers making room at once cannot both overshoot."""
+        with self._commit_lock:
+            fd = os.open(self._commit_lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     def discard(self, fill: FillFile) -> None:
         with contextlib.suppress(OSError):
@@ -268,19 +310,31 @@ class DiskStore:
             self._damaged(cache, exc)
 
     def _make_room(self, incoming: int) -> None:
-        """Evict least recently used entries until ``incoming`` more bytes fit. Holds the lock."""
-        if self._bytes() + incoming > self.max_bytes:
-            self.flush_touches()
-        while self._bytes() + incoming > self.max_bytes:
+        """Evict least recently used entries until ``incoming`` more bytes fit. Holds the lock.
+
+        Victims are deleted in batches, one transaction each: making room for one large object
+        among many small ones must not cost a transaction per small one.
+        """
+        excess = self._bytes() + incoming - self.max_bytes
+        if excess <= 0:
+            return
+        self.flush_touches()
+        while excess > 0:
             victims = self._least_recently_used(_EVICT_BATCH)
             if not victims:
                 return
+            chosen = []
             for key, size in victims:
-                self._forget(key)
-                if self._cache.delete(key):
-                    self._on_evict(size)
-                if self._bytes() + incoming <= self.max_bytes:
-                    return
+                chosen.append((key, size))
+                excess -= size
+                if excess <= 0:
+                    break
+            with self._cache.transact():
+                for key, size in chosen:
+                    self._forget(key)
+                    if self._cache.delete(key):
+                        self._on_evict(size)
+            excess = self._bytes() + incoming - self.max_bytes
 
     def _query_index(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
         """Rows of a read-only query on diskcache's index, through a connection of our own."""
