@@ -160,8 +160,13 @@ class Services:
         self.passthrough = Passthrough(self.upstream, self.metrics, self.access, config)
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         # After start-up, not during it: the scan is proportional to the number of entries.
-        self._sweep = asyncio.create_task(anyio.to_thread.run_sync(self.store.sweep_orphans))
+        self._sweep = asyncio.create_task(self._sweep_once())
         self.serving = True
+
+    async def _sweep_once(self) -> None:
+        """The orphan sweep, by one worker process per server start."""
+        if await anyio.to_thread.run_sync(self.store.claim_sweep):
+            await anyio.to_thread.run_sync(self.store.sweep_orphans)
 
     async def _flush_touches_periodically(self) -> None:
         """Every :data:`TOUCH_FLUSH_SECONDS`: persist access times, and pick up scopes another

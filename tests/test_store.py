@@ -253,3 +253,28 @@ def test_two_processes_committing_at_once_keep_the_bound(tmp_path: Path) -> None
     for thread in threads:
         thread.join(timeout=60)
     assert overshoot == []
+
+
+def test_sweep_merges_index_and_directories_exactly(tmp_path: Path) -> None:
+    """With many entries and orphans spread over the directories, the sweep removes exactly the
+    orphans; and only the first store of a start claims the sweep."""
+    store = DiskStore(tmp_path, 10_000_000, 400_000)
+    bodies = {f"k{index}": f"body {index}".encode() for index in range(300)}
+    for key, body in bodies.items():
+        assert _put(store, key, body)
+    rng = random.Random(7)
+    orphans = []
+    for _ in range(40):
+        name = "%032x.val" % rng.getrandbits(128)
+        path = tmp_path / "entries" / name[:2] / name[2:4] / name[4:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"orphan")
+        orphans.append(path)
+    assert store.sweep_orphans(min_age=0) == 40
+    assert not any(path.exists() for path in orphans)
+    for key, body in bodies.items():
+        entry = store.get(key)
+        assert entry is not None and entry.file.read() == body
+        entry.close()
+    other = DiskStore(tmp_path, 10_000_000, 400_000)
+    assert store.claim_sweep() and not other.claim_sweep()

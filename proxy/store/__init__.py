@@ -22,8 +22,9 @@ Contract (every implementation):
 * ``sweep_temporary()`` deletes temporary files of fills that crashed; live fills of any
   process are spared, so it is safe at any time. Opening a store has no side effects on other
   processes using it.
-* ``sweep_orphans()`` deletes stored files a crash left without an index entry; it scans every
-  entry, so run it in the background.
+* ``sweep_orphans()`` deletes stored files a crash left without an index entry; it walks every
+  entry (in bounded memory, at low priority), so run it in the background, in the one process
+  whose ``claim_sweep()`` returned True.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class Store(Protocol):
     def sweep_temporary(self) -> int: ...
 
     def sweep_orphans(self) -> int: ...
+
+    def claim_sweep(self) -> bool: ...
 
     def stats(self) -> StoreStats: ...
 

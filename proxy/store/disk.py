@@ -47,6 +47,9 @@ _EVICT_BATCH = 1024
 TOUCH_FLUSH_SECONDS = 1.0
 #: Unindexed entry files younger than this (by ctime, which a rename sets) are left alone.
 ORPHAN_MIN_AGE = 600.0
+#: The orphan sweep pauses for SWEEP_PAUSE seconds every SWEEP_STEP files.
+SWEEP_STEP = 512
+SWEEP_PAUSE = 0.002
 #: Entries remembered by the in-memory index.
 MEMO_ENTRIES = 100_000
 
@@ -391,30 +394,74 @@ class DiskStore:
     def sweep_orphans(self, min_age: float = ORPHAN_MIN_AGE) -> int:
         """Delete entry files the index does not know (a crash between a fill's rename and its
         index insert leaves one). Files renamed less than ``min_age`` seconds ago are spared: a
-        commit in another process may be between its two steps. Returns the number removed."""
+        commit in another process may be between its two steps. Returns the number removed.
+
+        Incremental and bounded in memory: the index's file names, sorted by SQLite, are
+        merged with a sorted walk of the directories, so nothing is held but a cursor. It
+        pauses briefly every :data:`SWEEP_STEP` files so that it runs at low priority beside
+        the server. Only one process sweeps per start (see :meth:`claim_sweep`).
+        """
         cache = self._cache
+        removed = 0
         try:
-            rows = self._query_index("SELECT filename FROM Cache WHERE filename IS NOT NULL")
-            known = {os.path.join(self._entries_dir, name) for (name,) in rows}
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=5)
+            ) as db:
+                names = db.execute(
+                    "SELECT filename FROM Cache WHERE filename IS NOT NULL ORDER BY filename"
+                )
+                removed = self._merge_sweep(names, min_age)
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
             return 0
+        if removed:
+            log.warning("removed %d cache file(s) missing from the index", removed)
+        return removed
+
+    def _merge_sweep(self, names: Iterator[tuple[str]], min_age: float) -> int:
         now = time.time()
-        removed = 0
+        removed = seen = 0
+        indexed = next(names, None)
         # fwalk with dir_fd: never descends through a symbolic link, and each unlink is relative
-        # to the directory walked, so nothing outside entries/ can be reached.
-        for folder, _dirs, files, folder_fd in os.fwalk(self._entries_dir, follow_symlinks=False):
-            for name in files:
-                if not name.endswith(".val") or os.path.join(folder, name) in known:
+        # to the directory walked, so nothing outside entries/ can be reached. Directories and
+        # files are visited sorted: diskcache's names (aa/bb/<hex>.val) then come in the
+        # index's order.
+        for folder, dirs, files, folder_fd in os.fwalk(self._entries_dir, follow_symlinks=False):
+            dirs.sort()
+            relative = os.path.relpath(folder, self._entries_dir)
+            for name in sorted(files):
+                if not name.endswith(".val"):
+                    continue
+                path = name if relative == "." else f"{relative}/{name}"
+                while indexed is not None and indexed[0] < path:
+                    indexed = next(names, None)
+                if indexed is not None and indexed[0] == path:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
                     if stat.S_ISREG(info.st_mode) and now - info.st_ctime >= min_age:
                         os.unlink(name, dir_fd=folder_fd)
                         removed += 1
-        if removed:
-            log.warning("removed %d cache file(s) missing from the index", removed)
+                seen += 1
+                if seen % SWEEP_STEP == 0:
+                    time.sleep(SWEEP_PAUSE)  # a worker thread: yields the GIL and the disk
         return removed
+
+    def claim_sweep(self) -> bool:
+        """True for the first process of a start to ask (it holds ``locks/sweep.lock`` until
+        it exits): the other workers of the same server skip the orphan sweep."""
+        fd = os.open(
+            self._commit_lock_path.with_name("sweep.lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+            0o600,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._sweep_lock = fd  # kept open (and locked) for the life of the process
+        return True
 
     def stats(self) -> StoreStats:
         cache = self._cache
