@@ -265,7 +265,7 @@ def test_sweep_merges_index_and_directories_exactly(tmp_path: Path) -> None:
     rng = random.Random(7)
     orphans = []
     for _ in range(40):
-        name = "%032x.val" % rng.getrandbits(128)
+        name = f"{rng.getrandbits(128):032x}.val"
         path = tmp_path / "entries" / name[:2] / name[2:4] / name[4:]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"orphan")
