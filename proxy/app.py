@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxy.artifacts import ArtifactRoute
 from proxy.config import Config
 from proxy.errors import ProxyError, ResponseAborted, handle_proxy_error, json_response
+from proxy.front import Front
 from proxy.metrics import Metrics
 from proxy.services import Services
 
@@ -44,7 +45,7 @@ class _AbortGuard:
             log.debug("client disconnected before its request was complete")
 
 
-def create_app_from_env() -> Starlette:
+def create_app_from_env() -> Front:
     """The factory uvicorn calls in each worker process (``--workers N``)."""
     config = Config(**json.loads(os.environ[CONFIG_ENV]))
     configure_logging(config.log_level)
@@ -60,7 +61,7 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def create_app(config: Config | None = None) -> Starlette:
+def create_app(config: Config | None = None) -> Front:
     """A proxy app for ``config`` (defaults if omitted). Nothing is opened until its lifespan."""
     config = config or Config()
     services = Services(config, Metrics())
@@ -96,12 +97,13 @@ def create_app(config: Config | None = None) -> Starlette:
     async def passthrough(scope: Scope, receive: Receive, send: Send) -> None:
         await services.passthrough(scope, receive, send)
 
+    artifacts = ArtifactRoute(services)
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            Route("/v1/artifacts", ArtifactRoute(services)),
+            Route("/v1/artifacts", artifacts),
         ],
         middleware=[Middleware(_AbortGuard)],
         exception_handlers={ProxyError: handle_proxy_error},
@@ -111,4 +113,4 @@ def create_app(config: Config | None = None) -> Starlette:
     app.router.default = passthrough
     app.router.redirect_slashes = False
     app.state.services = services
-    return app
+    return Front(app, artifacts)

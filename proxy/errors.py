@@ -148,6 +148,11 @@ def json_response(
     return response
 
 
+def error_response(exc: ProxyError) -> Response:
+    """The one way a :class:`ProxyError` becomes an answer: the API's ``{"detail": ...}``."""
+    return json_response(exc.status_code, {"detail": exc.detail}, list(exc.headers))
+
+
 async def handle_proxy_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return json_response(exc.status_code, {"detail": exc.detail}, list(exc.headers))
+    return error_response(exc)
