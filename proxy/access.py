@@ -38,6 +38,8 @@ import diskcache
 from proxy.errors import BadRequest
 
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
+#: Credentials whose fingerprints are remembered at most.
+MEMORY_FINGERPRINTS = 4096
 #: Proofs kept in memory at most.
 MEMORY_PROOFS = 100_000
 #: A proof's scope: (kind, scope id), or (kind, scope id, object id) for per-object checks.
@@ -104,6 +106,7 @@ class AccessProofs:
             statistics=False,
         )
         self._proofs.expire()
+        self._fingerprints: dict[str, str] = {}
         #: (fingerprint, *scope) -> when it was proven (time.time()); a cache of the disk proofs.
         self._recent: dict[tuple[str, ...], float] = {}
         #: (kind, scope id) of every split scope.
@@ -113,10 +116,19 @@ class AccessProofs:
         self.refresh()
 
     def fingerprint(self, authorization: str | None) -> str | None:
-        """A stable, non-reversible name for a credential; ``None`` when there is none."""
+        """A stable, non-reversible name for a credential; ``None`` when there is none.
+
+        Remembered for the last :data:`MEMORY_FINGERPRINTS` credentials (in this process's
+        memory only): an HMAC per request is a measurable share of a small hit."""
         if not authorization:
             return None
-        return hmac.new(self._secret, authorization.encode(), hashlib.sha256).hexdigest()
+        known = self._fingerprints.get(authorization)
+        if known is None:
+            if len(self._fingerprints) >= MEMORY_FINGERPRINTS:
+                self._fingerprints.clear()
+            known = hmac.new(self._secret, authorization.encode(), hashlib.sha256).hexdigest()
+            self._fingerprints[authorization] = known
+        return known
 
     @staticmethod
     def _key(fingerprint: str, scope: ProofScope) -> str:
