@@ -61,7 +61,7 @@ _HELP = {
     "max_waiters": "clients following one fetch; more get 503 (default 1024)",
     "artifact_connections": "upstream connections for fills and access checks (default 80)",
     "max_fills_per_key": "fills one API key may run at once; more stream uncached (default 32)",
-    "max_passthrough_per_key": "passed-through requests per API key at once (default 25)",
+    "max_passthrough_per_key": "passed-through requests per API key at once (default 50)",
     "max_waiters_per_key": "clients of one API key following fills at once (default 512)",
     "fill_timeout": "longest a fill may take before it is abandoned (default 1h)",
     "fill_min_rate": "slowest a fill may run, per second, before it is abandoned (default 16KiB)",

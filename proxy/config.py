@@ -151,7 +151,7 @@ class Config:
     #: Fills one credential may run at once; its further misses stream through uncached.
     max_fills_per_key: int = 32
     #: Passed-through requests (and uncached artifact streams) per credential at once (then 429).
-    max_passthrough_per_key: int = 25
+    max_passthrough_per_key: int = 50
     #: Clients of one credential following fills at once (then 429).
     max_waiters_per_key: int = 512
     #: Longest a fill may take in all; a longer one is abandoned (clients see a failed transfer).
