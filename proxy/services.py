@@ -28,6 +28,7 @@ OWNED_NAMES = {
     "secret": stat.S_IFREG,  # proxy/access.py
     "access": stat.S_IFDIR,  # proxy/access.py
     "splits.jsonl": stat.S_IFREG,  # proxy/access.py
+    "revocations.jsonl": stat.S_IFREG,  # proxy/access.py
     "tmp": stat.S_IFDIR,  # proxy/store/disk.py
     "entries": stat.S_IFDIR,  # proxy/store/disk.py
     "locks": stat.S_IFDIR,  # proxy/store/claims.py
