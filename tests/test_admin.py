@@ -4,103 +4,31 @@ stats, ls, purge, verify and revoke, and what opening a cache from a command may
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
-import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import warnings
 from pathlib import Path
 
 import httpx
 import pytest
 
 from proxy.cli import main
-from proxy.store.index import Index
 from tests.conftest import EXECUTION, OTHER_TOKEN, SESSION, TOKEN
 from tests.helpers import artifact_url, auth, fetch
+from tests.operators import admin, cache_key, misses_then_hits, refetched, stored_file
 from tests.servers import Daemon, ServerThread
 from tests.standin import Fault, StandIn
-
-
-@dataclasses.dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> object:
-        return json.loads(self.out)
-
-
-def admin(*args: str, cache_dir: Path | None = None) -> Ran:
-    """Run ``vlmrun-cache <args>`` in this process (``--cache-dir`` added when given)."""
-    argv = [*args, "--cache-dir", str(cache_dir)] if cache_dir is not None else list(args)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse: usage errors and --help
-            code = int(exc.code or 0)
-    return Ran(code, out.getvalue(), err.getvalue())
-
-
-@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
-def server(
-    request: pytest.FixtureRequest, upstream: ServerThread, cache_dir: Path
-) -> Iterator[Daemon]:
-    """``vlmrun-cache serve`` with one or two workers on ``cache_dir``."""
-    daemon = Daemon(
-        "--upstream", upstream.url, "--cache-dir", str(cache_dir), "--workers", str(request.param)
-    )
-    assert daemon.started(), daemon.output
-    yield daemon
-    if daemon.process.poll() is None:
-        assert daemon.stop(), daemon.output
-
-
-def cache_key(object_id: str, scope: str = "session", scope_id: str = SESSION) -> str:
-    return json.dumps(["v2", scope, scope_id, object_id])
-
-
-def stored_file(cache_dir: Path, object_id: str) -> Path:
-    """The file holding an entry's bytes."""
-    index = Index(cache_dir / "entries")
-    (row,) = [row for row in index.entries() if row.key == cache_key(object_id)]
-    path = index.path(row)
-    assert path is not None
-    return path
-
-
-def misses_then_hits(server: Daemon | ServerThread, standin: StandIn, object_id: str) -> bytes:
-    """Fetch an artifact until the server answers it from the cache; its bytes."""
-    first = fetch(server, object_id)
-    assert first.status_code == 200, first.text
-    for _ in range(3):  # from disk, then (with two workers, maybe) from memory
-        again = fetch(server, object_id)
-        assert (again.headers["x-cache"], again.content) == ("HIT", first.content)
-    assert standin.hits("session", SESSION, object_id) == 1
-    return first.content
-
-
-def refetched(server: Daemon | ServerThread, standin: StandIn, object_id: str, body: bytes) -> bool:
-    """True if the next request went to the API (a MISS) and got ``body``."""
-    before = standin.hits("session", SESSION, object_id)
-    response = fetch(server, object_id)
-    assert response.content == body
-    return (
-        response.headers["x-cache"] == "MISS"
-        and standin.hits("session", SESSION, object_id) == before + 1
-    )
-
 
 # -- stats and ls --------------------------------------------------------------------------------
 
 
 def test_stats_and_ls_describe_a_live_cache(
-    standin: StandIn, server: Daemon, cache_dir: Path
+    standin: StandIn, live_server: Daemon, cache_dir: Path
 ) -> None:
     """stats counts entries and bytes and reads the server's hit rate; ls lists each artifact
     with its scope, type, length and RFC 3339 times, filtered by scope; both parse as JSON."""
@@ -113,8 +41,10 @@ def test_stats_and_ls_describe_a_live_cache(
         ("arr_57a702", "session", SESSION),
         ("doc_57a703", "execution", EXECUTION),
     ):
-        sizes[object_id] = len(fetch(server, object_id, scope=scope, scope_id=scope_id).content)
-    assert fetch(server, "arr_57a702").headers["x-cache"] == "HIT"
+        sizes[object_id] = len(
+            fetch(live_server, object_id, scope=scope, scope_id=scope_id).content
+        )
+    assert fetch(live_server, "arr_57a702").headers["x-cache"] == "HIT"
 
     stats = admin("stats", "--json", cache_dir=cache_dir)
     assert stats.code == 0, stats.err
@@ -123,7 +53,7 @@ def test_stats_and_ls_describe_a_live_cache(
     assert figures["entries"] == 3 and figures["bytes"] == sum(sizes.values())
     assert figures["max_bytes"] == 10 * 1024**3
     assert figures["oldest_stored_at"] <= figures["newest_stored_at"]
-    assert figures["server"]["url"] == server.url
+    assert figures["server"]["url"] == live_server.url
     assert figures["server"]["requests"] == 4 and figures["server"]["hits"] == 1
     assert figures["server"]["hit_rate"] == 0.25
     assert figures["server"]["bytes_saved"] == sizes["arr_57a702"]
@@ -162,7 +92,7 @@ def _epoch(rfc3339: str) -> float:
 
 
 def test_purge_by_each_selector_is_seen_by_the_running_server(
-    standin: StandIn, server: Daemon, cache_dir: Path
+    standin: StandIn, live_server: Daemon, cache_dir: Path
 ) -> None:
     """--object, --older-than (from the last access), --execution, --session and --all each
     remove exactly their entries, and the running server's next request for one is a MISS that
@@ -170,11 +100,13 @@ def test_purge_by_each_selector_is_seen_by_the_running_server(
     bodies = {}
     for object_id in ("arr_9e0001", "arr_9e0002", "img_9e0004"):
         standin.add("session", SESSION, object_id, size=3_000)
-        bodies[object_id] = misses_then_hits(server, standin, object_id)
+        bodies[object_id] = misses_then_hits(live_server, standin, object_id)
     standin.add("execution", EXECUTION, "arr_9e0003", size=3_000)
-    assert fetch(server, "arr_9e0003", scope="execution", scope_id=EXECUTION).status_code == 200
+    assert (
+        fetch(live_server, "arr_9e0003", scope="execution", scope_id=EXECUTION).status_code == 200
+    )
     standin.add("session", SESSION, "arr_9e0005", size=3_000)
-    bodies["arr_9e0005"] = fetch(server, "arr_9e0005").content
+    bodies["arr_9e0005"] = fetch(live_server, "arr_9e0005").content
     with contextlib.closing(sqlite3.connect(cache_dir / "entries" / "cache.db")) as db, db:
         db.execute(
             "UPDATE Cache SET access_time = ? WHERE key = ?",
@@ -183,29 +115,29 @@ def test_purge_by_each_selector_is_seen_by_the_running_server(
 
     removed = admin("purge", "--object", "arr_9e0001", "--yes", cache_dir=cache_dir)
     assert removed.code == 0 and removed.out.startswith("removed 1 entry, 3000 bytes")
-    assert refetched(server, standin, "arr_9e0001", bodies["arr_9e0001"])
-    assert fetch(server, "arr_9e0002").headers["x-cache"] == "HIT"
+    assert refetched(live_server, standin, "arr_9e0001", bodies["arr_9e0001"])
+    assert fetch(live_server, "arr_9e0002").headers["x-cache"] == "HIT"
 
     assert admin("purge", "--older-than", "1h", "--yes", cache_dir=cache_dir).out.startswith(
         "removed 1 entry"
     )
-    assert refetched(server, standin, "arr_9e0005", bodies["arr_9e0005"])
+    assert refetched(live_server, standin, "arr_9e0005", bodies["arr_9e0005"])
 
     assert admin("purge", "--execution", EXECUTION, "--yes", cache_dir=cache_dir).code == 0
-    again = fetch(server, "arr_9e0003", scope="execution", scope_id=EXECUTION)
+    again = fetch(live_server, "arr_9e0003", scope="execution", scope_id=EXECUTION)
     assert again.headers["x-cache"] == "MISS"
-    assert fetch(server, "img_9e0004").headers["x-cache"] == "HIT"
+    assert fetch(live_server, "img_9e0004").headers["x-cache"] == "HIT"
 
     assert admin("purge", "--session", SESSION, "--yes", cache_dir=cache_dir).out.startswith(
         "removed 4 entries"
     )
     for object_id in ("arr_9e0001", "arr_9e0002", "img_9e0004", "arr_9e0005"):
-        assert refetched(server, standin, object_id, bodies[object_id]), object_id
+        assert refetched(live_server, standin, object_id, bodies[object_id]), object_id
 
     assert admin("purge", "--all", "--yes", cache_dir=cache_dir).out.startswith("removed 5 entries")
     stats = admin("stats", "--json", cache_dir=cache_dir).json()
     assert isinstance(stats, dict) and (stats["entries"], stats["bytes"]) == (0, 0)
-    assert refetched(server, standin, "img_9e0004", bodies["img_9e0004"])
+    assert refetched(live_server, standin, "img_9e0004", bodies["img_9e0004"])
 
 
 def test_purge_racing_a_fill_leaves_the_fill_a_fresh_whole_entry(
@@ -266,7 +198,7 @@ def test_purge_asks_only_on_a_terminal(
 
 
 def test_verify_removes_truncated_garbage_and_missing_entries(
-    standin: StandIn, server: Daemon, cache_dir: Path
+    standin: StandIn, live_server: Daemon, cache_dir: Path
 ) -> None:
     """verify re-hashes every entry: a truncated file, same-size garbage and a missing file are
     reported, removed and never served again (the next request refetches); intact ones stay."""
@@ -278,7 +210,7 @@ def test_verify_removes_truncated_garbage_and_missing_entries(
         ("arr_5e0004", 2_000),
     ):
         standin.add("session", SESSION, object_id, size=size)
-        bodies[object_id] = misses_then_hits(server, standin, object_id)
+        bodies[object_id] = misses_then_hits(live_server, standin, object_id)
     with open(stored_file(cache_dir, "arr_5e0001"), "r+b") as file:
         file.truncate(100_000)
     with open(stored_file(cache_dir, "arr_5e0002"), "r+b") as file:  # in place: same inode
@@ -295,8 +227,8 @@ def test_verify_removes_truncated_garbage_and_missing_entries(
         "arr_5e0003": "missing",
     }
     for object_id in ("arr_5e0001", "arr_5e0002", "arr_5e0003"):
-        assert refetched(server, standin, object_id, bodies[object_id]), object_id
-    assert fetch(server, "arr_5e0004").headers["x-cache"] == "HIT"
+        assert refetched(live_server, standin, object_id, bodies[object_id]), object_id
+    assert fetch(live_server, "arr_5e0004").headers["x-cache"] == "HIT"
     clean = admin("verify", cache_dir=cache_dir)
     assert (
         clean.code == 0 and clean.out.startswith("verified 4 entries") and "all intact" in clean.out
@@ -307,19 +239,19 @@ def test_verify_removes_truncated_garbage_and_missing_entries(
 
 
 def test_revoke_sends_the_next_hit_back_to_the_api(
-    standin: StandIn, server: Daemon, cache_dir: Path, tmp_path: Path
+    standin: StandIn, live_server: Daemon, cache_dir: Path, tmp_path: Path
 ) -> None:
     """After revoke --key-file, that key's next hit is checked with the API again (other keys
     keep their proofs); after revoke --all, every key's is; new proofs then count as before."""
     standin.grant(OTHER_TOKEN, "session", SESSION)
     body = standin.add("session", SESSION, "arr_4e0001", size=2_000)
-    misses_then_hits(server, standin, "arr_4e0001")
-    assert fetch(server, "arr_4e0001", OTHER_TOKEN).content == body
+    misses_then_hits(live_server, standin, "arr_4e0001")
+    assert fetch(live_server, "arr_4e0001", OTHER_TOKEN).content == body
     checks = standin.hits("session", SESSION, "arr_4e0001")
 
     def checked_again(token: str) -> bool:
         nonlocal checks
-        response = fetch(server, "arr_4e0001", token)
+        response = fetch(live_server, "arr_4e0001", token)
         assert (response.headers["x-cache"], response.content) == ("HIT", body)
         before, checks = checks, standin.hits("session", SESSION, "arr_4e0001")
         return checks == before + 1
@@ -366,14 +298,14 @@ def _snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
 
 
 def test_commands_open_a_cache_without_side_effects(
-    standin: StandIn, start_proxy, cache_dir: Path
+    standin: StandIn, upstream: ServerThread, cache_dir: Path
 ) -> None:
     """stats, ls, verify and an empty purge change nothing in the cache directory: no sweep (a
     crashed fill's file stays for the server's), no chmod, no new secret or database."""
-    proxy = start_proxy()
-    standin.add("session", SESSION, "img_0e0001")
-    misses_then_hits(proxy, standin, "img_0e0001")
-    proxy.stop()
+    daemon = Daemon("--upstream", upstream.url, "--cache-dir", str(cache_dir))
+    assert daemon.started(), daemon.output
+    misses_then_hits(daemon, standin, "img_0e0001")
+    assert daemon.stop()  # its databases closed: nothing changes them any more
     crashed = cache_dir / "tmp" / "crashed.fill"
     crashed.write_bytes(b"half")
     (cache_dir / "secret").chmod(0o400)
@@ -436,3 +368,54 @@ def test_a_command_on_another_users_cache_refuses(tmp_path: Path) -> None:
             "belongs to" in ran.err and "uid 65534" in ran.err and "Run it as the owner" in ran.err
         )
     assert list(cache_dir.iterdir()) == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to another user needs root")
+def test_a_command_run_by_another_user_refuses(standin: StandIn, upstream: ServerThread) -> None:
+    """A command run by another user (nobody) against the cache a running server uses refuses,
+    says whose the directory is and how to run it, and leaves nothing behind."""
+    base = Path(tempfile.mkdtemp(prefix="vlmrun-cache-admin-"))  # pytest's own is 0700
+    base.chmod(0o711)  # nobody may reach the cache directory, not read it
+    cache_dir = base / "cache"
+    daemon = Daemon("--upstream", upstream.url, "--cache-dir", str(cache_dir))
+    try:
+        assert daemon.started(), daemon.output
+        misses_then_hits(daemon, standin, "arr_00b0d1")
+        before = sorted(str(p) for p in cache_dir.rglob("*"))
+        code, output = _as_nobody(["revoke", "--all", "--cache-dir", str(cache_dir)])
+        assert code == 1, output
+        assert f"{cache_dir} belongs to root (uid 0), and this command runs as nobody" in output
+        assert "Run it as the owner" in output
+        assert sorted(str(p) for p in cache_dir.rglob("*")) == before
+        assert fetch(daemon, "arr_00b0d1").headers["x-cache"] == "HIT"
+    finally:
+        assert daemon.stop()
+        shutil.rmtree(base)
+
+
+def _as_nobody(argv: list[str]) -> tuple[int, str]:
+    """Run ``vlmrun-cache <argv>`` in a forked child switched to the user nobody (an exec would
+    need an interpreter that user can reach); its exit status and output."""
+    nobody = 65534
+    readable, writable = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: we only run main
+        pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(readable)
+            os.setgroups([])
+            os.setgid(nobody)
+            os.setuid(nobody)
+            output = io.StringIO()
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                code = main(argv)
+            os.write(writable, output.getvalue().encode())
+        finally:
+            os._exit(code)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as source:
+        output_bytes = source.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output_bytes.decode()

@@ -171,15 +171,11 @@ def purge(args: argparse.Namespace, config: Config) -> int:
     if not selected:
         print("nothing to remove")
         return 0
+    what = f"{_entries(len(selected))} ({human_size(size)}) from {cache.directory}"
     if not args.yes:
         if not sys.stdin.isatty():
-            raise Failed(
-                f"would remove {len(selected)} entries ({human_size(size)}) from "
-                f"{cache.directory}; without a terminal to ask on, give --yes to confirm"
-            )
-        if not confirm(
-            f"Remove {len(selected)} entries ({human_size(size)}) from {cache.directory}?"
-        ):
+            raise Failed(f"would remove {what}; without a terminal to ask on, give --yes")
+        if not confirm(f"Remove {what}?"):
             print("nothing removed")
             return 1
     removed = cache.remove(selected)

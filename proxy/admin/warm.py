@@ -185,6 +185,10 @@ def warm(args: argparse.Namespace, config: Config) -> int:
     print(
         f"{kind} {scope_id}: fetched {tally.fetched} ({human_size(tally.fetched_bytes)}), "
         f"{tally.cached} already cached, {len(tally.failed)} failed"
-        + (f"; skipped {unnamed} listed items without an object_id" if unnamed else "")
+        + (f"; skipped {unnamed} listed {_items(unnamed)} without an object_id" if unnamed else "")
     )
     return 1 if tally.failed else 0
+
+
+def _items(count: int) -> str:
+    return "item" if count == 1 else "items"
