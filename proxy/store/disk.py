@@ -16,6 +16,9 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
   The memory index can only be stale in one way, a file that was evicted (perhaps by another
   process): opening it then fails and the lookup falls back to SQLite. Cached files never change
   once written, and their names are never reused.
+
+Access times and eviction victims are written and read through :mod:`proxy.store.index`, which
+the operator's commands use too.
 """
 
 from __future__ import annotations
