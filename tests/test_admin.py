@@ -57,6 +57,7 @@ def test_stats_and_ls_describe_a_live_cache(
     assert figures["server"]["requests"] == 4 and figures["server"]["hits"] == 1
     assert figures["server"]["hit_rate"] == 0.25
     assert figures["server"]["bytes_saved"] == sizes["arr_57a702"]
+    assert figures["server"]["hits_by_tier"] == {"memory": 0, "disk": 1}
     human = admin("stats", cache_dir=cache_dir)
     assert "entries          3" in human.out and "25.0% (1 of 4 requests)" in human.out
 

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.admin.output import rfc3339
 from proxy.config import Config
 from proxy.keys import ArtifactKey
-from proxy.metrics import OUTCOMES
+from proxy.metrics import OUTCOMES, TIERS
 from proxy.services import CacheDirError, inspect_directory
 from proxy.store import EntryMeta
 from proxy.store.index import ENTRIES_DIR, Index, IndexedEntry
@@ -163,6 +163,8 @@ class ServerFigures:
     hits: int
     bytes_saved: int
     max_bytes: int
+    #: Hits by the tier that answered them (memory, disk).
+    hits_by_tier: dict[str, int]
 
     @property
     def hit_rate(self) -> float | None:
@@ -216,7 +218,8 @@ def server_figures(cache_dir: Path, timeout: float = 2.0) -> ServerFigures | Non
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                label = sample.labels.get("outcome") or sample.labels.get("source") or ""
+                labels = sample.labels
+                label = labels.get("outcome") or labels.get("source") or labels.get("tier") or ""
                 samples[(sample.name, label)] = sample.value
     except ValueError:
         return None
@@ -227,4 +230,5 @@ def server_figures(cache_dir: Path, timeout: float = 2.0) -> ServerFigures | Non
         hits=counts["hit"] + counts["coalesced"],
         bytes_saved=int(samples.get(("vlmrun_cache_served_bytes_total", "cache"), 0)),
         max_bytes=int(samples.get(("vlmrun_cache_max_bytes", ""), 0)),
+        hits_by_tier={t: int(samples.get(("vlmrun_cache_hits_total", t), 0)) for t in TIERS},
     )

@@ -85,6 +85,7 @@ def stats(args: argparse.Namespace, config: Config) -> int:
             "hits": server.hits,
             "hit_rate": server.hit_rate,
             "bytes_saved": server.bytes_saved,
+            "hits_by_tier": server.hits_by_tier,
         }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -105,7 +106,9 @@ def stats(args: argparse.Namespace, config: Config) -> int:
     else:
         rate = "-" if server.hit_rate is None else f"{server.hit_rate:.1%}"
         lines.append(["server", server.url])
+        tiers = ", ".join(f"{n} from {tier}" for tier, n in server.hits_by_tier.items())
         lines.append(["hit rate", f"{rate} ({server.hits} of {server.requests} requests)"])
+        lines.append(["hits", tiers])
         lines.append(["bytes saved", human_size(server.bytes_saved)])
     print("\n".join(f"{name:<16} {value}" for name, value in lines))
     return 0
