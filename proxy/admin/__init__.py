@@ -12,17 +12,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 
 from proxy.admin import commands, warm
 from proxy.admin.cache import Failed
 from proxy.config import BASE_CONFIG_ENV, Config, ConfigError, load, parse_duration
 
-EXIT_CODES = (
-    "exit status: 0 done; 1 found a problem or refused (damaged entries, a key the API refused, "
-    "another user's or an unsafe cache directory, a purge not confirmed); 2 usage or "
-    "configuration (bad flags or settings, no such cache directory)"
-)
+EXIT_CODES = """exit status:
+  0  done
+  1  found a problem or refused: damaged entries (verify), artifacts warm could not
+     cache or a key the API refused, another user's or an unsafe cache directory, a
+     damaged index, a purge not confirmed
+  2  usage or configuration: bad flags or settings, no such cache directory, no API
+     key for warm"""
 
 _Command = Callable[[argparse.Namespace, Config], int]
 _COMMANDS: dict[str, _Command] = {
@@ -55,7 +58,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     """Register the commands on ``vlmrun-cache``'s subcommand parsers."""
 
     def add(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        return subparsers.add_parser(name, help=summary, description=f"{description} {EXIT_CODES}.")
+        return subparsers.add_parser(
+            name,
+            help=summary,
+            description=textwrap.fill(description, 79),
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     stats = add(
         "stats",
