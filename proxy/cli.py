@@ -25,7 +25,7 @@ from typing import Any
 
 import uvicorn
 
-from proxy import __version__
+from proxy import __version__, admin
 from proxy.app import CONFIG_ENV, configure_logging, create_app
 from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, load
 from proxy.guards import Limits
@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     healthcheck.add_argument(
         "--timeout", type=float, default=2.0, metavar="SECONDS", help="per connect and read (2)"
     )
+    admin.add_commands(commands)  # stats, ls, purge, verify, warm, revoke: proxy/admin/
     return parser
 
 
@@ -289,6 +290,8 @@ def serve(config: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in admin.COMMANDS:  # they never create or prepare a cache directory
+        return admin.run(args)
     checking = args.command == "healthcheck"
     flags = {"cache_dir": args.cache_dir} if checking else {key: getattr(args, key) for key in KEYS}
     try:

@@ -28,6 +28,7 @@ OWNED_NAMES = {
     "secret": stat.S_IFREG,  # proxy/access.py
     "access": stat.S_IFDIR,  # proxy/access.py
     "splits.jsonl": stat.S_IFREG,  # proxy/access.py
+    "revocations.jsonl": stat.S_IFREG,  # proxy/access.py
     "tmp": stat.S_IFDIR,  # proxy/store/disk.py
     "entries": stat.S_IFDIR,  # proxy/store/disk.py
     "locks": stat.S_IFDIR,  # proxy/store/claims.py
@@ -67,6 +68,19 @@ def prepare_directory(path: str) -> Path:
     return directory
 
 
+def inspect_directory(path: str) -> Path:
+    """Check an existing cache directory for an operator's command, changing nothing.
+
+    The same rules as :func:`prepare_directory`, but a missing directory is refused, not
+    created, and a loose subdirectory is reported, not tightened. Raises :class:`CacheDirError`.
+    """
+    directory = Path(path)
+    _check_existing(directory)
+    for name, kind in OWNED_NAMES.items():
+        _check_owned(directory / name, kind, tighten=False)
+    return directory
+
+
 def _check_existing(directory: Path) -> None:
     try:
         info = directory.stat()
@@ -87,9 +101,10 @@ def _check_existing(directory: Path) -> None:
         )
 
 
-def _check_owned(path: Path, kind: int) -> None:
+def _check_owned(path: Path, kind: int, tighten: bool = True) -> None:
     """Refuse a symbolic link or a wrong type at ``path``; a directory of ours that others can
-    enter (left by an older version) is made 0700 through a descriptor, never by path."""
+    enter (left by an older version) is made 0700 through a descriptor, never by path (with
+    ``tighten``; refused without)."""
     try:
         info = path.lstat()
     except FileNotFoundError:
@@ -107,6 +122,11 @@ def _check_owned(path: Path, kind: int) -> None:
     if info.st_uid != os.getuid():
         raise _refuse(f"{path} belongs to uid {info.st_uid}; remove it or choose another cache_dir")
     if kind == stat.S_IFDIR and info.st_mode & 0o077:
+        if not tighten:
+            raise _refuse(
+                f"{path} can be entered by others (mode {stat.S_IMODE(info.st_mode):o}); "
+                "starting the server makes it 0700"
+            )
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as exc:

@@ -15,7 +15,7 @@ os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-ca
 from proxy.app import create_app
 from proxy.cli import uvicorn_options
 from proxy.config import load
-from tests.servers import ServerThread
+from tests.servers import Daemon, ServerThread
 from tests.standin import StandIn
 
 TOKEN = "key-alice-0001"
@@ -70,3 +70,17 @@ def start_proxy(upstream: ServerThread, cache_dir: Path) -> Iterator[ProxyFactor
 @pytest.fixture
 def proxy(start_proxy: ProxyFactory) -> ServerThread:
     return start_proxy()
+
+
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
+def live_server(
+    request: pytest.FixtureRequest, upstream: ServerThread, cache_dir: Path
+) -> Iterator[Daemon]:
+    """``vlmrun-cache serve`` with one or two workers on ``cache_dir``."""
+    daemon = Daemon(
+        "--upstream", upstream.url, "--cache-dir", str(cache_dir), "--workers", str(request.param)
+    )
+    assert daemon.started(), daemon.output
+    yield daemon
+    if daemon.process.poll() is None:
+        assert daemon.stop(), daemon.output

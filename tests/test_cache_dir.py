@@ -15,7 +15,7 @@ import pytest
 from proxy.access import AccessProofs
 from proxy.config import load
 from proxy.metrics import Metrics
-from proxy.services import CacheDirError, Services, prepare_directory
+from proxy.services import CacheDirError, Services, inspect_directory, prepare_directory
 from proxy.store.disk import DiskStore
 from tests.conftest import SESSION
 from tests.helpers import auth
@@ -277,4 +277,17 @@ def test_orphan_sweep_never_descends_through_a_symlink(tmp_path: Path, outside: 
     before = _snapshot(outside)
     store.sweep_orphans(min_age=0)
     store.close()
+    assert _snapshot(outside) == before
+
+
+def test_symlinked_revocation_list_is_refused(tmp_path: Path, outside: Path) -> None:
+    """A symlinked revocations.jsonl stops start-up and the operator's commands alike; what it
+    points to is never read or written."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    (cache_dir / "revocations.jsonl").symlink_to(outside / "x.fill")
+    before = _snapshot(outside)
+    for check in (prepare_directory, inspect_directory):
+        with pytest.raises(CacheDirError, match=r"revocations\.jsonl is a symbolic link"):
+            check(str(cache_dir))
     assert _snapshot(outside) == before

@@ -13,6 +13,7 @@ import pytest
 
 from proxy.store import EntryMeta
 from proxy.store.disk import DiskStore
+from proxy.store.index import Index
 
 
 def _put(store: DiskStore, key: str, body: bytes) -> bool:
@@ -278,3 +279,25 @@ def test_sweep_merges_index_and_directories_exactly(tmp_path: Path) -> None:
         entry.close()
     other = DiskStore(tmp_path, 10_000_000, 400_000)
     assert store.claim_sweep() and not other.claim_sweep()
+
+
+def test_removal_spares_an_entry_replaced_since_it_was_listed(
+    store: DiskStore, tmp_path: Path
+) -> None:
+    """Index.remove deletes an entry only if it still names the listed file: one a later commit
+    replaced stays whole, while the others listed go, file and all."""
+    _put(store, "replaced", b"old" * 100)
+    _put(store, "other", b"x" * 100)
+    index = Index(tmp_path / "entries")
+    listed = list(index.entries())
+    old_file = index.path(next(e for e in listed if e.key == "replaced"))
+    _put(store, "replaced", b"new" * 100)
+    removed = index.remove(listed)
+    assert [e.key for e in removed] == ["other"]
+    assert old_file is not None and not old_file.exists()  # the replaced file went with its commit
+    entry = store.get("replaced")
+    assert entry is not None
+    with entry.file:
+        assert entry.file.read() == b"new" * 100
+    assert store.get("other") is None and store.stats().entries == 1
+    assert store.stats().bytes == 300

@@ -3,10 +3,12 @@ every tier, and the memory tier keeps to its bound."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from proxy.store import EntryMeta
 from proxy.store.disk import DiskStore
+from proxy.store.index import Index
 from proxy.store.memory import MemoryTier
 from tests.conftest import SESSION
 from tests.helpers import fetch, metric
@@ -63,3 +65,17 @@ def test_memory_tier_keeps_to_its_bound(tmp_path: Path) -> None:
     big.write_bytes(b"x")
     tier.put("big", EntryMeta("x", 2000, "0" * 64, 0.0), b"x" * 2000, str(big), big.stat().st_ino)
     assert tier.get("big") is None and tier.bytes == 3000
+
+
+def test_memory_hits_count_for_recency(standin: StandIn, proxy, cache_dir: Path) -> None:
+    """A hit answered from memory still records an access of the disk entry, which eviction
+    and ``purge --older-than`` read."""
+    standin.add("session", SESSION, "img_7e7e03")
+    for _ in range(2):  # a miss, then a disk hit that copies it into memory
+        fetch(proxy, "img_7e7e03")
+    before = time.time()
+    assert fetch(proxy, "img_7e7e03").headers["cache-status"].endswith("detail=memory")
+    proxy.app.state.services.store.flush_touches()
+    cache_key = f'["v2", "session", "{SESSION}", "img_7e7e03"]'
+    (entry,) = [e for e in Index(cache_dir / "entries").entries() if e.key == cache_key]
+    assert entry.access_time >= before

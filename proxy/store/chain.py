@@ -166,6 +166,7 @@ class Chain:
     async def lookup(self, key: str) -> Hit | None:
         copy = self.memory.get(key)
         if copy is not None:
+            self.disk.store.touch(key)  # the disk entry is what recency evicts and purges
             return Hit(copy.meta, self.memory.name, body=copy.body)
         found = await self.disk.lookup(key)
         if found is None:

@@ -16,6 +16,9 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
   The memory index can only be stale in one way, a file that was evicted (perhaps by another
   process): opening it then fails and the lookup falls back to SQLite. Cached files never change
   once written, and their names are never reused.
+
+Access times and eviction victims are written and read through :mod:`proxy.store.index`, which
+the operator's commands use too.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import diskcache
 from diskcache.core import MODE_BINARY
 
 from proxy.store import Entry, EntryMeta, FillFile, StoreStats
+from proxy.store.index import ENTRIES_DIR, INDEX_FILE, Index
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +95,15 @@ class DiskStore:
         self._on_reset = on_reset
         self._tmp = self.directory / "tmp"
         self._commit_lock_path = self.directory / "locks" / "commit.lock"
-        self._entries_dir = self.directory / "entries"
+        self._entries_dir = self.directory / ENTRIES_DIR
+        self._index = Index(self._entries_dir)
         self._commit_lock = threading.RLock()
         self._memo: OrderedDict[str, tuple[str, EntryMeta]] = OrderedDict()
         self._touched: dict[str, float] = {}
         self._memo_lock = threading.Lock()
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._commit_lock_path.parent.mkdir(exist_ok=True, mode=0o700)
-        self._db_path = self._entries_dir / "cache.db"
+        self._db_path = self._entries_dir / INDEX_FILE
         #: Per-thread read-only index connections, and the index's generation (bumped on reset).
         self._local = threading.local()
         self._generation = 0
@@ -164,7 +169,7 @@ class DiskStore:
             except FileNotFoundError:
                 self._forget(key)
             else:
-                self._touch(key)
+                self.touch(key)
                 return Entry(meta=meta, file=handle)
         if memory_only:
             return None
@@ -184,7 +189,8 @@ class DiskStore:
             self._memo.pop(key, None)
             self._touched.pop(key, None)
 
-    def _touch(self, key: str) -> None:
+    def touch(self, key: str) -> None:
+        """Record a read of ``key`` (also one served by a faster tier), for recency."""
         with self._memo_lock:
             self._touched[key] = time.time()
 
@@ -201,11 +207,7 @@ class DiskStore:
         if not touched:
             return
         try:
-            with contextlib.closing(sqlite3.connect(self._db_path, timeout=5)) as db, db:
-                db.executemany(
-                    "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1",
-                    [(when, key) for key, when in touched.items()],
-                )
+            self._index.record_access_times(touched)
         except sqlite3.Error as exc:  # recency is advice; losing one batch is harmless
             log.warning("could not record access times: %s", exc)
 
@@ -238,7 +240,7 @@ class DiskStore:
             handle.close()
             self.evict(key)
             return None
-        self._touch(key)
+        self.touch(key)
         return Entry(meta=meta, file=handle)
 
     def _reader(self) -> sqlite3.Connection:
@@ -323,7 +325,7 @@ class DiskStore:
             return
         self.flush_touches()
         while excess > 0:
-            victims = self._least_recently_used(_EVICT_BATCH)
+            victims = self._index.least_recently_used(_EVICT_BATCH)
             if not victims:
                 return
             chosen = []
@@ -338,17 +340,6 @@ class DiskStore:
                     if self._cache.delete(key):
                         self._on_evict(size)
             excess = self._bytes() + incoming - self.max_bytes
-
-    def _query_index(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
-        """Rows of a read-only query on diskcache's index, through a connection of our own."""
-        with contextlib.closing(sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True)) as db:
-            return db.execute(sql, params).fetchall()
-
-    def _least_recently_used(self, limit: int) -> list[tuple[str, int]]:
-        rows = self._query_index(
-            "SELECT key, size FROM Cache WHERE raw = 1 ORDER BY access_time LIMIT ?", (limit,)
-        )
-        return [(str(key), int(size)) for key, size in rows]
 
     def _bytes(self) -> int:
         return int(self._cache.reset("size"))
