@@ -32,8 +32,6 @@ from proxy.services import prepare_directory
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 _HELP = {
     "host": "address to listen on (default 127.0.0.1)",
     "port": "port to listen on (default 8080)",
@@ -63,6 +61,8 @@ _HELP = {
     "http": "auto, h11 or httptools (default auto: httptools when installed)",
     "workers": "server processes sharing the port and the cache (default 1)",
     "log_level": "critical, error, warning, info or debug (default info)",
+    "log_format": "access log lines as text or json (default text)",
+    "access_log": "one line per request on stdout: true or false (default true)",
 }
 
 
