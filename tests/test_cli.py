@@ -101,6 +101,24 @@ def test_invalid_setting_stops_start_up_naming_the_key(
     assert f"invalid setting {key}:" in result.stderr
 
 
+def test_a_bad_environment_value_names_the_variable() -> None:
+    """VLMRUN_CACHE_PORT=abc stops start-up with exit 2, one line naming the variable, no
+    traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VLMRUN_CACHE_PORT": "abc"},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "vlmrun-cache: invalid setting port: 'abc' is not a whole number "
+        "(from environment variable VLMRUN_CACHE_PORT)"
+    )
+
+
 def test_stale_metrics_directories_are_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
