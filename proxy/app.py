@@ -20,6 +20,7 @@ from proxy.artifacts import ArtifactRoute
 from proxy.config import Config
 from proxy.errors import ProxyError, ResponseAborted, handle_proxy_error, json_response
 from proxy.metrics import Metrics
+from proxy.probe import display_url
 from proxy.services import Services
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ def create_app(config: Config | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await services.open()
-        log.info("serving %s from cache in %s", config.upstream_origin, config.cache_dir)
+        log.info(
+            "serving %s from cache in %s", display_url(config.upstream_origin), config.cache_dir
+        )
         try:
             yield
         finally:

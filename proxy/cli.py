@@ -26,7 +26,8 @@ import uvicorn
 
 from proxy import __version__
 from proxy.app import CONFIG_ENV, configure_logging, create_app
-from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, load
+from proxy.banner import announce
+from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, flag_name, load
 from proxy.metrics import MULTIPROC_ENV
 from proxy.services import prepare_directory
 
@@ -66,21 +67,39 @@ _HELP = {
 }
 
 
+_SETTINGS = (
+    f"Settings: defaults < the file named by ${BASE_CONFIG_ENV} < --config file "
+    "< VLMRUN_CACHE_<KEY> environment variables < flags."
+)
+_START_HERE = """\
+start here:
+  vlmrun-cache serve        run the proxy on http://127.0.0.1:8080
+  export VLMRUN_BASE_URL=http://127.0.0.1:8080/v1
+                            in the shell that runs your agent (unchanged vlmrun SDK code)
+
+Run without a command, vlmrun-cache prints this help and exits with status 2."""
+
+
+def _add_settings(command: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and one flag per setting, as ``serve`` takes them."""
+    command.add_argument("--config", metavar="FILE", help="TOML file (see config.example.toml)")
+    for key in KEYS:
+        command.add_argument(flag_name(key), dest=key, metavar="VALUE", help=_HELP[key])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vlmrun-cache", description="A local caching reverse proxy for the VLM Run API."
+        prog="vlmrun-cache",
+        description="A local caching reverse proxy for the VLM Run API.",
+        epilog=_START_HERE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     serve = commands.add_parser(
-        "serve",
-        help="run the proxy",
-        description=f"Run the proxy. Settings: defaults < the file named by ${BASE_CONFIG_ENV} "
-        "< --config file < VLMRUN_CACHE_<KEY> environment variables < flags.",
+        "serve", help="run the proxy", description=f"Run the proxy. {_SETTINGS}"
     )
-    serve.add_argument("--config", metavar="FILE", help="TOML file (see config.example.toml)")
-    for key in KEYS:
-        serve.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE", help=_HELP[key])
+    _add_settings(serve)
     healthcheck = commands.add_parser(
         "healthcheck",
         help="exit 0 if the running proxy answers /healthz, else 1",
@@ -230,6 +249,7 @@ def serve(config: Config) -> None:
         write_address_file(config)
     except OSError as exc:  # the app's start-up will fail on the directory and say why
         log.warning("cannot record the listening address in %s: %s", config.cache_dir, exc)
+    announce(config)
     if config.workers > 1:
         # Workers are fresh interpreters: they get the settings, and a shared directory for
         # prometheus-client's multiprocess mode, through the environment.
@@ -258,12 +278,27 @@ def serve(config: Config) -> None:
     )
 
 
+def _flags(args: argparse.Namespace) -> dict[str, str | None]:
+    if args.command == "healthcheck":
+        return {"cache_dir": args.cache_dir}
+    return {key: getattr(args, key) for key in KEYS}
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The settings, merged as every command merges them (see ``_SETTINGS``)."""
+    base = os.environ.get(BASE_CONFIG_ENV) or None
+    return load(args.config, os.environ, _flags(args), base=base)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a first try: lead to serve rather than fail with a usage error
+        parser.print_help()
+        return 2
     checking = args.command == "healthcheck"
-    flags = {"cache_dir": args.cache_dir} if checking else {key: getattr(args, key) for key in KEYS}
     try:
-        config = load(args.config, os.environ, flags, base=os.environ.get(BASE_CONFIG_ENV) or None)
+        config = _load(args)
         # Before uvicorn starts, so that an unsafe directory is one clean line, not a traceback.
         prepare_directory(config.cache_dir)
     except ConfigError as exc:

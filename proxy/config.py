@@ -72,6 +72,17 @@ def parse_size(value: object) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def format_size(size: int) -> str:
+    """``size`` bytes for people: ``512 B``, ``8.0 KiB``, ``3.4 MiB``, ``10 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    digits = 0 if unit == "B" else 1
+    return f"{value:.{digits}f}".removesuffix(".0") + f" {unit}"
+
+
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string such as ``250ms``, ``30s``, ``10m``, ``1h``."""
     if isinstance(value, bool):
