@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy.accesslog import AccessLog, AccessLogWriter
 from proxy.artifacts import ArtifactRoute
 from proxy.config import Config
 from proxy.errors import ProxyError, ResponseAborted, handle_proxy_error, json_response
@@ -56,12 +57,17 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every upstream request at INFO with its full URL: a second, leakier access log
+    # (query values of every route). The access log says what happened; keep httpx for debug.
+    if level.lower() != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def create_app(config: Config | None = None) -> Starlette:
     """A proxy app for ``config`` (defaults if omitted). Nothing is opened until its lifespan."""
     config = config or Config()
     services = Services(config, Metrics())
+    access_log = AccessLogWriter(config.log_format) if config.access_log else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -69,10 +75,14 @@ def create_app(config: Config | None = None) -> Starlette:
         log.info(
             "serving %s from cache in %s", display_url(config.upstream_origin), config.cache_dir
         )
+        if access_log is not None:
+            access_log.start()
         try:
             yield
         finally:
             await services.close()
+            if access_log is not None:
+                await anyio.to_thread.run_sync(access_log.stop)
 
     async def healthz(_request: Request) -> Response:
         return json_response(200, {"status": "ok"})
@@ -102,7 +112,10 @@ def create_app(config: Config | None = None) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/artifacts", ArtifactRoute(services)),
         ],
-        middleware=[Middleware(_AbortGuard)],
+        middleware=[
+            *([Middleware(AccessLog, writer=access_log)] if access_log is not None else []),
+            Middleware(_AbortGuard),
+        ],
         exception_handlers={ProxyError: handle_proxy_error},
         lifespan=lifespan,
     )

@@ -273,6 +273,7 @@ def serve(config: Config) -> None:
         http=http_protocol(config.http),
         lifespan="on",
         log_level=config.log_level,
+        access_log=False,  # ours is proxy/accesslog.py
         server_header=False,
         timeout_graceful_shutdown=30,
     )

@@ -33,6 +33,7 @@ class ServerThread:
             http=http,
             lifespan="on",
             log_level="warning",
+            access_log=False,  # the proxy writes its own
             server_header=False,
             timeout_graceful_shutdown=5,
             **options,
