@@ -7,7 +7,6 @@ import os
 import pwd
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -202,22 +201,6 @@ def test_a_file_in_the_way_is_named(tmp_path: Path, start_daemon: StartDaemon) -
     message = _refused(start_daemon(tmp_path / "data" / "cache"))
     assert f"{tmp_path / 'data'} is a file, not a directory" in message
     assert "VLMRUN_CACHE_CACHE_DIR" in message and "--cache-dir" in message
-
-
-@pytest.fixture
-def read_only_mount(tmp_path: Path) -> Iterator[Path]:
-    """An empty directory of ours (0700) on a read-only tmpfs."""
-    mount = tmp_path / "read-only"
-    mount.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,mode=0700,size=1m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr!r}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.mark.parametrize("below", [False, True], ids=["existing", "to-create"])

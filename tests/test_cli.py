@@ -150,14 +150,14 @@ def test_stale_metrics_directories_are_removed(
 
 
 def test_bare_command_prints_help_that_leads_to_serve() -> None:
-    """``vlmrun-cache`` alone prints the help (serve, the export line) on stdout and
+    """``vlmrun-cache`` alone prints the help (serve, the export line, doctor) on stdout and
     exits 2, without an argparse error."""
     result = subprocess.run(
         [sys.executable, "-m", "proxy"], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 2 and result.stderr == ""
     assert result.stdout.startswith("usage: vlmrun-cache")
-    for text in ("vlmrun-cache serve", "export VLMRUN_BASE_URL=http://127.0.0.1:8080/v1"):
+    for text in ("vlmrun-cache serve", "export VLMRUN_BASE_URL=http://127.0.0.1:8080/v1", "doctor"):
         assert text in result.stdout
 
 
