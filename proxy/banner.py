@@ -13,7 +13,7 @@ import sqlite3
 import threading
 
 from proxy.config import Config, format_size
-from proxy.probe import check_upstream, display_url
+from proxy.probe import HEALTH_PATH, check_upstream, display_url
 from proxy.store.disk import peek_stats
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def announce(config: Config) -> threading.Thread:
     upstream = display_url(config.upstream_origin)
     log.info("listening on %s", listen_url(config))
     log.info("cache %s", cache_line(config))
-    log.info("upstream %s (checking %s/v1/health in the background)", upstream, upstream)
+    log.info("upstream %s: checking %s in the background", upstream, HEALTH_PATH)
     log.info("point clients here: export VLMRUN_BASE_URL=%s", client_base_url(config))
     thread = threading.Thread(
         target=_report_upstream, args=(config.upstream_origin,), name="upstream-check", daemon=True
