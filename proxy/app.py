@@ -16,11 +16,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy.accesslog import AccessLog, AccessLogWriter
 from proxy.artifacts import ArtifactRoute
 from proxy.config import Config
 from proxy.errors import ProxyError, ResponseAborted, handle_proxy_error, json_response
-from proxy.front import Front
+from proxy.front import ArtifactApp, Front
 from proxy.metrics import Metrics
+from proxy.probe import display_url
 from proxy.services import Services
 
 log = logging.getLogger(__name__)
@@ -65,15 +67,22 @@ def create_app(config: Config | None = None) -> Front:
     """A proxy app for ``config`` (defaults if omitted). Nothing is opened until its lifespan."""
     config = config or Config()
     services = Services(config, Metrics())
+    access_log = AccessLogWriter(config.log_format) if config.access_log else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await services.open()
-        log.info("serving %s from cache in %s", config.upstream_origin, config.cache_dir)
+        log.info(
+            "serving %s from cache in %s", display_url(config.upstream_origin), config.cache_dir
+        )
+        if access_log is not None:
+            access_log.start()
         try:
             yield
         finally:
             await services.close()
+            if access_log is not None:
+                await anyio.to_thread.run_sync(access_log.stop)
 
     async def healthz(_request: Request) -> Response:
         return json_response(200, {"status": "ok"})
@@ -113,4 +122,8 @@ def create_app(config: Config | None = None) -> Front:
     app.router.default = passthrough
     app.router.redirect_slashes = False
     app.state.services = services
-    return Front(app, artifacts)
+    fast: ASGIApp = ArtifactApp(artifacts)
+    rest: ASGIApp = app
+    if access_log is not None:  # one line per request, whichever way it went
+        fast, rest = AccessLog(fast, writer=access_log), AccessLog(app, writer=access_log)
+    return Front(rest, fast, app.state)

@@ -24,21 +24,13 @@ log = logging.getLogger(__name__)
 ARTIFACT_PATH = "/v1/artifacts"
 
 
-class Front:
-    """Dispatches ``GET /v1/artifacts`` to ``route``; everything else to ``app``."""
+class ArtifactApp:
+    """The artifact route as an ASGI app of its own, with the app's error mapping."""
 
-    def __init__(self, app: ASGIApp, route: ArtifactRoute) -> None:
-        self.app = app
+    def __init__(self, route: ArtifactRoute) -> None:
         self.route = route
 
-    @property
-    def state(self) -> Any:
-        return getattr(self.app, "state", None)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != ARTIFACT_PATH or scope["method"] != "GET":
-            await self.app(scope, receive, send)
-            return
         try:
             await self.route(scope, receive, send)
         except ProxyError as exc:  # raised before the response started, by design
@@ -47,3 +39,19 @@ class Front:
             log.warning("response aborted: %s", exc)
         except ClientDisconnect:
             log.debug("client disconnected before its request was complete")
+
+
+class Front:
+    """Dispatches ``GET /v1/artifacts`` to ``artifacts``; everything else to ``app``."""
+
+    def __init__(self, app: ASGIApp, artifacts: ASGIApp, state: Any) -> None:
+        self.app = app
+        self.artifacts = artifacts
+        #: The Starlette app's state (``services``), for tests and tools.
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == ARTIFACT_PATH and scope["method"] == "GET":
+            await self.artifacts(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import anyio.to_thread
@@ -43,8 +46,14 @@ class CacheDirError(ConfigError):
     """The cache directory cannot be used safely; the message starts with ``cache_dir``."""
 
 
+#: Ends every refusal: the three ways to point the proxy elsewhere.
+_HOW_TO_CHANGE = "to change it: cache_dir in a config file, VLMRUN_CACHE_CACHE_DIR, or --cache-dir"
+#: Prefix of the empty file that checks that the directory takes writes (removed at once).
+WRITE_CHECK_PREFIX = ".write-check-"
+
+
 def _refuse(why: str) -> CacheDirError:
-    return CacheDirError(f"cache_dir: {why}")
+    return CacheDirError(f"cache_dir: {why} ({_HOW_TO_CHANGE})")
 
 
 def prepare_directory(path: str) -> Path:
@@ -54,7 +63,9 @@ def prepare_directory(path: str) -> Path:
     must be a directory of the current user that group and others cannot write: it holds the
     HMAC secret and credentials' proofs. Its mode is never changed (it may be someone's /tmp).
     ``path`` itself may be a symbolic link (the user's choice); names inside it may not.
-    Raises :class:`CacheDirError`, whose message says what to do, to refuse.
+    Last, an empty file is created in it and removed, so that a directory that does not take
+    writes (permissions, a read-only file system) is refused here and not at the first fill.
+    Raises :class:`CacheDirError`, whose message says what is wrong and what to do, to refuse.
     """
     directory = Path(path)
     try:
@@ -62,9 +73,10 @@ def prepare_directory(path: str) -> Path:
     except FileExistsError:
         _check_existing(directory)
     except OSError as exc:
-        raise _refuse(f"cannot create {directory}: {exc.strerror}") from None
+        raise _refuse(f"cannot create {directory}: {_why_not(directory, exc)}") from None
     for name, kind in OWNED_NAMES.items():
         _check_owned(directory / name, kind)
+    check_writable(directory)
     return directory
 
 
@@ -81,11 +93,48 @@ def inspect_directory(path: str) -> Path:
     return directory
 
 
+def check_writable(directory: Path) -> None:
+    """Create an empty file in ``directory`` and remove it; refuse if that fails."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=WRITE_CHECK_PREFIX, dir=directory)
+    except OSError as exc:
+        raise _refuse(f"{directory} does not take writes: {_why_not(directory, exc)}") from None
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+
+
+def _why_not(directory: Path, exc: OSError) -> str:
+    """What ``exc``, raised creating ``directory`` or a file in it, means for the user."""
+    if exc.errno == errno.EROFS:
+        return "it is on a read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission (this process runs as uid {os.getuid()})"
+    if exc.errno == errno.ENOTDIR:
+        blocker = in_the_way(directory)
+        if blocker is not None:
+            return f"{blocker} is a file, not a directory"
+    if exc.errno == errno.ENOSPC:
+        return "the disk is full"
+    return exc.strerror or str(exc)
+
+
+def in_the_way(directory: Path) -> Path | None:
+    """The first ancestor of ``directory`` (or itself) that exists but is not a directory."""
+    for path in (*reversed(directory.absolute().parents), directory.absolute()):
+        try:
+            if not stat.S_ISDIR(path.stat().st_mode):
+                return path
+        except OSError:  # missing from here down, or not ours to look at
+            return None
+    return None
+
+
 def _check_existing(directory: Path) -> None:
     try:
         info = directory.stat()
     except OSError as exc:
-        raise _refuse(f"cannot use {directory}: {exc.strerror}") from None
+        raise _refuse(f"cannot use {directory}: {_why_not(directory, exc)}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise _refuse(f"{directory} is not a directory; choose a directory path")
     if info.st_uid != os.getuid():

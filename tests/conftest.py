@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -84,3 +85,20 @@ def live_server(
     yield daemon
     if daemon.process.poll() is None:
         assert daemon.stop(), daemon.output
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory of ours (0700) on a read-only tmpfs (root ignores permission bits;
+    a read-only mount stops it too). Skips where mounting is not allowed."""
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,mode=0700,size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr!r}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

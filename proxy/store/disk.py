@@ -58,6 +58,26 @@ SWEEP_PAUSE = 0.002
 MEMO_ENTRIES = 100_000
 
 
+def peek_stats(directory: str | Path, max_bytes: int) -> StoreStats:
+    """Entries and bytes of the disk tier in ``directory``, read from its index read-only.
+
+    For start-up messages and ``doctor``, beside a server that may be running: no sweep, no
+    reset, no directory created (SQLite may add its ``-wal``/``-shm`` files next to the index).
+    A directory without an index yet holds nothing. Raises ``sqlite3.Error`` if the index does
+    not open or answer (for instance when it is damaged).
+    """
+    db_path = Path(directory) / "entries" / "cache.db"
+    if not db_path.exists():
+        return StoreStats(bytes=0, entries=0, max_bytes=max_bytes)
+    uri = f"file:{db_path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=2)) as db:
+        rows = db.execute("SELECT key, value FROM Settings WHERE key IN ('count', 'size')")
+        settings = {str(key): int(value) for key, value in rows.fetchall()}
+    return StoreStats(
+        bytes=settings.get("size", 0), entries=settings.get("count", 0), max_bytes=max_bytes
+    )
+
+
 class _Adopt:
     """A value that tells :class:`_AdoptingDisk` to move this file into the cache."""
 
