@@ -8,6 +8,8 @@ other query value.
 
 Outcomes, read from the response as a client sees it (the routes know nothing of this log):
 
+* ``offline``: answered by the proxy itself while the API was unreachable (``X-Cache:
+  OFFLINE``, e.g. the SDK's ``/v1/health``), whatever the status;
 * ``error``: the status is 400 or more;
 * ``aborted``: no response, or one cut before its last byte (a broken upstream, a failed
   integrity check, a client that left); status 0 when no response was sent;
@@ -112,10 +114,9 @@ class AccessLog:
                     finished = time.perf_counter()
             elif message["type"] == "http.response.start":
                 status = message["status"]
-                if artifact:
-                    for name, value in message.get("headers", ()):
-                        if name.lower() == b"x-cache":
-                            cache = value
+                for name, value in message.get("headers", ()):  # the offline /v1/health too
+                    if name.lower() == b"x-cache":
+                        cache = value
             await send(message)
 
         failed = False
@@ -144,6 +145,8 @@ class AccessLog:
 
 def outcome(route: str, artifact: bool, status: int, cache: bytes, complete: bool) -> str:
     """The outcome word of a request; see the module docstring for the rules."""
+    if cache == b"OFFLINE":  # answered by the proxy itself while the API is unreachable
+        return "offline"
     if status >= 400:
         return "error"
     if not complete:

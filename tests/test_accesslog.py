@@ -172,6 +172,8 @@ def _record(**changes: Any) -> Record:
         ({"query": b"object_id=a&filename=b"}, "bypass", 200),
         ({"query": b"object_id=a&session_id=b", "cache": b"HIT", "status": 416}, "error", 416),
         ({"route": "/metrics"}, "-", 200),
+        ({"route": "/v1/health", "cache": b"OFFLINE"}, "offline", 200),
+        ({"route": "/v1/health", "cache": b"OFFLINE", "status": 403}, "offline", 403),
     ],
 )
 def test_outcomes_follow_the_response(changes: dict[str, Any], outcome: str, status: int) -> None:

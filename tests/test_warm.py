@@ -16,7 +16,7 @@ from tests.standin import StandIn
 
 
 def test_warm_fetches_what_is_missing_and_skips_the_rest(
-    standin: StandIn, live_server: Daemon, monkeypatch: pytest.MonkeyPatch
+    standin: StandIn, live_server: Daemon, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """warm lists the session through the proxy, skips items without an object_id, leaves a
     cached artifact alone (nothing downloaded) and fetches the others, which are hits after."""
@@ -46,6 +46,11 @@ def test_warm_fetches_what_is_missing_and_skips_the_rest(
     monkeypatch.setenv("VLMRUN_CACHE_PORT", str(live_server.port))
     again = admin("warm", "--session", SESSION)
     assert again.code == 0 and "fetched 0 (0 B), 3 already cached" in again.out
+    # And found through the address the server recorded in its cache directory.
+    monkeypatch.delenv("VLMRUN_CACHE_PORT")
+    monkeypatch.delenv("VLMRUN_CACHE_CACHE_DIR", raising=False)
+    found = admin("warm", "--session", SESSION, "--cache-dir", str(cache_dir))
+    assert found.code == 0 and "3 already cached" in found.out, found
     assert sum(standin.hits("session", SESSION, o) for o in bodies) == 2
 
 

@@ -128,7 +128,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     warm_.add_argument(
         "--api-key-file", metavar="FILE", help="read the API key from FILE (else VLMRUN_API_KEY)"
     )
-    _settings(warm_, cache_dir=False)
+    _settings(warm_)
 
     revoke = add(
         "revoke",

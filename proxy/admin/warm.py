@@ -18,8 +18,10 @@ local user can read in ``ps``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
+import json
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -57,14 +59,19 @@ def api_key(args: argparse.Namespace) -> str:
 
 
 def default_proxy(config: Config) -> tuple[str, bool]:
-    """The URL ``serve`` listens on with these settings, and whether to verify its TLS
-    certificate (not on loopback: our own server, whoever signed its certificate)."""
-    from proxy.cli import dial_host  # proxy.cli wires this command in
+    """The URL ``serve`` listens on with these settings (as the running server recorded it in
+    the cache directory, when it did), and whether to verify its TLS certificate (not on
+    loopback: our own server, whoever signed its certificate)."""
+    from proxy.cli import ADDRESS_FILE, dial_host  # proxy.cli wires this command in
 
-    host = dial_host(config.host)
     scheme = "https" if config.tls_certfile else "http"
+    host, port = config.host, config.port
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        recorded = json.loads((Path(config.cache_dir) / ADDRESS_FILE).read_text("utf-8"))
+        scheme, host, port = str(recorded["scheme"]), str(recorded["host"]), int(recorded["port"])
+    host = dial_host(host)
     loopback = host == "localhost" or _is_loopback(host)
-    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{config.port}", not loopback
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}", not loopback
 
 
 def _is_loopback(host: str) -> bool:
@@ -149,7 +156,10 @@ def warm(args: argparse.Namespace, config: Config) -> int:
         try:
             listing = client.get("/v1/artifacts/list", params=scope)
         except httpx.HTTPError as exc:
-            raise Failed(f"cannot reach the proxy at {base}: {exc}") from None
+            raise Failed(
+                f"cannot reach the proxy at {base}: {exc} (is it running? give --proxy URL or "
+                "the --cache-dir it uses)"
+            ) from None
         if listing.status_code in (401, 403):
             raise Failed(f"the API refused this key ({_detail(listing)}); nothing was fetched")
         if listing.status_code != 200:
