@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test check bench load lock clean
+.PHONY: serve test check bench bench-quick load lock clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ check: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+
+bench-quick: $(VENV)/.installed
+	$(PY) bench/run.py --quick
 
 load: $(VENV)/.installed
 	$(PY) bench/load.py

@@ -115,10 +115,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
     upstream_port, proxy_port = free_port(), free_port()
     with (
-        tempfile.TemporaryDirectory(prefix="vlmrun-load-") as cache_dir,
+        tempfile.TemporaryDirectory(prefix="vlmrun-load-") as work,
         standin(upstream_port, args.latency) as _api,
         proxy(
-            proxy_port, f"http://127.0.0.1:{upstream_port}", cache_dir, "--max-size", args.max_size
+            proxy_port,
+            f"http://127.0.0.1:{upstream_port}",
+            str(Path(work) / "cache"),
+            "--max-size",
+            args.max_size,
+            log=Path(work) / "proxy.log",
         ) as daemon,
     ):
         catalogue = Catalogue(rng)

@@ -1,479 +1,125 @@
-"""The benchmark: our proxy beside nginx's proxy_cache and a bare Starlette app, same machine, same run.
+"""The benchmark: our proxy beside its Python ceilings and nginx's proxy_cache, same machine,
+same run.
 
     python bench/run.py                 # everything (about 5 minutes)
-    python bench/run.py --quick         # shorter runs, no 1 GiB or 100k-entry sections
-    python bench/run.py --only hits     # one section: hits, miss, coalesce, memory, scale, workers
+    python bench/run.py --quick         # fewer, shorter runs (to bench/results/quick.md)
+    python bench/run.py --only hits     # one section: hits, attack, miss, coalesce, memory, scale, workers
 
-Starts on loopback: the stand-in API (150 ms latency by default), the proxy, nginx (when installed)
-configured as an equivalent cache (proxy_cache keyed on the three query parameters, with
-proxy_cache_lock), and bench/ceiling.py (the same bytes from memory: the Python ceiling). Hits are
-driven by wrk (or a Python generator when wrk is absent) pinned to the other core. Absolute numbers
-on a shared 2-core machine are noise: the ratios in the same run are the result.
+Starts on loopback: the stand-in API (150 ms latency by default), the proxy as ``serve`` runs
+(no flags but the upstream, the cache directory and the port; default log level, its log to a
+file), a second proxy with its access log off, the two ceilings of bench/ceiling.py (Starlette
+and raw ASGI, on the proxy's server, protocol and loop), and nginx (when installed) on two ports,
+sendfile on and off (bench/servers.py). Servers are pinned to core 0; wrk and the attackers to
+core 1. Hits are measured in alternating rounds and compared within each round (bench/hits.py).
 
-Writes the tables to bench/results/latest.md (with the date and the machine) and prints them.
+Writes bench/results/latest.md (the date, the machine, the method and the tables) and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
-import itertools
 import os
-import re
+import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (
-    ROOT,
-    SCOPE,
-    TOKEN,
-    child,
-    free_port,
-    machine,
-    proxy,
-    rss_kib,
-    standin,
-    tree_rss_kib,
+from bench.common import ROOT, access_log_off_means, free_port, proxy, standin
+from bench.hits import (
+    Arm,
+    AttackTally,
+    Comparison,
+    Result,
+    alternate,
+    attack_rows,
+    attackers,
+    foreign_note,
+    hit_rows,
+    median,
+    p99,
+    per_round,
+    run_comparisons,
+    spread,
+)
+from bench.loadgen import wrk, wrk_version
+from bench.sections import (
+    miss_rows,
+    section_coalesce,
+    section_memory,
+    section_miss,
+    section_scale,
+    section_workers,
+)
+from bench.servers import (
+    LOAD_CPU,
+    SERVER_CPU,
+    Target,
+    ceiling,
+    check_hit,
+    descendants,
+    foreign_cpu_seconds,
+    header_names,
+    loaded,
+    nginx,
+    nginx_version,
+    url,
 )
 
+__all__ = ["SERVER_CPU", "url", "wrk"]  # bench/accesslog.py's imports from here
+
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
-SIZES = {"8 KiB": 8 * KiB, "256 KiB": 256 * KiB, "50 MiB": 50 * MiB}
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SERVER_CPU = 0  # servers on core 0, load generators on core 1
-LOAD_CPU = 1
-_ids = iter(range(10**9))
+SECTIONS = ["hits", "attack", "miss", "coalesce", "memory", "scale", "workers"]
+ATTACK = {"silent": 400, "dribble": 100}
+_serial = iter(range(10**9))
 
 
 def new_id(size: int) -> str:
-    return f"arr_{size}_k{next(_ids)}_{os.getpid()}"
+    return f"arr_{size}_k{next(_serial)}_{os.getpid()}"
 
 
-def url(base: str, object_id: str) -> str:
-    return f"{base}/v1/artifacts?object_id={object_id}&session_id={SCOPE}"
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often: the whole run, or ``--quick``."""
 
+    seconds: float  # per wrk run of a hit comparison
+    rounds: int
+    attack_seconds: float  # per wrk run, idle and under attack
+    settle: float  # attackers connected this long before wrk starts
+    miss_repeats: int
+    memory_size: int
+    scale_counts: tuple[int, ...]
+    workers_seconds: float  # per wrk run of the workers section (32 clients of 50 MiB: long)
 
-# -- servers -------------------------------------------------------------------------------------
-
-NGINX_CONF = """
-user root;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy_temp;
-    proxy_cache_path {dir}/cache levels=1:2 keys_zone=artifacts:64m max_size=20g inactive=7d use_temp_path=off;
-    server {{
-        listen 127.0.0.1:{port};
-        location /v1/artifacts {{
-            proxy_pass http://127.0.0.1:{upstream};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache artifacts;
-            proxy_cache_key "$arg_session_id|$arg_execution_id|$arg_object_id";
-            proxy_cache_valid 200 7d;
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 60s;
-            proxy_read_timeout 60s;
-        }}
-    }}
-}}
-"""
-
-
-@contextlib.contextmanager
-def nginx(port: int, upstream_port: int) -> Iterator[subprocess.Popen[bytes] | None]:
-    if shutil.which("nginx") is None:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as directory:
-        conf = Path(directory) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=directory, port=port, upstream=upstream_port))
-        with child(
-            ["nginx", "-p", directory, "-c", str(conf), "-g", "daemon off;"], port, SERVER_CPU
-        ) as process:
-            yield process
-
-
-def ceiling(
-    port: int, http: str = "h11"
-) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    return child(
-        [sys.executable, "bench/ceiling.py", "--port", str(port), "--http", http], port, SERVER_CPU
-    )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its children so far."""
-    total = 0.0
-    pids = [pid]
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    for each in pids:
-        with contextlib.suppress(FileNotFoundError):
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-# -- load generation -----------------------------------------------------------------------------
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
-
-
-def _ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if match is None:
-        raise ValueError(f"unexpected wrk latency {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def wrk(target: str, connections: int, seconds: float, pin: bool = True) -> dict[str, float]:
-    """Requests/s, p50/p99 latency (ms) and MB/s of keep-alive GETs of ``target``."""
-    if shutil.which("wrk") is None:
-        return asyncio.run(python_load(target, connections, seconds))
-    args = [
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout",
-        "60s",
-        "--latency",
-        "-H",
-        f"Authorization: Bearer {TOKEN}",
-        target,
-    ]
-    if pin and (os.cpu_count() or 1) > 1:
-        args = ["taskset", "-c", str(LOAD_CPU), *args]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    socket_errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
-    )
-    errors = sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
-    if "Non-2xx" in out or errors > max(1, requests // 100):
-        raise RuntimeError(f"wrk saw errors against {target}:\n{out}")
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
-        "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
-        "requests": requests,
-        "errors": errors,
-    }
-
-
-async def python_load(target: str, connections: int, seconds: float) -> dict[str, float]:
-    """A fallback load generator when wrk is not installed (slower: it is Python)."""
-    latencies: list[float] = []
-    deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=connections)
-    async with httpx.AsyncClient(headers=AUTH, limits=limits, timeout=60) as client:
-
-        async def loop() -> None:
-            while time.monotonic() < deadline:
-                started = time.monotonic()
-                async with client.stream("GET", target) as response:
-                    async for _ in response.aiter_raw():
-                        pass
-                latencies.append(time.monotonic() - started)
-
-        await asyncio.gather(*(loop() for _ in range(connections)))
-    latencies.sort()
-    return {
-        "rps": len(latencies) / seconds,
-        "p50": latencies[len(latencies) // 2] * 1000,
-        "p99": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-        "requests": len(latencies),
-        "errors": 0,
-    }
-
-
-async def timed_get(client: httpx.AsyncClient, target: str) -> tuple[float, float, int]:
-    """(time to first body byte, total time, bytes) of one GET, in seconds."""
-    started = time.monotonic()
-    first = 0.0
-    size = 0
-    async with client.stream("GET", target) as response:
-        response.raise_for_status()
-        async for chunk in response.aiter_raw():
-            if not first:
-                first = time.monotonic() - started
-            size += len(chunk)
-    return first, time.monotonic() - started, size
-
-
-def upstream_fetches(upstream: str) -> int:
-    return int(httpx.get(f"{upstream}/_standin/hits").json()["artifact_requests"])
-
-
-# -- sections ------------------------------------------------------------------------------------
-
-Row = list[str]
-
-
-def section_hits(targets: dict[str, tuple[str, int]], seconds: float) -> list[Row]:
-    rows: list[Row] = []
-    for label, size in SIZES.items():
-        object_id = new_id(size)
-        for connections in (1, 32):
-            results: dict[str, dict[str, float]] = {}
-            for name, (base, pid) in targets.items():
-                httpx.get(
-                    url(base, object_id), headers=AUTH, timeout=120
-                ).raise_for_status()  # warm
-                before = cpu_seconds(pid)
-                result = wrk(url(base, object_id), connections, seconds)
-                result["cpu_us"] = (cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6
-                result["MBps"] = result["rps"] * size / 1e6
-                results[name] = result
-            for name, result in results.items():
-                rows.append(
-                    [
-                        label,
-                        str(connections),
-                        name,
-                        f"{result['rps']:,.0f}",
-                        f"{result['MBps']:,.0f}",
-                        f"{result['p50']:.2f}",
-                        f"{result['p99']:.2f}",
-                        f"{result['cpu_us']:,.0f}",
-                        f"{result['errors']:.0f}",
-                        _ratio(result["rps"], results.get("nginx", {}).get("rps")),
-                        _ratio(result["rps"], results.get("ceiling", {}).get("rps")),
-                    ]
-                )
-    return rows
-
-
-def _ratio(value: float, reference: float | None) -> str:
-    return f"{value / reference:.2f}x" if reference else "-"
-
-
-def section_miss(targets: dict[str, tuple[str, int]], direct: str, repeats: int) -> list[Row]:
-    rows: list[Row] = []
-
-    async def measure(base: str, size: int) -> tuple[list[float], list[float]]:
-        ttfb, total = [], []
-        async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
-            for _ in range(repeats):
-                first, whole, _ = await timed_get(client, url(base, new_id(size)))
-                ttfb.append(first)
-                total.append(whole)
-        return ttfb, total
-
-    for label, size in (("8 KiB", 8 * KiB), ("50 MiB", 50 * MiB)):
-        direct_ttfb, direct_total = asyncio.run(measure(direct, size))
-        base_ttfb, base_total = statistics.median(direct_ttfb), statistics.median(direct_total)
-        rows.append(
-            [
-                label,
-                "direct to upstream",
-                f"{base_ttfb * 1000:.1f}",
-                f"{base_total * 1000:.1f}",
-                "-",
-                "-",
-            ]
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Plan:
+        quick = cls(1, 3, 2, 0.5, 3, 256 * MiB, (1_000, 10_000), 2)
+        # Attack runs: wrk from 2 s to 6 s after the attackers connect, so that the proxy's
+        # closing of the silent ones (5 s, its keep-alive timeout) falls inside.
+        full = cls(2, 5, 4, 2.0, 10, 512 * MiB, (1_000, 100_000), 3)
+        plan = quick if args.quick else full
+        return cls(
+            args.seconds or plan.seconds,
+            args.rounds or plan.rounds,
+            args.seconds or plan.attack_seconds,
+            plan.settle,
+            plan.miss_repeats,
+            plan.memory_size,
+            plan.scale_counts,
+            args.seconds or plan.workers_seconds,
         )
-        for name, (base, _) in targets.items():
-            if name == "ceiling":
-                continue
-            ttfb, total = asyncio.run(measure(base, size))
-            rows.append(
-                [
-                    label,
-                    name,
-                    f"{statistics.median(ttfb) * 1000:.1f}",
-                    f"{statistics.median(total) * 1000:.1f}",
-                    f"{(statistics.median(ttfb) - base_ttfb) * 1000:+.1f}",
-                    f"{(statistics.median(total) - base_total) * 1000:+.1f}",
-                ]
-            )
-    return rows
 
 
-def section_coalesce(
-    targets: dict[str, tuple[str, int]], upstream: str, sizes: dict[str, int]
-) -> list[Row]:
-    rows: list[Row] = []
-
-    async def burst(base: str, clients: int, size: int) -> list[float]:
-        object_id = new_id(size)
-        limits = httpx.Limits(max_connections=clients)
-        async with httpx.AsyncClient(headers=AUTH, timeout=300, limits=limits) as client:
-            results = await asyncio.gather(
-                *(timed_get(client, url(base, object_id)) for _ in range(clients))
-            )
-        return sorted(total for _, total, _ in results)
-
-    for (label, size), (name, (base, _)) in itertools.product(sizes.items(), targets.items()):
-        if name == "ceiling":
-            continue
-        single = asyncio.run(burst(base, 1, size))[0]
-        for clients in (16, 100):
-            before = upstream_fetches(upstream)
-            times = asyncio.run(burst(base, clients, size))
-            fetches = upstream_fetches(upstream) - before
-            rows.append(
-                [
-                    label,
-                    name,
-                    str(clients),
-                    str(fetches),
-                    f"{single * 1000:.0f}",
-                    f"{times[0] * 1000:.0f}",
-                    f"{statistics.median(times) * 1000:.0f}",
-                    f"{times[-1] * 1000:.0f}",
-                    f"{times[-1] / single:.2f}x",
-                ]
-            )
-    return rows
-
-
-def section_memory(targets: dict[str, tuple[str, int]], clients: int, size: int) -> list[Row]:
-    """Peak RSS while ``clients`` curl processes stream one ``size`` artifact, first as a
-    coalesced miss, then as hits."""
-    rows: list[Row] = []
-    curl = shutil.which("curl")
-    for name, (base, pid) in targets.items():
-        if name == "ceiling" or curl is None:
-            continue
-        object_id = new_id(size)
-        peak = 0
-        for phase in ("miss", "hit"):
-            args = [
-                curl,
-                "-sf",
-                "-o",
-                "/dev/null",
-                "-H",
-                f"Authorization: Bearer {TOKEN}",
-                url(base, object_id),
-            ]
-            started = time.monotonic()
-            processes = [subprocess.Popen(args) for _ in range(clients)]
-            while any(p.poll() is None for p in processes):
-                peak = max(peak, tree_rss_kib(pid))
-                time.sleep(0.05)
-            elapsed = time.monotonic() - started
-            if any(p.returncode for p in processes):
-                raise RuntimeError(f"curl failed against {name}")
-            peak = max(peak, rss_kib(pid, "VmHWM"))
-            rows.append(
-                [
-                    name,
-                    phase,
-                    str(clients),
-                    f"{size / GiB:.0f} GiB",
-                    f"{elapsed:.1f}",
-                    f"{clients * size / elapsed / 1e6:,.0f}",
-                    f"{peak / 1024:.0f}",
-                ]
-            )
-    return rows
-
-
-def section_scale(counts: list[int]) -> list[Row]:
-    """Hit latency of the disk tier and the proxy's start-up time, by number of entries."""
-    import hashlib
-
-    from proxy.store import EntryMeta
-    from proxy.store.disk import DiskStore, _Adopt
-
-    rows: list[Row] = []
-    for count in counts:
-        with tempfile.TemporaryDirectory(prefix="bench-scale-") as directory:
-            store = DiskStore(directory, max_bytes=100 * GiB, max_object_bytes=GiB)
-            body = b"x" * 8192
-            meta = EntryMeta(
-                "application/octet-stream", len(body), hashlib.sha256(body).hexdigest(), time.time()
-            ).to_json()
-            started = time.monotonic()
-            for index in range(count):  # populate without fsync: this measures reads, not fills
-                fill = store.begin_fill()
-                fill.file.write(body)
-                fill.file.close()
-                store._cache.set(f"key-{index}", _Adopt(fill.path), read=True, tag=meta)
-            populate = time.monotonic() - started
-            store.close()
-            started = time.monotonic()
-            store = DiskStore(directory, max_bytes=100 * GiB, max_object_bytes=GiB)
-            opened = time.monotonic() - started
-            samples = []
-            for index in range(0, count, max(1, count // 2000)):
-                started = time.perf_counter()
-                entry = store.get(f"key-{index}")
-                assert entry is not None
-                entry.file.read()
-                entry.close()
-                samples.append(time.perf_counter() - started)
-            store.close()
-            samples.sort()
-            rows.append(
-                [
-                    f"{count:,}",
-                    f"{populate:.1f}",
-                    f"{opened * 1000:.1f}",
-                    f"{statistics.median(samples) * 1e6:.0f}",
-                    f"{samples[int(len(samples) * 0.99) - 1] * 1e6:.0f}",
-                ]
-            )
-    return rows
-
-
-def section_workers(upstream: str, seconds: float, proxy_args: list[str]) -> list[Row]:
-    """Hit throughput with 1 and 2 worker processes, nothing pinned (both cores in play)."""
-    rows: list[Row] = []
-    results: dict[tuple[str, int], float] = {}
-    for workers in (1, 2):
-        port = free_port()
-        with (
-            tempfile.TemporaryDirectory(prefix="bench-workers-") as cache_dir,
-            proxy(port, upstream, cache_dir, "--workers", str(workers), *proxy_args),
-        ):
-            base = f"http://127.0.0.1:{port}"
-            for label, size in (("8 KiB", 8 * KiB), ("256 KiB", 256 * KiB), ("50 MiB", 50 * MiB)):
-                object_id = new_id(size)
-                for _ in range(4):  # warm every worker's memory index
-                    httpx.get(url(base, object_id), headers=AUTH, timeout=120).raise_for_status()
-                result = wrk(url(base, object_id), 32, seconds, pin=False)
-                results[(label, workers)] = result["rps"]
-                rows.append(
-                    [
-                        label,
-                        str(workers),
-                        f"{result['rps']:,.0f}",
-                        f"{result['rps'] * size / 1e6:,.0f}",
-                        f"{result['p50']:.2f}",
-                        f"{result['p99']:.2f}",
-                        f"{result['rps'] / results[(label, 1)]:.2f}x",
-                    ]
-                )
-    return rows
-
-
-# -- main ----------------------------------------------------------------------------------------
-
-
-def table(title: str, header: list[str], rows: list[Row], note: str = "") -> str:
+def table(title: str, header: list[str], rows: list[list[str]], note: str = "") -> str:
     lines = [f"### {title}", ""]
     if note:
         lines += [note, ""]
@@ -482,141 +128,468 @@ def table(title: str, header: list[str], rows: list[Row], note: str = "") -> str
     return "\n".join(lines) + "\n"
 
 
+def commit() -> str:
+    out = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def machine() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import uvicorn
+
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, uvicorn {uvicorn.__version__}, "
+        f"nginx {nginx_version()}, wrk {wrk_version()}"
+    )
+
+
+class Report:
+    """The results file: a header, the key figures, then each section's table as it finishes
+    (rewritten after each, so that a crash keeps what was measured)."""
+
+    def __init__(self, path: Path, header: str) -> None:
+        self.path = path
+        self.header = header
+        self.key: list[list[str]] = []
+        self.sections: list[str] = []
+
+    def add(self, text: str) -> None:
+        print(text, flush=True)
+        self.sections.append(text)
+        self.write()
+
+    def write(self) -> None:
+        key = table(
+            "Key figures",
+            ["figure", "result", "how"],
+            self.key,
+            "Ratios are proxy ÷ baseline within each round: median of the rounds (min-max).",
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join([self.header, key, *self.sections]))
+
+
+def _baselines(targets: dict[str, Target]) -> list[Arm]:
+    return [Arm("Starlette ceiling", targets["starlette"]), Arm("raw ASGI", targets["raw"])]
+
+
+def hit_comparisons(targets: dict[str, Target]) -> list[Comparison]:
+    """Hits at 32 connections (and 1 for 50 MiB), against both of nginx's configurations."""
+    proxy_arm = Arm("proxy", targets["proxy"])
+    others = _baselines(targets)
+    others += [Arm(name, targets[name]) for name in targets if name.startswith("nginx")]
+    quiet = Arm("proxy, access log off", targets["quiet"])
+    return [
+        Comparison("8 KiB", 8 * KiB, 32, (proxy_arm, quiet, *others)),
+        Comparison("256 KiB", 256 * KiB, 32, (proxy_arm, *others)),
+        Comparison("50 MiB", 50 * MiB, 1, (proxy_arm, *others)),
+    ]
+
+
+def crowd_comparison(targets: dict[str, Target], nginx: str | None) -> Comparison:
+    """8 KiB hits at 500 connections, against the nginx configuration ``nginx`` only."""
+    others = _baselines(targets) + ([Arm(nginx, targets[nginx])] if nginx else [])
+    return Comparison("8 KiB", 8 * KiB, 500, (Arm("proxy", targets["proxy"]), *others))
+
+
+def hit_key_figures(results: list[Result], how: str) -> list[list[str]]:
+    rows = []
+    for result in results:
+        c = result.comparison
+        where = f"{c.label} hits, {c.connections} conn{'s' if c.connections > 1 else ''}"
+        if (c.label, c.connections) in (("8 KiB", 32), ("256 KiB", 32)):
+            for other in ("Starlette ceiling", "raw ASGI"):
+                rows.append([f"{where}: proxy ÷ {other}", spread(result.ratio(other), ".2f"), how])
+        if (c.label, c.connections) == ("50 MiB", 1) and result.nginx:
+            ratio = spread(result.ratio(result.nginx), ".2f")
+            rows.append([f"{where}: proxy ÷ {result.nginx} (the faster)", ratio, how])
+        if c.label == "8 KiB":
+            samples = result.samples["proxy"]
+            latency = (
+                f"p50 {median([s.load['p50'] for s in samples]):.2f} ms, "
+                f"p99 {spread([p99(s) for s in samples], '.2f')} ms"
+            )
+            rows.append([f"{where}: proxy latency", latency, how])
+        if "proxy, access log off" in result.samples:
+            on_off = spread(result.ratio("proxy, access log off"), ".2f")
+            rows.append([f"{where}: req/s, access log on ÷ off", on_off, how])
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="short runs, skip the 1 GiB and 100k sections"
-    )
-    parser.add_argument(
-        "--only",
-        action="append",
-        choices=["hits", "miss", "coalesce", "memory", "scale", "workers"],
-    )
-    parser.add_argument(
-        "--seconds", type=float, default=None, help="per wrk run (default 8, quick 3)"
-    )
+    parser.add_argument("--quick", action="store_true", help="short and few runs")
+    parser.add_argument("--only", action="append", choices=SECTIONS)
+    parser.add_argument("--seconds", type=float, help="per wrk run (default 2, quick 1)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default 5, quick 3)")
     parser.add_argument("--latency", type=float, default=0.150, help="stand-in upstream latency, s")
-    parser.add_argument("--proxy-args", default="", help="extra flags for vlmrun-cache serve")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.md")
+    parser.add_argument(
+        "--proxy-args", default="", help="extra flags for serve (default none: as a user runs it)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="default bench/results/latest.md (quick: quick.md, not committed)"
+    )
     args = parser.parse_args()
-    sections = set(args.only or ["hits", "miss", "coalesce", "memory", "scale", "workers"])
-    seconds = args.seconds or (3 if args.quick else 8)
-    ports = {name: free_port() for name in ("upstream", "proxy", "nginx", "ceiling")}
-    upstream = f"http://127.0.0.1:{ports['upstream']}"
-    out: list[str] = [
-        f"# Benchmark, {datetime.date.today().isoformat()}",
-        "",
-        f"Machine: {machine()}. Upstream latency {args.latency * 1000:.0f} ms. "
-        f"Servers on core {SERVER_CPU}, load generator on core {LOAD_CPU}. "
-        f"wrk runs of {seconds:g} s. Command: `python bench/run.py {' '.join(sys.argv[1:])}`.",
-        "",
-    ]
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-proxy-") as cache_dir,
-        standin(ports["upstream"], args.latency, LOAD_CPU),
-        proxy(
-            ports["proxy"], upstream, cache_dir, *args.proxy_args.split(), cpu=SERVER_CPU
-        ) as ours,
-        nginx(ports["nginx"], ports["upstream"]) as ngx,
-        ceiling(ports["ceiling"]) as ceil,
-    ):
-        targets: dict[str, tuple[str, int]] = {
-            "proxy": (f"http://127.0.0.1:{ports['proxy']}", ours.pid)
-        }
-        if ngx is not None:
-            targets["nginx"] = (f"http://127.0.0.1:{ports['nginx']}", ngx.pid)
-        targets["ceiling"] = (f"http://127.0.0.1:{ports['ceiling']}", ceil.pid)
-        runs: list[tuple[str, Callable[[], str]]] = [
-            (
-                "hits",
-                lambda: table(
-                    "Hits",
-                    [
-                        "size",
-                        "conns",
-                        "server",
-                        "req/s",
-                        "MB/s",
-                        "p50 ms",
-                        "p99 ms",
-                        "server CPU µs/req",
-                        "socket errors",
-                        "vs nginx",
-                        "vs ceiling",
-                    ],
-                    section_hits(targets, seconds),
-                    "Repeated GETs of one cached artifact. `ceiling` serves the bytes from memory with no lookup, "
-                    "access check or hashing.",
-                ),
-            ),
-            (
-                "miss",
-                lambda: table(
-                    "Misses",
-                    ["size", "path", "TTFB ms", "total ms", "TTFB vs direct", "total vs direct"],
-                    section_miss(targets, upstream, 3 if args.quick else 10),
-                    "Medians of sequential first requests for new keys, against going straight to the upstream.",
-                ),
-            ),
-            (
-                "coalesce",
-                lambda: table(
-                    "Concurrent first requests for one new key",
-                    [
-                        "size",
-                        "server",
-                        "clients",
-                        "upstream fetches",
-                        "single miss ms",
-                        "fastest ms",
-                        "median ms",
-                        "slowest ms",
-                        "slowest / single",
-                    ],
-                    section_coalesce(targets, upstream, {"1 MiB": MiB, "16 MiB": 16 * MiB}),
-                    "Each client's total time. With 16 MiB the clients together pull 256 MiB (1.6 GB "
-                    "with 100) through one Python load-generator process: part of the spread is the client.",
-                ),
-            ),
-            (
-                "memory",
-                lambda: table(
-                    "Memory while 16 clients stream one large artifact",
-                    ["server", "phase", "clients", "size", "seconds", "MB/s", "peak RSS MiB"],
-                    section_memory(targets, 16, (256 * MiB) if args.quick else GiB),
-                ),
-            ),
-            (
-                "scale",
-                lambda: table(
-                    "Disk tier by number of entries (8 KiB each)",
-                    ["entries", "populate s", "open ms", "hit p50 µs", "hit p99 µs"],
-                    section_scale([1_000, 10_000] if args.quick else [1_000, 100_000]),
-                    "Store-level: `DiskStore.get` + read of a random entry, and the time to open the store.",
-                ),
-            ),
-            (
-                "workers",
-                lambda: table(
-                    "Worker processes (hits, 32 connections, nothing pinned)",
-                    ["size", "workers", "req/s", "MB/s", "p50 ms", "p99 ms", "vs 1 worker"],
-                    section_workers(upstream, seconds, args.proxy_args.split()),
-                    "wrk shares the two cores with the workers here, so this is a floor on the gain.",
-                ),
-            ),
-        ]
-        for name, run in runs:
-            if name in sections:
-                print(f"running {name}...", file=sys.stderr, flush=True)
-                text = run()
-                print(text, flush=True)
-                out.append(text)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text("\n".join(out))  # after each section: a crash keeps the rest
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(out))
+    args.out = args.out or ROOT / "bench" / "results" / ("quick.md" if args.quick else "latest.md")
+    sections = set(args.only or SECTIONS)
+    plan = Plan.of(args)
+    logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    try:
+        run(args, sections, plan, logs)
+    except BaseException:
+        print(f"the servers' logs are in {logs}", file=sys.stderr)
+        raise
+    shutil.rmtree(logs, ignore_errors=True)
     print(f"written to {args.out}", file=sys.stderr)
     return 0
+
+
+def run(args: argparse.Namespace, sections: set[str], plan: Plan, logs: Path) -> None:
+    extra = args.proxy_args.split()
+    ports = {name: free_port() for name in ("upstream", "proxy", "quiet", "starlette", "raw")}
+    ports |= {"nginx, sendfile on": free_port(), "nginx, sendfile off": free_port()}
+    upstream = f"http://127.0.0.1:{ports['upstream']}"
+    busy_before = busy_elsewhere(2.0)
+    if busy_before > 0.1:
+        print(
+            f"warning: other processes are using {busy_before:.0%} of a core: the figures will "
+            "show it (see the notes under each table)",
+            file=sys.stderr,
+        )
+    started_at = time.monotonic()
+    foreign_at_start = foreign_cpu_seconds(descendants(os.getpid()))
+    with contextlib.ExitStack() as stack:
+        cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-proxy-")))
+        stack.enter_context(standin(ports["upstream"], args.latency, LOAD_CPU, logs / "api.log"))
+        started = {
+            "proxy": proxy(
+                ports["proxy"],
+                upstream,
+                str(cache / "a"),
+                *extra,
+                log=logs / "proxy.log",
+                cpu=SERVER_CPU,
+            ),
+            "quiet": proxy(
+                ports["quiet"],
+                upstream,
+                str(cache / "b"),
+                *extra,
+                log=logs / "quiet.log",
+                cpu=SERVER_CPU,
+                access_log=False,
+            ),
+            "starlette": ceiling(ports["starlette"], "starlette", logs),
+            "raw": ceiling(ports["raw"], "raw", logs),
+        }
+        targets = {
+            name: Target(name, f"http://127.0.0.1:{ports[name]}", stack.enter_context(cm).pid)
+            for name, cm in started.items()
+        }
+        ngx = stack.enter_context(
+            nginx(
+                ports["nginx, sendfile on"], ports["nginx, sendfile off"], ports["upstream"], logs
+            )
+        )
+        if ngx is not None:
+            for name in ("nginx, sendfile on", "nginx, sendfile off"):
+                targets[name] = Target(name, f"http://127.0.0.1:{ports[name]}", ngx.pid)
+        report = Report(args.out, header(args, plan, targets, busy_before))
+        bench = Bench(targets, upstream, plan, args, logs, report)
+        for name, section in SECTION_RUNNERS.items():
+            if name in sections:
+                print(f"running {name}...", file=sys.stderr, flush=True)
+                section(bench)
+        elapsed = time.monotonic() - started_at
+        foreign = foreign_cpu_seconds(descendants(os.getpid())) - foreign_at_start
+        report.add(
+            f"Whole run: {elapsed / 60:.1f} minutes; processes outside the benchmark used "
+            f"{max(0.0, foreign) / elapsed * 100:.0f}% of a core over it on average.\n"
+        )
+
+
+def busy_elsewhere(seconds: float) -> float:
+    """CPU used by processes outside the benchmark over the next ``seconds``, in cores."""
+    ours = descendants(os.getpid())
+    before = foreign_cpu_seconds(ours)
+    time.sleep(seconds)
+    return max(0.0, foreign_cpu_seconds(ours) - before) / seconds
+
+
+def header(
+    args: argparse.Namespace, plan: Plan, targets: dict[str, Target], busy_before: float
+) -> str:
+    """Date, machine, the method, and the checks that the servers are what the tables say."""
+    python = ("proxy", "quiet", "starlette", "raw")
+    libraries = {
+        lib: all(loaded(targets[n].pid, lib) for n in python) for lib in ("uvloop", "httptools")
+    }
+    probe = new_id(8 * KiB)
+    names = {n: header_names(check_hit(t, probe, 8 * KiB)) for n, t in targets.items()}
+    differ = [n for n in ("starlette", "raw") if names[n] != names["proxy"]]
+    fields = ", ".join(sorted(names["proxy"]))
+    return "\n".join(
+        [
+            f"# Benchmark, {datetime.date.today().isoformat()}",
+            "",
+            f"Machine: {machine()}. Code: {commit()}. "
+            f"Command: `python bench/run.py {' '.join(sys.argv[1:])}`.",
+            "",
+            f"Upstream: the stand-in API (tests/standin.py) with {args.latency * 1000:.0f} ms of "
+            f"latency per artifact. Servers pinned to core {SERVER_CPU}; wrk (`-t1`, keep-alive, "
+            f"`--latency`) and the attackers to core {LOAD_CPU}; everything on 127.0.0.1.",
+            "",
+            "Servers:",
+            "",
+            "* **proxy**: `python -m proxy serve --port P --upstream U --cache-dir D` and nothing "
+            "else: default settings (log level info, access log on), its stdout and stderr "
+            f"appended to a file.{' Extra flags: `' + args.proxy_args + '`.' if args.proxy_args else ''}",
+            f"* **proxy, access log off**: the same, with {access_log_off_means()}.",
+            "* **Starlette ceiling** / **raw ASGI**: bench/ceiling.py, the bytes from memory with "
+            "a hit's header fields, no lookup, access check, hashing, guards or log. Same server "
+            "(uvicorn), protocol, loop, keep-alive setting and process count (1) as the proxy: "
+            "`http_protocol` and `uvicorn_options` of proxy/cli.py, uvicorn's `auto` loop.",
+            "* **nginx**: `proxy_cache` keyed on the three query parameters, `proxy_cache_lock`, "
+            "upstream keep-alive, access log off, `tcp_nopush` off (on was slower here), 1 worker "
+            "process; one instance and one cache on two ports, `sendfile on` and `sendfile off`. "
+            "Comparisons name the faster.",
+            "",
+            "Checks before measuring: every server answered a repeat GET with 200 and the whole "
+            "body (and the proxy with `X-Cache: HIT`); every wrk run below received at least the "
+            "artifact's size per answer; "
+            f"uvloop {'and httptools are' if all(libraries.values()) else 'or httptools is NOT'} "
+            "mapped in every Python server's process; header fields of a hit other than Date and "
+            f"Server: proxy {fields}; the ceilings "
+            + ("the same." if not differ else f"DIFFER ({', '.join(differ)}).")
+            + " A figure that looks too good is a bug in the benchmark until shown otherwise.",
+            "",
+            f"Absolute numbers on a shared {os.cpu_count()}-core machine are noisy; the ratios, "
+            "taken within each round of alternating runs, are the result. Before the run, "
+            f"processes outside the benchmark used {busy_before:.0%} of a core (over 2 s); the hit "
+            "tables say how much they used while measured, the last line over the whole run.",
+            "",
+        ]
+    )
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What every section gets: the servers, the plan, where to write."""
+
+    targets: dict[str, Target]
+    upstream: str
+    plan: Plan
+    args: argparse.Namespace
+    logs: Path
+    report: Report
+
+
+def run_hits(bench: Bench) -> None:
+    plan = bench.plan
+    results = run_comparisons(hit_comparisons(bench.targets), new_id, plan.seconds, plan.rounds)
+    # At 500 connections, only the nginx that was faster at 8 KiB and 32: the whole benchmark
+    # is meant to take about 5 minutes.
+    more = [crowd_comparison(bench.targets, results[0].nginx)]
+    results += run_comparisons(more, new_id, plan.seconds, plan.rounds)
+    how = f"wrk, {plan.rounds} alternating rounds of {plan.seconds:g} s"
+    bench.report.key += hit_key_figures(results, how)
+    bench.report.add(
+        table(
+            "Hits",
+            [
+                "size",
+                "conns",
+                "server",
+                "req/s",
+                "MB/s",
+                "p50 ms",
+                "p99 ms",
+                "server CPU µs/req",
+                "server CPU, cores",
+                "proxy ÷ this, req/s",
+            ],
+            hit_rows(results),
+            f"Repeated GETs of one cached artifact: wrk, `-t1`, the connections shown, "
+            f"{plan.seconds:g} s per run, {plan.rounds} rounds alternating proxy, proxy with its "
+            "access log off (8 KiB at 32 only), Starlette ceiling, raw ASGI, nginx sendfile on, "
+            "nginx sendfile off (at 500 connections only the nginx faster at 8 KiB and 32). "
+            "req/s, p99 and the ratio: median of the rounds (min-max); the "
+            "ratio is computed within each round. p50, MB/s and CPU: medians. Server CPU is "
+            "user + system time of the server's processes during the run, per request and per "
+            "second (cores: 1.00 is all of core 0; a Python server well below it at 32 "
+            "connections was probably kept off its core). "
+            + foreign_note(
+                [s for r in results for each in r.samples.values() for s in each],
+                sum(r.repeated for r in results),
+            ),
+        )
+    )
+
+
+def run_attack(bench: Bench) -> None:
+    plan, target = bench.plan, bench.targets["proxy"]
+    port = int(target.base.rsplit(":", 1)[1])
+    tally = AttackTally()
+    limit = plan.attack_seconds + plan.settle + 60
+
+    def attack() -> contextlib.AbstractContextManager[object]:
+        return attackers(port, ATTACK["silent"], ATTACK["dribble"], plan.settle, tally, limit)
+
+    arms = [Arm("idle", target), Arm("under attack", target, attack)]
+    object_id = new_id(8 * KiB)
+    check_hit(target, object_id, 8 * KiB)
+    taken = alternate(arms, object_id, 8 * KiB, 32, plan.attack_seconds, plan.rounds)
+    idle, attacked = taken.samples["idle"], taken.samples["under attack"]
+    ratio = per_round(attacked, idle, p99)
+    verdict = "met" if median(ratio) <= 2 else "NOT met"
+    held = [r["open"] for r in tally.rounds]
+    closed = sum(r["closed_by_server"] for r in tally.rounds)
+    attackers_note = (
+        f"{ATTACK['silent']} silent connections and {ATTACK['dribble']} that send an endless "
+        "request head one byte every 100 ms (raw sockets, bench/attackers.py, one process "
+        f"pinned to core {LOAD_CPU}), all open {plan.settle:g} s before wrk starts and reopened "
+        "whenever the proxy closes them; stopped by PID after the run. Open when stopped: "
+        f"{min(held, default=0)}-{max(held, default=0)} of {sum(ATTACK.values())}; closed by the "
+        f"proxy during the runs and reopened: {closed} in all."
+    )
+    how = f"wrk 32 conns, {plan.rounds} alternating rounds of {plan.attack_seconds:g} s"
+    bench.report.key.append(
+        [
+            "8 KiB hits, 32 conns: proxy p99 idle → under attack",
+            f"{median([p99(s) for s in idle]):.2f} → {median([p99(s) for s in attacked]):.2f} ms; "
+            f"ratio {spread(ratio, '.2f')}; goal ≤ 2x {verdict}",
+            how,
+        ]
+    )
+    bench.report.add(
+        table(
+            "Hits under attack",
+            ["proxy", "req/s", "p50 ms", "p99 ms", "proxy CPU, cores", "p99 ÷ idle"],
+            attack_rows(idle, attacked),
+            f"8 KiB hits on the proxy: wrk, 32 connections, {plan.attack_seconds:g} s per run, "
+            f"{plan.rounds} rounds alternating idle and under attack; median (min-max), the "
+            f"ratio within each round. Attackers: {attackers_note} Goal: p99 under attack ≤ 2x "
+            f"idle: {verdict}. " + foreign_note(idle + attacked, taken.repeated),
+        )
+    )
+
+
+def run_miss(bench: Bench) -> None:
+    repeats = bench.plan.miss_repeats
+    direct = Target("direct to upstream", bench.upstream, 0)
+    paths = [direct, bench.targets["proxy"], *nginx_for_streams(bench)]
+    times = section_miss(paths, new_id, repeats)
+    for label, by_path in times.items():
+        ttfb = statistics.median(by_path["proxy"][0]) * 1000
+        base = statistics.median(by_path[direct.name][0]) * 1000
+        bench.report.key.append(
+            [
+                f"{label} miss: TTFB, proxy vs direct",
+                f"{ttfb:.1f} vs {base:.1f} ms ({ttfb - base:+.1f})",
+                f"medians of {repeats} new keys each, one at a time, paths in turn",
+            ]
+        )
+    bench.report.add(
+        table(
+            "Misses",
+            ["size", "path", "TTFB ms", "total ms", "TTFB vs direct", "total vs direct"],
+            miss_rows(times, direct.name),
+            f"First requests for new keys, one at a time from one httpx client per path, "
+            f"{repeats} per path taken in turn (direct, proxy, nginx, direct, ...). "
+            "TTFB: median (min-max); differences are median minus median.",
+        )
+    )
+
+
+def nginx_for_streams(bench: Bench) -> list[Target]:
+    """nginx for the single-run sections (misses, coalescing, memory): sendfile on."""
+    return [t for name, t in bench.targets.items() if name == "nginx, sendfile on"]
+
+
+def run_coalesce(bench: Bench) -> None:
+    targets = [bench.targets["proxy"], *nginx_for_streams(bench)]
+    sizes = {"1 MiB": MiB, "16 MiB": 16 * MiB}
+    bench.report.add(
+        table(
+            "Concurrent first requests for one new key",
+            [
+                "size",
+                "server",
+                "clients",
+                "upstream fetches",
+                "single miss ms",
+                "fastest ms",
+                "median ms",
+                "slowest ms",
+                "slowest / single",
+            ],
+            section_coalesce(targets, bench.upstream, sizes, new_id),
+            "Each client's total time, one run. With 16 MiB the clients together pull 256 MiB "
+            "(1.6 GB with 100) through one Python load-generator process: part of the spread is "
+            "the client.",
+        )
+    )
+
+
+def run_memory(bench: Bench) -> None:
+    targets = [bench.targets["proxy"], *nginx_for_streams(bench)]
+    bench.report.add(
+        table(
+            "Memory while 16 clients stream one large artifact",
+            ["server", "phase", "clients", "size", "seconds", "MB/s", "peak RSS MiB"],
+            section_memory(targets, 16, bench.plan.memory_size, new_id),
+            "16 curl processes at once, one run per phase; RSS of the server's processes sampled "
+            "every 50 ms, and the main process's high-water mark.",
+        )
+    )
+
+
+def run_scale(bench: Bench) -> None:
+    bench.report.add(
+        table(
+            "Disk tier by number of entries (8 KiB each)",
+            ["entries", "populate s", "open ms", "hit p50 µs", "hit p99 µs"],
+            section_scale(list(bench.plan.scale_counts)),
+            "Store-level, in this process: `DiskStore.get` + read of up to 2,000 entries, and "
+            "the time to open the store.",
+        )
+    )
+
+
+def run_workers(bench: Bench) -> None:
+    extra = bench.args.proxy_args.split()
+    bench.report.add(
+        table(
+            "Worker processes (hits, 32 connections, nothing pinned)",
+            ["size", "workers", "req/s", "MB/s", "p50 ms", "p99 ms", "vs 1 worker"],
+            section_workers(bench.upstream, bench.plan.workers_seconds, extra, bench.logs, new_id),
+            f"`serve --workers N`, wrk 32 connections, one run of {bench.plan.workers_seconds:g} s "
+            "each. wrk shares the two cores with the workers here, so this is a floor on the "
+            "gain.",
+        )
+    )
+
+
+SECTION_RUNNERS: dict[str, Callable[[Bench], None]] = {
+    "hits": run_hits,
+    "attack": run_attack,
+    "miss": run_miss,
+    "coalesce": run_coalesce,
+    "memory": run_memory,
+    "scale": run_scale,
+    "workers": run_workers,
+}
 
 
 if __name__ == "__main__":
