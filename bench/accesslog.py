@@ -25,13 +25,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, TOKEN, free_port, standin, wait_listening
-from bench.run import SERVER_CPU, url, wrk
+from bench.run import SERVER_CPU, cpu_seconds, url, wrk
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @contextlib.contextmanager
-def proxy(upstream: str, cache_dir: str, log: Path, *extra: str) -> Iterator[str]:
+def proxy(upstream: str, cache_dir: str, log: Path, *extra: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     args = ["taskset", "-c", str(SERVER_CPU), sys.executable, "-m", "proxy", "serve"]
     args += ["--port", str(port), "--upstream", upstream, "--cache-dir", cache_dir, *extra]
@@ -39,7 +39,7 @@ def proxy(upstream: str, cache_dir: str, log: Path, *extra: str) -> Iterator[str
         process = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
         try:
             wait_listening(port, process)
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", process.pid
         finally:
             process.terminate()
             process.wait(timeout=15)
@@ -64,27 +64,39 @@ def main() -> None:
                 upstream, f"{tmp}/off", off_log, "--log-level", "warning", "--access-log", "false"
             ) as off,
         ):
-            targets = {"on": url(on, "arr_8192_accesslog"), "off": url(off, "arr_8192_accesslog")}
-            for target in targets.values():
+            servers = {
+                name: (url(base, "arr_8192_accesslog"), pid)
+                for name, (base, pid) in (("on", on), ("off", off))
+            }
+            for target, _pid in servers.values():
                 response = httpx.get(target, headers=AUTH, timeout=60)
                 assert response.status_code == 200 and len(response.content) == 8192
             results: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
             for round_ in range(args.rounds):
                 order = ["on", "off"] if round_ % 2 == 0 else ["off", "on"]
                 for name in order:
-                    results[name].append(wrk(targets[name], args.connections, args.seconds))
+                    target, pid = servers[name]
+                    before = cpu_seconds(pid)
+                    result = wrk(target, args.connections, args.seconds)
+                    # CPU per request: steadier than requests/s on a shared machine.
+                    result["cpu_us"] = (cpu_seconds(pid) - before) / result["requests"] * 1e6
+                    results[name].append(result)
         lines = sum(1 for _ in on_log.open("rb"))
     print(f"8 KiB hits, {args.connections} connections, {args.rounds} x {args.seconds:g} s each")
-    print("| access_log | requests/s (median) | p50 ms | p99 ms | runs (requests/s) |")
-    print("|---|---|---|---|---|")
-    medians = {}
+    print("| access_log | requests/s | CPU us/request | p50 ms | p99 ms | runs (requests/s) |")
+    print("|---|---|---|---|---|---|")
+    rps, cpu = {}, {}
     for name, runs in results.items():
-        medians[name] = statistics.median(r["rps"] for r in runs)
+        rps[name] = statistics.median(r["rps"] for r in runs)
+        cpu[name] = statistics.median(r["cpu_us"] for r in runs)
         p50 = statistics.median(r["p50"] for r in runs)
         p99 = statistics.median(r["p99"] for r in runs)
         each = ", ".join(f"{r['rps']:,.0f}" for r in runs)
-        print(f"| {name} | {medians[name]:,.0f} | {p50:.2f} | {p99:.2f} | {each} |")
-    print(f"slowdown with the log on: {(1 - medians['on'] / medians['off']) * 100:.1f}%")
+        print(f"| {name} | {rps[name]:,.0f} | {cpu[name]:.1f} | {p50:.2f} | {p99:.2f} | {each} |")
+    print(
+        f"with the log on (medians): {(1 - rps['on'] / rps['off']) * 100:.1f}% fewer requests/s, "
+        f"{(cpu['on'] / cpu['off'] - 1) * 100:.1f}% more CPU per request"
+    )
     print(f"access log lines written by the 'on' proxy: {lines:,}")
 
 

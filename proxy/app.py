@@ -67,7 +67,9 @@ def create_app(config: Config | None = None) -> Front:
     """A proxy app for ``config`` (defaults if omitted). Nothing is opened until its lifespan."""
     config = config or Config()
     services = Services(config, Metrics())
-    access_log = AccessLogWriter(config.log_format) if config.access_log else None
+    access_log = (
+        AccessLogWriter(config.log_format, shared=config.workers > 1) if config.access_log else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

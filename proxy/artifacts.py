@@ -72,6 +72,7 @@ class ArtifactRoute:
         except ProxyError:
             self._count("error")
             raise
+        scope["vlmrun_cache.artifact_key"] = key  # for the access log (proxy/accesslog.py)
         if key is None:  # filename= lookups name no immutable object
             self._count("bypass")
             await self.s.passthrough(scope, receive, send)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import select
 import signal
 import socket
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.accesslog import FIELDS, AccessLogWriter, Record, fields, format_text
+from proxy.accesslog import FIELDS, AccessLogWriter, Formatter, Record
 from tests.conftest import SESSION, TOKEN
 from tests.helpers import auth
 from tests.servers import Daemon, ServerThread
@@ -148,17 +149,27 @@ def _record(**changes: Any) -> Record:
     values: dict[str, Any] = {
         "method": "GET",
         "route": "/v1/files",
-        "query": None,
+        "artifact": False,
+        "scope_kind": None,
+        "scope_id": None,
+        "object_id": None,
         "status": 200,
         "cache": b"",
         "sent": 10,
         "complete": True,
         "failed": False,
-        "seconds": 0.001,
-        "ended": 1_700_000_000.25,
+        "began": 100.0,
+        "ended": 100.001,
     }
     values.update(changes)
     return tuple(values.values())  # type: ignore[return-value]
+
+
+FORMAT = Formatter()
+fields, format_json, format_text = FORMAT.fields, FORMAT.json, FORMAT.text
+
+
+KEY = {"scope_kind": "session", "scope_id": "s", "object_id": "a"}
 
 
 @pytest.mark.parametrize(
@@ -167,10 +178,10 @@ def _record(**changes: Any) -> Record:
         ({"complete": False}, "aborted", 200),
         ({"status": 0, "complete": False}, "aborted", 0),
         ({"status": 0, "complete": False, "failed": True}, "error", 500),
-        ({"query": b"object_id=a&session_id=b", "cache": b"COALESCED"}, "coalesced", 200),
-        ({"query": b"object_id=a&session_id=b", "cache": b"OFFLINE"}, "offline", 200),
-        ({"query": b"object_id=a&filename=b"}, "bypass", 200),
-        ({"query": b"object_id=a&session_id=b", "cache": b"HIT", "status": 416}, "error", 416),
+        ({"artifact": True, **KEY, "cache": b"COALESCED"}, "coalesced", 200),
+        ({"artifact": True, **KEY, "cache": b"OFFLINE"}, "offline", 200),
+        ({"artifact": True}, "bypass", 200),
+        ({"artifact": True, **KEY, "cache": b"HIT", "status": 416}, "error", 416),
         ({"route": "/metrics"}, "-", 200),
         ({"route": "/v1/health", "cache": b"OFFLINE"}, "offline", 200),
         ({"route": "/v1/health", "cache": b"OFFLINE", "status": 403}, "offline", 403),
@@ -179,27 +190,40 @@ def _record(**changes: Any) -> Record:
 def test_outcomes_follow_the_response(changes: dict[str, Any], outcome: str, status: int) -> None:
     """Status 400 or more is an error, a response cut short is aborted (status 0 if none was
     sent, 500 if the app raised first), else X-Cache names the outcome on the artifact route."""
-    record = fields(_record(**changes))
-    assert (record["outcome"], record["status"]) == (outcome, status)
+    record = _record(**changes)
+    assert (fields(record)["outcome"], fields(record)["status"]) == (outcome, status)
+    assert json.loads(format_json(record)) == fields(record)
+    parsed = parse_access_log(format_text(record), "text")[0]
+    assert (parsed["outcome"], parsed["status"]) == (outcome, status)
 
 
-def test_odd_characters_cannot_forge_a_text_line() -> None:
-    """A path or id with spaces, quotes or line breaks is quoted: one request, one line."""
+def test_odd_characters_cannot_forge_a_line() -> None:
+    """A path or id with spaces, quotes or line breaks is quoted: one request, one line, and
+    the JSON line still parses to the same values."""
     line = format_text(_record(route='/v1/a b"\n{"x":1}'))
     assert "\n" not in line and ' "/v1/a b\\"\\n{\\"x\\":1}" 200 pass ' in line
-    odd = format_text(_record(query=b"object_id=a%20b%E2%80%A8&session_id=s", cache=b"HIT"))
-    assert odd.endswith('session=s object="a b\\u2028"')
+    odd = _record(
+        artifact=True, scope_kind="session", scope_id='s"1', object_id="a b\u2028", cache=b"HIT"
+    )
+    assert format_text(odd).endswith('session="s\\"1" object="a b\\u2028"')
+    assert json.loads(format_json(odd)) == fields(odd)
+    assert json.loads(format_json(odd))["object_id"] == "a b\u2028"
 
 
-def test_the_writer_keeps_order_and_flushes_on_stop() -> None:
-    """Lines come out in the order requests ended, all of them written by the time stop returns,
-    in writes no larger than a pipe takes whole."""
+@pytest.mark.parametrize("shared", [False, True], ids=["one-process", "workers"])
+def test_the_writer_keeps_order_and_flushes_on_stop(shared: bool) -> None:
+    """Lines come out in the order requests ended, all written by the time stop returns: a batch
+    in one write, or with several workers in writes a pipe takes whole, cut at line ends."""
     writes: list[bytes] = []
-    writer = AccessLogWriter("json", writes.append)
-    writer.start()
-    for n in range(500):
+    writer = AccessLogWriter("json", writes.append, shared=shared)
+    for n in range(500):  # before start: one batch, whatever the machine's speed
         writer.put(_record(route=f"/v1/files/{n}"))
+    writer.start()
     writer.stop()
     lines = b"".join(writes).decode().splitlines()
     assert [json.loads(line)["route"] for line in lines] == [f"/v1/files/{n}" for n in range(500)]
-    assert all(len(chunk) <= 4096 and chunk.endswith(b"\n") for chunk in writes)
+    assert all(chunk.endswith(b"\n") for chunk in writes)
+    if shared:
+        assert len(writes) > 1 and all(len(chunk) <= select.PIPE_BUF for chunk in writes)
+    else:
+        assert len(writes) == 1
