@@ -4,6 +4,7 @@ stats, ls, purge, verify and revoke, and what opening a cache from a command may
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -18,6 +19,8 @@ import httpx
 import pytest
 
 from proxy.cli import main
+from proxy.store import EntryMeta
+from proxy.store.disk import DiskStore
 from tests.conftest import EXECUTION, OTHER_TOKEN, SESSION, TOKEN
 from tests.helpers import artifact_url, auth, fetch
 from tests.operators import admin, cache_key, misses_then_hits, refetched, stored_file
@@ -106,8 +109,16 @@ def test_purge_by_each_selector_is_seen_by_the_running_server(
     assert (
         fetch(live_server, "arr_9e0003", scope="execution", scope_id=EXECUTION).status_code == 200
     )
-    standin.add("session", SESSION, "arr_9e0005", size=3_000)
-    bodies["arr_9e0005"] = fetch(live_server, "arr_9e0005").content
+    # Stored by another process and never read by the server: no access time of the server's
+    # (its touches are flushed every second) can race the one set here.
+    bodies["arr_9e0005"] = standin.add("session", SESSION, "arr_9e0005", size=3_000)
+    other = DiskStore(cache_dir, 2**30, 2**30)
+    fill = other.begin_fill()
+    fill.file.write(bodies["arr_9e0005"])
+    digest = hashlib.sha256(bodies["arr_9e0005"]).hexdigest()
+    meta = EntryMeta("application/octet-stream", 3_000, digest, time.time())
+    assert other.commit(cache_key("arr_9e0005"), fill, meta)
+    other.close()
     with contextlib.closing(sqlite3.connect(cache_dir / "entries" / "cache.db")) as db, db:
         db.execute(
             "UPDATE Cache SET access_time = ? WHERE key = ?",
