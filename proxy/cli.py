@@ -320,6 +320,9 @@ def serve(config: Config) -> None:
         ssl_keyfile=config.tls_keyfile or None,
         log_level=config.log_level,
         timeout_graceful_shutdown=30,
+        # uvicorn kills a worker whose ping goes unanswered this long (default 5 s): on a busy
+        # small machine a GIL-heavy moment (hashing, SQLite) must not cost in-flight requests.
+        timeout_worker_healthcheck=30,
         **uvicorn_options(config),
     )
 
