@@ -18,17 +18,15 @@ local user can read in ``ps``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import ipaddress
-import json
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
-from proxy.admin.cache import Failed
+from proxy.admin.cache import Failed, server_address
 from proxy.admin.output import Progress, human_size
 from proxy.config import Config
 
@@ -62,14 +60,14 @@ def default_proxy(config: Config) -> tuple[str, bool]:
     """The URL ``serve`` listens on with these settings (as the running server recorded it in
     the cache directory, when it did), and whether to verify its TLS certificate (not on
     loopback: our own server, whoever signed its certificate)."""
-    from proxy.cli import ADDRESS_FILE, dial_host  # proxy.cli wires this command in
+    from proxy.cli import dial_host  # proxy.cli wires this command in
 
-    scheme = "https" if config.tls_certfile else "http"
-    host, port = config.host, config.port
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        recorded = json.loads((Path(config.cache_dir) / ADDRESS_FILE).read_text("utf-8"))
-        scheme, host, port = str(recorded["scheme"]), str(recorded["host"]), int(recorded["port"])
-    host = dial_host(host)
+    recorded = server_address(Path(config.cache_dir))
+    scheme, host, port = recorded or (
+        "https" if config.tls_certfile else "http",
+        dial_host(config.host),
+        config.port,
+    )
     loopback = host == "localhost" or _is_loopback(host)
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}", not loopback
 
