@@ -11,6 +11,12 @@ We remember each proof for ``ttl`` seconds under an HMAC of T (never T itself), 
 generated once per cache directory and kept in a 0600 file. Proofs live on disk so they survive
 restarts, and in memory so that a hit needs no disk access.
 
+A proof is void once revoked (``vlmrun-cache revoke``): ``revocations.jsonl`` lists credentials
+(by fingerprint, or ``*`` for all) and a time; proofs recorded before it no longer count, in
+memory or on disk. Every lookup that would succeed checks the file's identity and size first (one
+``stat``, about a microsecond) and reloads it when it changed, so a revocation by any process
+holds from the very next request of every worker.
+
 A scope is *split* once two credentials were answered differently for the same key (see
 :mod:`proxy.validators`): the same scope id then names different things for different accounts,
 so from then on each credential gets its own copy of that scope's entries. Split scopes are kept
@@ -27,6 +33,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -34,6 +41,11 @@ from pathlib import Path
 
 import diskcache
 
+from proxy.errors import BadRequest
+
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
+#: Credentials whose fingerprints are remembered at most.
+MEMORY_FINGERPRINTS = 4096
 #: Proofs kept in memory at most.
 MEMORY_PROOFS = 100_000
 #: A proof's scope: (kind, scope id), or (kind, scope id, object id) for per-object checks.
@@ -43,6 +55,8 @@ _ANY: ProofScope = ("*",)
 _SPLITS_FILE = "splits.jsonl"
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
 _SECRET_FILE = "secret"  # noqa: S105 (a file name)
+#: In the cache directory: revoked proofs (see :class:`Revocations`).
+REVOCATIONS_FILE = "revocations.jsonl"
 
 
 def _load_or_create_secret(directory: Path) -> bytes:
@@ -53,18 +67,55 @@ def _load_or_create_secret(directory: Path) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))
+    return _read_secret(path, tighten=True)
+
+
+def existing_secret(directory: str | Path) -> bytes | None:
+    """The directory's HMAC secret for an operator's command: read only (never created, its
+    mode never changed); None if there is none, in which case nothing was ever proven here."""
+    try:
+        return _read_secret(Path(directory) / _SECRET_FILE, tighten=False)
+    except FileNotFoundError:
+        return None
+
+
+def _read_secret(path: Path, tighten: bool) -> bytes:
     # O_NONBLOCK: a FIFO planted under this name must not hang start-up (no effect on files).
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "r") as source:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(f"{path} is not a regular file; remove it to start with a new secret")
-        if stat.S_IMODE(info.st_mode) != 0o600:
+        if tighten and stat.S_IMODE(info.st_mode) != 0o600:
             os.fchmod(fd, 0o600)
         value = source.read().strip()
     if len(value) < 32:
         raise OSError(f"{path} is damaged; remove it to start with a new secret")
     return bytes.fromhex(value)
+
+
+def fingerprint_with(secret: bytes, authorization: str | None) -> str | None:
+    """A stable, non-reversible name for a credential; ``None`` when there is none."""
+    if not authorization:
+        return None
+    return _hmac(secret, authorization)
+
+
+def _hmac(secret: bytes, authorization: str) -> str:
+    return hmac.new(secret, authorization.encode(), hashlib.sha256).hexdigest()
+
+
+def credential(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The request's ``Authorization``; one at most, in printable ASCII, or a 400."""
+    found: bytes | None = None
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            if found is not None:
+                raise BadRequest("Give the Authorization header once")
+            if _PRINTABLE_ASCII.fullmatch(value) is None:
+                raise BadRequest("The Authorization header must be printable ASCII")
+            found = value
+    return None if found is None else found.decode("ascii")
 
 
 class AccessProofs:
@@ -80,22 +131,37 @@ class AccessProofs:
         # Ours, before diskcache would create it 0755.
         (self.directory / "access").mkdir(exist_ok=True, mode=0o700)
         self._proofs = diskcache.Cache(
-            str(self.directory / "access"), size_limit=64 * 1024**2, statistics=False
+            str(self.directory / "access"),
+            # Never cull live proofs for room: expired ones go by :meth:`expire` instead.
+            size_limit=2**62,
+            cull_limit=0,
+            statistics=False,
         )
         self._proofs.expire()
+        self._fingerprints: dict[str, str] = {}
         #: (fingerprint, *scope) -> when it was proven (time.time()); a cache of the disk proofs.
         self._recent: dict[tuple[str, ...], float] = {}
         #: (kind, scope id) of every split scope.
         self._split: frozenset[tuple[str, str]] = frozenset()
         self._splits_path = self.directory / _SPLITS_FILE
         self._splits_size = -1
+        self.revocations = Revocations(self.directory)
         self.refresh()
 
     def fingerprint(self, authorization: str | None) -> str | None:
-        """A stable, non-reversible name for a credential; ``None`` when there is none."""
+        """A stable, non-reversible name for a credential; ``None`` when there is none.
+
+        Remembered for the last :data:`MEMORY_FINGERPRINTS` credentials (in this process's
+        memory only): an HMAC per request is a measurable share of a small hit."""
         if not authorization:
             return None
-        return hmac.new(self._secret, authorization.encode(), hashlib.sha256).hexdigest()
+        known = self._fingerprints.get(authorization)
+        if known is None:
+            if len(self._fingerprints) >= MEMORY_FINGERPRINTS:
+                self._fingerprints.clear()
+            known = _hmac(self._secret, authorization)
+            self._fingerprints[authorization] = known
+        return known
 
     @staticmethod
     def _key(fingerprint: str, scope: ProofScope) -> str:
@@ -110,7 +176,9 @@ class AccessProofs:
         if fingerprint is None:
             return False
         proven = self._recent.get((fingerprint, *scope))
-        return proven is not None and time.time() - proven < self._max_age(offline)
+        if proven is None or time.time() - proven >= self._max_age(offline):
+            return False
+        return not self.revocations.voids(fingerprint, proven)
 
     def _max_age(self, offline: bool) -> float:
         return self.offline_ttl if offline else self.ttl
@@ -129,6 +197,8 @@ class AccessProofs:
         if not isinstance(found, int):  # absent (or from an older layout)
             return False
         proven = found / 1000
+        if self.revocations.voids(fingerprint, proven):
+            return False
         self._keep(fingerprint, scope, proven)
         return time.time() - proven < self._max_age(offline)
 
@@ -147,6 +217,16 @@ class AccessProofs:
                 self._key(fingerprint, scope), int(now * 1000), expire=self.offline_ttl
             )
             self._keep(fingerprint, scope, now)
+
+    def expire(self) -> int:
+        """Drop proofs too old to count even offline, on disk and in memory; returns how many
+        were dropped from memory. Blocks; call it now and then."""
+        self._proofs.expire()
+        oldest = time.time() - self.offline_ttl
+        stale = [scope for scope, proven in list(self._recent.items()) if proven <= oldest]
+        for scope in stale:
+            self._recent.pop(scope, None)
+        return len(stale)
 
     # -- split scopes -------------------------------------------------------------------------
 
@@ -183,3 +263,71 @@ class AccessProofs:
 
     def close(self) -> None:
         self._proofs.close()
+
+
+class Revocations:
+    """``revocations.jsonl``: lines ``{"fingerprint": <fingerprint or "*">, "before": <time>}``,
+    appended by ``vlmrun-cache revoke``. A proof of a listed credential (any, for ``*``) recorded
+    before that time (seconds since the epoch) is void.
+
+    :meth:`voids` never blocks beyond one ``stat`` (and a reload of a few lines when the file
+    changed): it runs on the event loop, before a proof held in memory is trusted. A file that
+    cannot be read voids every proof (credentials are then checked with the API) until it can.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / REVOCATIONS_FILE
+        #: (inode, size) of the file as last read; None before it exists.
+        self._seen: tuple[int, int] | None = None
+        #: Proofs of every credential recorded before this are void.
+        self._all = 0.0
+        #: Per fingerprint, proofs recorded before this are void.
+        self._keys: dict[str, float] = {}
+
+    def voids(self, fingerprint: str, proven: float) -> bool:
+        """True if a proof of ``fingerprint`` recorded at ``proven`` was revoked."""
+        if not self._current():
+            return True
+        return proven < self._all or proven < self._keys.get(fingerprint, 0.0)
+
+    def _current(self) -> bool:
+        """Reload the file if it changed; False if it cannot be read."""
+        try:
+            info = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return True  # never revoked; what was read before still holds
+        except OSError:
+            return False
+        if (info.st_ino, info.st_size) == self._seen:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as file:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    return False
+                lines = file.read(info.st_size).splitlines()
+        except OSError:
+            return False
+        for line in lines:  # only ever later: a revocation cannot be taken back by an edit
+            with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+                record = json.loads(line)
+                who, before = str(record["fingerprint"]), float(record["before"])
+                if who == "*":
+                    self._all = max(self._all, before)
+                else:
+                    self._keys[who] = max(self._keys.get(who, 0.0), before)
+        self._seen = (info.st_ino, info.st_size)
+        return True
+
+    @staticmethod
+    def append(directory: str | Path, fingerprint: str | None, before: float) -> None:
+        """Revoke the proofs of ``fingerprint`` (every credential's for None) recorded before
+        ``before``: one line, written with one ``O_APPEND`` write (lines never interleave)."""
+        record = {"fingerprint": fingerprint or "*", "before": before}
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        fd = os.open(Path(directory) / REVOCATIONS_FILE, _APPEND_FLAGS, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)

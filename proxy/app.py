@@ -16,10 +16,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy.accesslog import AccessLog, AccessLogWriter
 from proxy.artifacts import ArtifactRoute
 from proxy.config import Config
 from proxy.errors import ProxyError, ResponseAborted, handle_proxy_error, json_response
+from proxy.front import ArtifactApp, Front
 from proxy.metrics import Metrics
+from proxy.probe import display_url
 from proxy.services import Services
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ class _AbortGuard:
             log.debug("client disconnected before its request was complete")
 
 
-def create_app_from_env() -> Starlette:
+def create_app_from_env() -> Front:
     """The factory uvicorn calls in each worker process (``--workers N``)."""
     config = Config(**json.loads(os.environ[CONFIG_ENV]))
     configure_logging(config.log_level)
@@ -55,21 +58,33 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request's URL at INFO, query string (and presigned URLs) included.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def create_app(config: Config | None = None) -> Starlette:
+def create_app(config: Config | None = None) -> Front:
     """A proxy app for ``config`` (defaults if omitted). Nothing is opened until its lifespan."""
     config = config or Config()
     services = Services(config, Metrics())
+    access_log = (
+        AccessLogWriter(config.log_format, shared=config.workers > 1) if config.access_log else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await services.open()
-        log.info("serving %s from cache in %s", config.upstream_origin, config.cache_dir)
+        log.info(
+            "serving %s from cache in %s", display_url(config.upstream_origin), config.cache_dir
+        )
+        if access_log is not None:
+            access_log.start()
         try:
             yield
         finally:
             await services.close()
+            if access_log is not None:
+                await anyio.to_thread.run_sync(access_log.stop)
 
     async def healthz(_request: Request) -> Response:
         return json_response(200, {"status": "ok"})
@@ -93,12 +108,13 @@ def create_app(config: Config | None = None) -> Starlette:
     async def passthrough(scope: Scope, receive: Receive, send: Send) -> None:
         await services.passthrough(scope, receive, send)
 
+    artifacts = ArtifactRoute(services)
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            Route("/v1/artifacts", ArtifactRoute(services)),
+            Route("/v1/artifacts", artifacts),
         ],
         middleware=[Middleware(_AbortGuard)],
         exception_handlers={ProxyError: handle_proxy_error},
@@ -108,4 +124,8 @@ def create_app(config: Config | None = None) -> Starlette:
     app.router.default = passthrough
     app.router.redirect_slashes = False
     app.state.services = services
-    return app
+    fast: ASGIApp = ArtifactApp(artifacts)
+    rest: ASGIApp = app
+    if access_log is not None:  # one line per request, whichever way it went
+        fast, rest = AccessLog(fast, writer=access_log), AccessLog(app, writer=access_log)
+    return Front(rest, fast, app.state)

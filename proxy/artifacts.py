@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import re
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -20,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from proxy.access import credential
 from proxy.errors import (
-    BadRequest,
     PayloadTooLarge,
     ProxyError,
     ResponseAborted,
@@ -33,28 +31,28 @@ from proxy.errors import (
 )
 from proxy.fills import Fill, FillFailed, Reader
 from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
-from proxy.integrity import Verifier, intact
 from proxy.keys import ArtifactKey, parse_key
 from proxy.passthrough import relay
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.services import Services
-from proxy.store import Entry
+from proxy.store.chain import Corrupt, Hit
 from proxy.upstream import Answer, read_answer
 from proxy.validators import Validators
 
 log = logging.getLogger(__name__)
 
-_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 
 CACHE_CONTROL = (b"Cache-Control", b"private, max-age=31536000, immutable")
-#: Entries up to this size that the store has in memory are read on the event loop.
-INLINE_READ_LIMIT = 64 * 1024
+#: RFC 9211 ``Cache-Status`` of a hit, by the tier that answered.
+_FORWARDED = {
+    b"MISS": b"vlmrun-cache; fwd=uri-miss",
+    b"COALESCED": b"vlmrun-cache; fwd=uri-miss; collapsed",
+}
+_CACHE_STATUS = {
+    tier: f"vlmrun-cache; hit; detail={tier}".encode() for tier in ("memory", "disk", "redis")
+}
 #: A GET needs no body; anything larger than this on the cached route is refused.
 MAX_REQUEST_BODY = 64 * 1024
-
-
-class _Corrupt(Exception):
-    """A stored entry's bytes do not match its metadata."""
 
 
 class ArtifactRoute:
@@ -74,12 +72,13 @@ class ArtifactRoute:
         except ProxyError:
             self._count("error")
             raise
+        scope["vlmrun_cache.artifact_key"] = key  # for the access log (proxy/accesslog.py)
         if key is None:  # filename= lookups name no immutable object
             self._count("bypass")
             await self.s.passthrough(scope, receive, send)
             return
         try:
-            authorization = _credential(scope["headers"])
+            authorization = credential(scope["headers"])
         except ProxyError:
             self._count("error")
             raise
@@ -171,37 +170,6 @@ class ArtifactRoute:
 
     # -- hit ----------------------------------------------------------------------------------
 
-    def _lookup(
-        self, key: ArtifactKey, memory_only: bool = False
-    ) -> tuple[Entry, bytes | None] | None:
-        """The entry if present and intact, with its whole body when it fits in one chunk.
-
-        A file of the wrong length, or a small one whose digest does not match, is evicted and
-        reported as a miss. Blocks: one worker-thread hop does all the disk work of a small hit.
-        With ``memory_only`` (on the event loop) it touches no index: it may miss where the
-        index would not, and raises :class:`_Corrupt` instead of evicting.
-        """
-        entry = self.s.store.get(key.cache_key, memory_only=memory_only)
-        if entry is None:
-            return None
-        try:
-            if entry.size_on_disk != entry.meta.length:
-                raise _Corrupt
-            if entry.meta.length > self.s.config.chunk_size:
-                return entry, None
-            with entry.file:
-                return entry, _read(entry, 0, entry.meta.length, verify=True)
-        except _Corrupt:
-            entry.close()
-            if memory_only:
-                raise
-            self._corrupt(key)
-            return None
-
-    def _corrupt(self, key: ArtifactKey) -> None:
-        self.s.metrics.integrity_failures.inc()
-        self.s.store.evict(key.cache_key)
-
     async def _hit(
         self,
         request: Request,
@@ -210,50 +178,43 @@ class ArtifactRoute:
         fingerprint: str | None,
         outcome: str = "hit",
     ) -> Response | None:
-        found = None
-        if self.s.store.remembers(key.cache_key, INLINE_READ_LIMIT):
-            try:  # an open and a page-cache read: cheaper than a thread hop
-                found = self._lookup(key, memory_only=True)
-            except _Corrupt:
-                await anyio.to_thread.run_sync(self._corrupt, key)
-                return None
-        if found is None:
-            found = await anyio.to_thread.run_sync(self._lookup, key)
-        if found is None:
+        hit = await self.s.chain.lookup(key.cache_key)
+        if hit is None:
             return None
-        entry, body = found
         try:
             refusal = await self._authorize(
-                request, key, authorization, fingerprint, entry.meta.filler, entry.meta.validators
+                request, key, authorization, fingerprint, hit.meta.filler, hit.meta.validators
             )
             if refusal is not None:
-                entry.close()
+                hit.close()
                 return refusal
-            response = self._entry_response(request, key, entry, body, outcome)
+            response = self._entry_response(request, key, hit, outcome)
         except BaseException:
-            entry.close()
+            hit.close()
             raise
         self._count(outcome)
+        self.s.metrics.hits.labels(hit.tier).inc()
         return response
 
     def _entry_response(
-        self, request: Request, key: ArtifactKey, entry: Entry, body: bytes | None, outcome: str
+        self, request: Request, key: ArtifactKey, hit: Hit, outcome: str
     ) -> Response:
         """The hit's response: whole, a single range, 304 or 416.
 
-        ``body`` is the whole (already verified) content of a small entry; a larger one streams
-        from its open file, hashed on the way.
+        A small entry's whole (already verified) body is in the hit; a larger one streams from
+        its tier, hashed on the way.
         """
-        meta = entry.meta
+        meta = hit.meta
         common: RawHeaders = [
             (b"ETag", meta.etag.encode()),
             CACHE_CONTROL,
             (b"Accept-Ranges", b"bytes"),
             (b"X-Cache", outcome.upper().encode()),
+            (b"Cache-Status", _CACHE_STATUS[hit.tier]),
         ]
         headers = request.headers
         if "if-none-match" in headers and none_match(headers["if-none-match"], meta.etag):
-            entry.close()
+            hit.close()
             return _raw(Response(status_code=304), common)
         try:
             span = (
@@ -262,7 +223,7 @@ class ArtifactRoute:
                 else None
             )
         except RangeNotSatisfiable:
-            entry.close()
+            hit.close()
             return json_response(
                 416,
                 {"detail": "Range Not Satisfiable"},
@@ -278,45 +239,31 @@ class ArtifactRoute:
         if span is not None:
             status = 206
             raw.append((b"Content-Range", f"bytes {start}-{end - 1}/{meta.length}".encode()))
-        if body is not None:
+        if hit.body is not None:
             self.s.metrics.served_bytes.labels("cache").inc(end - start)
-            return _raw(Response(body[start:end] if span else body, status_code=status), raw)
+            body = hit.body[start:end] if span else hit.body
+            return _raw(Response(body, status_code=status), raw)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
-        chunks = self._stream_entry(key, entry, start, end, verify)
         response = StreamingResponse(
-            chunks, status_code=status, background=BackgroundTask(entry.close)
+            self._stream_hit(key, hit, start, end, verify),
+            status_code=status,
+            background=BackgroundTask(hit.close),
         )
         return _raw(response, raw)
 
-    async def _stream_entry(
-        self, key: ArtifactKey, entry: Entry, start: int, end: int, verify: bool
+    async def _stream_hit(
+        self, key: ArtifactKey, hit: Hit, start: int, end: int, verify: bool
     ) -> AsyncIterator[bytes]:
-        """The entry's bytes in chunks, hashed on the way; the last chunk waits for the check."""
-        verifier = Verifier(entry.meta) if verify else None
-        fd = entry.file.fileno()
         served = self.s.metrics.served_bytes.labels("cache")
-        chunk_size = self.s.config.chunk_size
-
-        def read(size: int, offset: int) -> bytes:
-            data = os.pread(fd, size, offset)
-            if verifier is not None:
-                verifier.update(data)
-            return data
-
         try:
-            position = start
-            while position < end:
-                size = min(chunk_size, end - position)
-                data = await anyio.to_thread.run_sync(read, size, position)
-                position += len(data)
-                short = len(data) != size
-                if short or (position == end and verifier is not None and not verifier.matches()):
-                    await anyio.to_thread.run_sync(self._corrupt, key)
-                    raise ResponseAborted(f"cached {key.object_id} failed its integrity check")
-                served.inc(size)
+            async for data in hit.chunks(start, end, verify):
+                served.inc(len(data))
                 yield data
+        except Corrupt:
+            self.s.chain.memory.drop(key.cache_key)
+            raise ResponseAborted(f"cached {key.object_id} failed its integrity check") from None
         finally:
-            entry.close()
+            hit.close()
 
     # -- miss ---------------------------------------------------------------------------------
 
@@ -331,7 +278,7 @@ class ArtifactRoute:
         fill = fills.get(key)
         on_close = None
         if fill is None:
-            if fills.full(fingerprint):  # bounded fetches: beyond them, stream through uncached
+            if fills.full(fingerprint) or fills.uncacheable(key):  # stream through uncached
                 return await self._bypass(request)
             fill = fills.start(key, authorization, fingerprint)
             outcome = b"MISS"
@@ -407,7 +354,7 @@ class ArtifactRoute:
             headers.append((CONTENT_LENGTH, str(validators.length).encode()))
         if validators is not None and validators.encoding:
             headers.append((b"Content-Encoding", validators.encoding.encode("latin-1")))
-        headers += [CACHE_CONTROL, (b"X-Cache", outcome)]
+        headers += [CACHE_CONTROL, (b"X-Cache", outcome), (b"Cache-Status", _FORWARDED[outcome])]
         response = StreamingResponse(counted(), background=BackgroundTask(upstream.aclose))
         return _raw(response, headers)
 
@@ -436,35 +383,12 @@ def _check_limits(request: Request, max_query_length: int) -> None:
         raise PayloadTooLarge("GET /v1/artifacts takes no request body")
 
 
-def _credential(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The request's ``Authorization``; one at most, in printable ASCII, or a 400."""
-    found: bytes | None = None
-    for name, value in headers:
-        if name.lower() == b"authorization":
-            if found is not None:
-                raise BadRequest("Give the Authorization header once")
-            if _PRINTABLE_ASCII.fullmatch(value) is None:
-                raise BadRequest("The Authorization header must be printable ASCII")
-            found = value
-    return None if found is None else found.decode("ascii")
-
-
 def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:
     headers: RawHeaders = [(CONTENT_TYPE, fill.content_type.encode("latin-1"))]
     if fill.expected_length is not None:
         headers.append((CONTENT_LENGTH, str(fill.expected_length).encode()))
-    headers += [CACHE_CONTROL, (b"X-Cache", outcome)]
+    headers += [CACHE_CONTROL, (b"X-Cache", outcome), (b"Cache-Status", _FORWARDED[outcome])]
     return headers
-
-
-def _read(entry: Entry, start: int, end: int, verify: bool) -> bytes:
-    """Read ``[start, end)`` of a small entry, checking the digest of a whole one. Blocks."""
-    data = os.pread(entry.file.fileno(), end - start, start)
-    if len(data) != end - start:
-        raise _Corrupt
-    if verify and not intact(entry.meta, data):
-        raise _Corrupt
-    return data
 
 
 def _raw(response: Response, headers: RawHeaders) -> Response:

@@ -25,9 +25,10 @@ from typing import Any
 
 import uvicorn
 
-from proxy import __version__
+from proxy import __version__, admin, doctor
 from proxy.app import CONFIG_ENV, configure_logging, create_app
-from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, load
+from proxy.banner import announce
+from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, env_name, flag_name, load
 from proxy.guards import Limits
 from proxy.metrics import MULTIPROC_ENV
 from proxy.protocols import GuardedHTTP
@@ -44,6 +45,7 @@ _HELP = {
     "cache_dir": "cache directory (default: the user's cache directory)",
     "max_size": "upper bound on cached bytes, e.g. 512MiB or 10GiB (default 10GiB)",
     "max_object_size": "larger artifacts stream through uncached (default max-size / 4)",
+    "memory_cache_size": "hot small entries kept in memory per worker (default 64MiB; 0: none)",
     "proof_ttl": "how long an upstream 200 proves access to a scope (default 1h)",
     "offline_proof_ttl": "while the API is unreachable, proofs this old still count (default 7d)",
     "access_check": "scope (one check per session/execution) or object (per artifact)",
@@ -60,11 +62,13 @@ _HELP = {
     "max_waiters": "clients following one fetch; more get 503 (default 1024)",
     "artifact_connections": "upstream connections for fills and access checks (default 80)",
     "max_fills_per_key": "fills one API key may run at once; more stream uncached (default 32)",
-    "max_passthrough_per_key": "passed-through requests per API key at once (default 64)",
+    "max_passthrough_per_key": "passed-through requests per API key at once (default 50)",
     "max_waiters_per_key": "clients of one API key following fills at once (default 512)",
     "fill_timeout": "longest a fill may take before it is abandoned (default 1h)",
     "fill_min_rate": "slowest a fill may run, per second, before it is abandoned (default 16KiB)",
     "fill_rate_window": "the window fill_min_rate is averaged over (default 60s)",
+    "body_timeout": "longest silence in a client's upload before a 408 (default 30s)",
+    "upload_min_rate": "slowest a client's upload may arrive, per second (default 16KiB)",
     "max_query_length": "longest artifact query string (default 4096)",
     "max_header_bytes": "longest request head; longer get 431 (default 64KiB)",
     "max_header_line": "longest line of a request head; longer get 431 (default 8KiB)",
@@ -77,24 +81,45 @@ _HELP = {
     "http": "auto, h11 or httptools (default auto: httptools when installed)",
     "workers": "server processes sharing the port and the cache (default 1)",
     "log_level": "critical, error, warning, info or debug (default info)",
+    "log_format": "access log lines as text or json (default text)",
+    "access_log": "one line per request on stdout: true or false (default true)",
 }
+
+
+_SETTINGS = (
+    f"Settings: defaults < the file named by ${BASE_CONFIG_ENV} < --config file "
+    "< VLMRUN_CACHE_<KEY> environment variables < flags."
+)
+_START_HERE = """\
+start here:
+  vlmrun-cache serve        run the proxy on http://127.0.0.1:8080
+  export VLMRUN_BASE_URL=http://127.0.0.1:8080/v1
+                            in the shell that runs your agent (unchanged vlmrun SDK code)
+  vlmrun-cache doctor       check the settings, the cache directory and the API
+
+Run without a command, vlmrun-cache prints this help and exits with status 2."""
+
+
+def _add_settings(command: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and one flag per setting, as ``serve`` takes them."""
+    command.add_argument("--config", metavar="FILE", help="TOML file (see config.example.toml)")
+    for key in KEYS:
+        command.add_argument(flag_name(key), dest=key, metavar="VALUE", help=_HELP[key])
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vlmrun-cache", description="A local caching reverse proxy for the VLM Run API."
+        prog="vlmrun-cache",
+        description="A local caching reverse proxy for the VLM Run API.",
+        epilog=_START_HERE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     serve = commands.add_parser(
-        "serve",
-        help="run the proxy",
-        description=f"Run the proxy. Settings: defaults < the file named by ${BASE_CONFIG_ENV} "
-        "< --config file < VLMRUN_CACHE_<KEY> environment variables < flags.",
+        "serve", help="run the proxy", description=f"Run the proxy. {_SETTINGS}"
     )
-    serve.add_argument("--config", metavar="FILE", help="TOML file (see config.example.toml)")
-    for key in KEYS:
-        serve.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE", help=_HELP[key])
+    _add_settings(serve)
     healthcheck = commands.add_parser(
         "healthcheck",
         help="exit 0 if the running proxy answers /healthz, else 1",
@@ -105,6 +130,19 @@ def _parser() -> argparse.ArgumentParser:
     healthcheck.add_argument("--cache-dir", metavar="VALUE", help=_HELP["cache_dir"])
     healthcheck.add_argument(
         "--timeout", type=float, default=2.0, metavar="SECONDS", help="per connect and read (2)"
+    )
+    admin.add_commands(commands)  # stats, ls, purge, verify, warm, revoke: proxy/admin/
+    diagnose = commands.add_parser(
+        "doctor",
+        help="check the settings, the cache directory and the API; exit 1 on a problem",
+        description="Check what serve needs, one line each: the settings, the port, the cache "
+        "directory, free disk space, the cache index and the upstream API (GET /v1/health "
+        "without credentials). Exit 1 if any check finds a problem, else 0. Safe beside a "
+        f"running proxy. {_SETTINGS}",
+    )
+    _add_settings(diagnose)
+    diagnose.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="for the API check (5)"
     )
     return parser
 
@@ -131,6 +169,7 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
         "timeout_keep_alive": 5,
         "lifespan": "on",
         "server_header": False,
+        "access_log": False,  # ours is proxy/accesslog.py
     }
 
 
@@ -259,6 +298,7 @@ def serve(config: Config) -> None:
         write_address_file(config)
     except OSError as exc:  # the app's start-up will fail on the directory and say why
         log.warning("cannot record the listening address in %s: %s", config.cache_dir, exc)
+    announce(config)
     if config.workers > 1:
         # Workers are fresh interpreters: they get the settings, and a shared directory for
         # prometheus-client's multiprocess mode, through the environment.
@@ -280,16 +320,54 @@ def serve(config: Config) -> None:
         ssl_keyfile=config.tls_keyfile or None,
         log_level=config.log_level,
         timeout_graceful_shutdown=30,
+        # uvicorn kills a worker whose ping goes unanswered this long (default 5 s): on a busy
+        # small machine a GIL-heavy moment (hashing, SQLite) must not cost in-flight requests.
+        timeout_worker_healthcheck=30,
         **uvicorn_options(config),
     )
 
 
+def _flags(args: argparse.Namespace) -> dict[str, str | None]:
+    if args.command == "healthcheck":
+        return {"cache_dir": args.cache_dir}
+    return {key: getattr(args, key) for key in KEYS}
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The settings, merged as every command merges them (see ``_SETTINGS``)."""
+    base = os.environ.get(BASE_CONFIG_ENV) or None
+    return load(args.config, os.environ, _flags(args), base=base)
+
+
+def _sources(args: argparse.Namespace) -> list[str]:
+    """Where settings came from, by name only (no value), lowest precedence first."""
+    sources = []
+    if base := os.environ.get(BASE_CONFIG_ENV):
+        sources.append(f"base file {base}")
+    if args.config:
+        sources.append(f"file {args.config}")
+    variables = [env_name(key) for key in KEYS if env_name(key) in os.environ]
+    if variables:
+        sources.append(f"environment ({', '.join(variables)})")
+    flags = [flag_name(key) for key, value in _flags(args).items() if value is not None]
+    if flags:
+        sources.append(f"flags ({', '.join(flags)})")
+    return sources
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a first try: lead to serve rather than fail with a usage error
+        parser.print_help()
+        return 2
+    if args.command in admin.COMMANDS:  # they never create or prepare a cache directory
+        return admin.run(args)
+    if args.command == "doctor":
+        return doctor.run(lambda: _load(args), _sources(args), args.timeout, sys.stdout)
     checking = args.command == "healthcheck"
-    flags = {"cache_dir": args.cache_dir} if checking else {key: getattr(args, key) for key in KEYS}
     try:
-        config = load(args.config, os.environ, flags, base=os.environ.get(BASE_CONFIG_ENV) or None)
+        config = _load(args)
         # Before uvicorn starts, so that an unsafe directory is one clean line, not a traceback.
         prepare_directory(config.cache_dir)
     except ConfigError as exc:

@@ -48,6 +48,9 @@ _SIZE_UNITS = {
 _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_LOG_FORMATS = ("text", "json")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,17 @@ def parse_size(value: object) -> int:
     if match is None or unit not in _SIZE_UNITS:
         raise ValueError(f"{value!r} is not a size such as 512MiB or 10GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes for people: ``512 B``, ``8.0 KiB``, ``3.4 MiB``, ``10 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    digits = 0 if unit == "B" else 1
+    return f"{value:.{digits}f}".removesuffix(".0") + f" {unit}"
 
 
 def parse_duration(value: object) -> float:
@@ -91,6 +105,17 @@ def _parse_int(value: object) -> int:
         return int(str(value).strip()) if not isinstance(value, int) else value
     except ValueError:
         raise ValueError(f"{value!r} is not a whole number") from None
+
+
+def _parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{value!r} is not true or false")
 
 
 def _parse_str(value: object) -> str:
@@ -118,6 +143,8 @@ class Config:
     max_size: int = 10 * 1024**3
     #: 0 means a quarter of ``max_size``; use :attr:`object_size_limit` for the effective value.
     max_object_size: int = 0
+    #: Hot small entries kept in memory by each worker process (0: no memory tier).
+    memory_cache_size: int = 64 * 1024**2
     proof_ttl: float = 3600.0
     #: "scope": one upstream 200 proves access to a whole session/execution; "object": to one
     #: artifact (for deployments that cannot rely on scope ids being unique across accounts).
@@ -149,7 +176,7 @@ class Config:
     #: Fills one credential may run at once; its further misses stream through uncached.
     max_fills_per_key: int = 32
     #: Passed-through requests (and uncached artifact streams) per credential at once (then 429).
-    max_passthrough_per_key: int = 64
+    max_passthrough_per_key: int = 50
     #: Clients of one credential following fills at once (then 429).
     max_waiters_per_key: int = 512
     #: Longest a fill may take in all; a longer one is abandoned (clients see a failed transfer).
@@ -157,6 +184,10 @@ class Config:
     #: Slowest a fill may run, in bytes/s averaged over ``fill_rate_window``, before abandoned.
     fill_min_rate: int = 16 * 1024
     fill_rate_window: float = 60.0
+    #: Longest silence in a client's request body (uploads) before it is answered 408.
+    body_timeout: float = 30.0
+    #: Slowest a client's request body may arrive, averaged over ``fill_rate_window`` (then 408).
+    upload_min_rate: int = 16 * 1024
     #: Longest query string accepted on the artifact route.
     max_query_length: int = 4096
     #: Longest request head (request line, header fields, line ends); longer: 431.
@@ -179,6 +210,10 @@ class Config:
     #: Server processes sharing the port and the disk cache.
     workers: int = 1
     log_level: str = "info"
+    #: Format of the access log lines on stdout: "text" (for people) or "json" (one object a line).
+    log_format: str = "text"
+    #: One line per request on stdout, whatever ``log_level`` says.
+    access_log: bool = True
 
     @property
     def object_size_limit(self) -> int:
@@ -198,6 +233,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "cache_dir": _parse_str,
     "max_size": parse_size,
     "max_object_size": parse_size,
+    "memory_cache_size": parse_size,
     "proof_ttl": parse_duration,
     "access_check": _parse_str,
     "offline_proof_ttl": parse_duration,
@@ -219,6 +255,8 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "fill_timeout": parse_duration,
     "fill_min_rate": parse_size,
     "fill_rate_window": parse_duration,
+    "body_timeout": parse_duration,
+    "upload_min_rate": parse_size,
     "max_query_length": _parse_int,
     "max_header_bytes": parse_size,
     "max_header_line": parse_size,
@@ -231,13 +269,29 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "http": _parse_str,
     "workers": _parse_int,
     "log_level": _parse_str,
+    "log_format": _parse_str,
+    "access_log": _parse_bool,
 }
 KEYS = tuple(_PARSERS)
 
 
-def _validate(config: Config) -> None:
+def env_name(key: str) -> str:
+    """The environment variable that sets ``key``, e.g. ``VLMRUN_CACHE_PORT``."""
+    return ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag that sets ``key``, e.g. ``--max-size``."""
+    return "--" + key.replace("_", "-")
+
+
+def _validate(config: Config, sources: Mapping[str, str]) -> None:
+    """Raise :class:`ConfigError` for the first invalid value; ``sources`` says where each
+    non-default value came from, so that the message names the file, variable or flag."""
+
     def fail(key: str, why: str) -> None:
-        raise ConfigError(f"{key}: {why}")
+        where = f" (from {sources[key]})" if key in sources else ""
+        raise ConfigError(f"{key}: {why}{where}")
 
     if not 0 < config.port < 65536:
         fail("port", f"{config.port} is not a TCP port (1-65535)")
@@ -286,6 +340,7 @@ def _validate(config: Config) -> None:
         "shutdown_timeout",
         "fill_timeout",
         "fill_rate_window",
+        "body_timeout",
     ):
         if getattr(config, key) <= 0:
             fail(key, "must be larger than zero")
@@ -323,11 +378,15 @@ def _validate(config: Config) -> None:
         fail("http", "must be auto, h11 or httptools")
     if config.log_level.lower() not in _LOG_LEVELS:
         fail("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    if config.log_format not in _LOG_FORMATS:
+        fail("log_format", f"must be one of {', '.join(_LOG_FORMATS)}")
     if not config.cache_dir:
         fail("cache_dir", "must not be empty")
 
 
-def _apply(base: dict[str, Any], values: Mapping[str, object], source: str) -> None:
+def _apply(
+    base: dict[str, Any], values: Mapping[str, object], source: str, sources: dict[str, str]
+) -> None:
     for key, raw in values.items():
         if key not in _PARSERS:
             raise ConfigError(f"{key}: unknown setting (from {source}); known: {', '.join(KEYS)}")
@@ -335,15 +394,18 @@ def _apply(base: dict[str, Any], values: Mapping[str, object], source: str) -> N
             base[key] = _PARSERS[key](raw)
         except ValueError as exc:
             raise ConfigError(f"{key}: {exc} (from {source})") from None
+        sources[key] = source
 
 
-def _apply_file(values: dict[str, Any], file: str | Path, source: str) -> None:
+def _apply_file(
+    values: dict[str, Any], file: str | Path, source: str, sources: dict[str, str]
+) -> None:
     try:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config: cannot read {source} {file}: {exc.strerror}") from None
     try:
-        _apply(values, tomllib.loads(text), f"{source} {file}")
+        _apply(values, tomllib.loads(text), f"{source} {file}", sources)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {source} {file} is not valid TOML: {exc}") from None
 
@@ -361,23 +423,24 @@ def load(
     (for instance the SDK's own ``VLMRUN_CACHE_DIR``) are ignored.
     """
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each value came from, for error messages
     if base is not None:
-        _apply_file(values, base, "base file")
+        _apply_file(values, base, "base file", sources)
     if file is not None:
-        _apply_file(values, file, "file")
+        _apply_file(values, file, "file", sources)
     environ = os.environ if env is None else env
-    from_env = {
-        key: environ[ENV_PREFIX + key.upper()]
-        for key in KEYS
-        if ENV_PREFIX + key.upper() in environ
-    }
-    _apply(values, from_env, "environment")
-    _apply(values, {k: v for k, v in (flags or {}).items() if v is not None}, "command line")
-    if "log_level" in values:
-        values["log_level"] = values["log_level"].lower()
+    for key in KEYS:
+        if (name := env_name(key)) in environ:
+            _apply(values, {key: environ[name]}, f"environment variable {name}", sources)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _apply(values, {key: value}, f"flag {flag_name(key)}", sources)
+    for key in ("log_level", "log_format"):
+        if key in values:
+            values[key] = values[key].lower()
     for key in ("cache_dir", "tls_certfile", "tls_keyfile"):
         if key in values:
             values[key] = os.path.expanduser(values[key])
     config = Config(**values)
-    _validate(config)
+    _validate(config, sources)
     return config

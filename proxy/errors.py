@@ -45,6 +45,12 @@ class BadRequest(ProxyError):
     status_code = 400
 
 
+class RequestTimeout(ProxyError):
+    """The client's request body stalled or crawled (408)."""
+
+    status_code = 408
+
+
 class LengthRequired(ProxyError):
     """A request body without a length where the upstream cannot frame one safely (411)."""
 
@@ -98,6 +104,10 @@ class UpstreamUnreachable(UpstreamUnavailable):
     """No connection to the upstream could be made, or the breaker is open (502): offline."""
 
 
+class RedirectTargetFailed(UpstreamUnavailable):
+    """A redirect's target (not the API itself) could not be fetched (502)."""
+
+
 class UpstreamBusy(ProxyError):
     """Every connection to the upstream is in use and none freed up in time (503)."""
 
@@ -138,6 +148,11 @@ def json_response(
     return response
 
 
+def error_response(exc: ProxyError) -> Response:
+    """The one way a :class:`ProxyError` becomes an answer: the API's ``{"detail": ...}``."""
+    return json_response(exc.status_code, {"detail": exc.detail}, list(exc.headers))
+
+
 async def handle_proxy_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return json_response(exc.status_code, {"detail": exc.detail}, list(exc.headers))
+    return error_response(exc)

@@ -42,7 +42,7 @@ from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
-from proxy.store.claims import Claims
+from proxy.store.claims import Coordinator, Lease
 from proxy.upstream import Answer, Upstream, read_answer, translate
 from proxy.validators import Validators
 
@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 
 #: Bytes a fill keeps in memory for its readers after its file stopped taking writes.
 MEMORY_TAIL_LIMIT = 16 * 1024**2
-#: How often a worker checks whether another process finished fetching a key it wants.
-CLAIM_POLL_SECONDS = 0.005
+#: A coded body expanding more than this many times is a decompression bomb.
+DECODE_RATIO_LIMIT = 200
+#: How long a key whose body was too large is passed through instead of filled.
+UNCACHEABLE_SECONDS = 600.0
 #: Recent bytes kept in memory for readers that keep pace; also how far the disk writer may lag
 #: before the fill waits for it.
 WINDOW_BYTES = 1024**2
@@ -59,6 +61,10 @@ WINDOW_BYTES = 1024**2
 
 class FillFailed(Exception):
     """The fill broke after streaming began; readers must abort their responses."""
+
+
+class TooLarge(FillFailed):
+    """A body of unknown size grew past what may be stored (or a coded one exploded)."""
 
 
 class Fill:
@@ -220,16 +226,18 @@ class Fills:
         store: Store,
         access: AccessProofs,
         metrics: Metrics,
-        claims: Claims | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self._config = config
-        self._claims = claims
+        self._coordinator = coordinator
         self._upstream = upstream
         self._store = store
         self._access = access
         self._metrics = metrics
         self._running: dict[ArtifactKey, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Keys whose bodies proved too large to store, until when (time.monotonic()).
+        self._uncacheable: dict[ArtifactKey, float] = {}
         #: Fills each credential runs (``max_fills_per_key``).
         self._per_key = PerKey(config.max_fills_per_key, "artifact fetches")
         #: Clients each credential has following fills (``max_waiters_per_key``).
@@ -237,6 +245,17 @@ class Fills:
 
     def get(self, key: ArtifactKey) -> Fill | None:
         return self._running.get(key)
+
+    def uncacheable(self, key: ArtifactKey) -> bool:
+        """True for a while after a fill of ``key`` grew past what may be stored: its requests
+        are then passed through (with whatever coding the upstream applies) instead."""
+        until = self._uncacheable.get(key)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._uncacheable[key]
+            return False
+        return True
 
     def full(self, fingerprint: str | None) -> bool:
         """True when no fill may start for this credential: every slot is taken, or it holds
@@ -275,7 +294,7 @@ class Fills:
         started_at = time.monotonic()
         temp: FillFile | None = None
         response: httpx.Response | None = None
-        claim: int | None = None
+        claim: Lease | None = None
         try:
             claim = await self._claim(fill)
             if fill.from_store:
@@ -298,7 +317,7 @@ class Fills:
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
-            digests = await self._tee(fill, body, temp.file)
+            digests = await self._tee(fill, body, temp.file, response if encoding else None)
             self._metrics.upstream_fetch.observe(time.monotonic() - started_at)
             sent = response.num_bytes_downloaded
             if validators.length is not None and sent != validators.length:
@@ -320,6 +339,10 @@ class Fills:
         except ProxyError as exc:
             self._metrics.upstream_errors.inc()
             fill.error = exc
+        except TooLarge as exc:
+            self._uncacheable[fill.key] = time.monotonic() + UNCACHEABLE_SECONDS
+            self._metrics.store_failures.labels("too_large").inc()
+            log.warning("fill of %s abandoned: %s; passing it through", fill.key.object_id, exc)
         except FillFailed as exc:
             self._metrics.upstream_errors.inc()
             log.warning("fill of %s failed: %s", fill.key.object_id, exc)
@@ -331,7 +354,7 @@ class Fills:
             if temp is not None:
                 await anyio.to_thread.run_sync(self._store.discard, temp)
             if claim is not None:
-                Claims.release(claim)
+                claim.release()
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
@@ -339,29 +362,24 @@ class Fills:
             fill._release()
             fill._notify()
 
-    async def _claim(self, fill: Fill) -> int | None:
-        """Make sure no other process is fetching this key; see :mod:`proxy.store.claims`.
+    async def _claim(self, fill: Fill) -> Lease | None:
+        """Make sure no other process is fetching this key (see :mod:`proxy.store.claims`).
 
-        Returns the held claim, or None when there are no claims, when another process stored
+        Returns the lease, or None when there is no coordinator, when another process stored
         the key meanwhile (``fill.from_store``), or after waiting ``first_byte_timeout`` for a
-        holder that is slow (then we fetch regardless: a duplicate fetch beats a timeout).
+        holder that is slow (then we fetch regardless).
         """
-        if self._claims is None:
+        if self._coordinator is None:
             return None
         key = fill.key.cache_key
-        give_up = time.monotonic() + self._config.first_byte_timeout
-        while True:
-            claim = await anyio.to_thread.run_sync(self._claims.try_claim, key)
-            if claim is not None:
-                break
-            if time.monotonic() > give_up:
-                return None
-            await anyio.sleep(CLAIM_POLL_SECONDS)  # a cross-process wait: no event to wait on
+        lease = await self._coordinator.claim(key, self._config.first_byte_timeout)
+        if lease is None:
+            return None
         entry = await anyio.to_thread.run_sync(self._store.get, key)
         if entry is None:
-            return claim
+            return lease
         entry.close()
-        Claims.release(claim)
+        lease.release()
         fill.from_store = True
         return None
 
@@ -383,7 +401,13 @@ class Fills:
             self._metrics.store_failures.labels("write").inc()
             return None
 
-    async def _tee(self, fill: Fill, body: AsyncIterator[bytes], out: BinaryIO) -> BodyDigests:
+    async def _tee(
+        self,
+        fill: Fill,
+        body: AsyncIterator[bytes],
+        out: BinaryIO,
+        coded: httpx.Response | None = None,
+    ) -> BodyDigests:
         """Publish the body chunk by chunk as it arrives while a writer task appends it to
         ``out`` in batches; returns its digests once every byte is hashed (and written)."""
         digests = BodyDigests()
@@ -426,6 +450,13 @@ class Fills:
                     raise FillFailed(f"took longer than fill_timeout ({config.fill_timeout:g} s)")
                 if floor.too_slow(now, fill.written):
                     raise FillFailed(f"slower than fill_min_rate ({config.fill_min_rate} B/s)")
+                if fill.written + len(chunk) > config.object_size_limit or (
+                    coded is not None
+                    and fill.written > DECODE_RATIO_LIMIT * coded.num_bytes_downloaded + 2**20
+                ):  # only an unannounced or coded body gets here: its size was not known
+                    raise TooLarge(
+                        f"larger than an entry may be (or expands {DECODE_RATIO_LIMIT}x)"
+                    )
                 fill._publish(chunk)
                 pending.append(chunk)
                 wake.set()

@@ -44,6 +44,9 @@ HOP_BY_HOP = frozenset(
 )
 
 
+_NEVER_NAMED = frozenset({b"authorization", b"content-length", b"content-type"})
+
+
 def end_to_end(headers: Iterable[tuple[bytes, bytes]], drop: Iterable[bytes] = ()) -> RawHeaders:
     """Headers without hop-by-hop ones (and those named in ``Connection``) or ``drop``.
 
@@ -56,7 +59,8 @@ def end_to_end(headers: Iterable[tuple[bytes, bytes]], drop: Iterable[bytes] = (
         if name.lower() == b"connection"
         for token in value.split(b",")
     }
-    skip = HOP_BY_HOP | named | {name.lower() for name in drop}
+    # ``Connection`` may name hop-by-hop extensions, never the credential or the framing.
+    skip = HOP_BY_HOP | (named - _NEVER_NAMED) | {name.lower() for name in drop}
     out: RawHeaders = []
     for name, value in items:
         lower = name.lower()

@@ -41,6 +41,25 @@ class ArtifactKey:
             parts.append(self.owner)
         return json.dumps(parts)
 
+    @classmethod
+    def from_cache_key(cls, text: str) -> ArtifactKey | None:
+        """The key a stored entry's :attr:`cache_key` names; None for another layout (entries
+        stored under an older :data:`KEY_VERSION`, or anything else)."""
+        try:
+            parts = json.loads(text)
+        except ValueError:
+            return None
+        if (
+            not isinstance(parts, list)
+            or len(parts) not in (4, 5)
+            or parts[0] != KEY_VERSION
+            or parts[1] not in ("session", "execution")
+            or not all(isinstance(part, str) for part in parts)
+        ):
+            return None
+        owner = parts[4] if len(parts) == 5 else None
+        return cls(parts[1], parts[2], parts[3], owner)
+
     def owned_by(self, fingerprint: str | None) -> ArtifactKey:
         """This key as one credential's own copy (for a split scope)."""
         return dataclasses.replace(self, owner=fingerprint or ANONYMOUS)

@@ -17,8 +17,9 @@ from proxy.store import StoreStats
 
 OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
 SOURCES = ("cache", "upstream")
+TIERS = ("memory", "disk")
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
-STORE_FAILURES = ("no_space", "write", "commit", "index")
+STORE_FAILURES = ("no_space", "write", "commit", "index", "too_large")
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -32,6 +33,12 @@ class Metrics:
             "Artifact requests by outcome: hit, miss, coalesced (joined a running fill), bypass "
             "(not cacheable), error (answered with an error status).",
             ["outcome"],
+            registry=r,
+        )
+        self.hits = Counter(
+            "vlmrun_cache_hits",
+            "Artifact requests served from the cache, by the tier that answered: memory, disk.",
+            ["tier"],
             registry=r,
         )
         self.passthrough = Counter(
@@ -98,7 +105,9 @@ class Metrics:
             "vlmrun_cache_store_failures",
             "Artifacts that could not be stored and streamed through uncached instead: no_space "
             "(below min_free_space), write (a disk write failed), commit (could not publish), "
-            "index (the cache database was damaged and reset).",
+            "index (the cache database was damaged and reset), too_large (a body of unannounced "
+            "size grew past max_object_size, or a compressed one exploded: passed through for a "
+            "while).",
             ["reason"],
             registry=r,
         )
@@ -119,6 +128,8 @@ class Metrics:
             self.store_failures.labels(reason)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        for tier in TIERS:
+            self.hits.labels(tier)
         for source in SOURCES:
             self.served_bytes.labels(source)
         for result in ACCESS_RESULTS:

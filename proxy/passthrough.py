@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 import httpx
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
@@ -19,12 +21,14 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from proxy import offline
-from proxy.access import AccessProofs
-from proxy.capacity import PerKey
+from proxy.access import AccessProofs, credential
+from proxy.capacity import PerKey, RateFloor
+from proxy.config import Config
 from proxy.errors import (
     BadRequest,
     LengthRequired,
     NotImplementedByProxy,
+    RequestTimeout,
     ResponseAborted,
     UpstreamUnreachable,
 )
@@ -85,12 +89,13 @@ class Passthrough:
         upstream: Upstream,
         metrics: Metrics,
         access: AccessProofs,
-        per_key: int,
+        config: Config,
     ) -> None:
         self._upstream = upstream
         self._metrics = metrics
         self._access = access
-        self._held = PerKey(per_key, "requests in flight")
+        self._config = config
+        self._held = PerKey(config.max_passthrough_per_key, "requests in flight")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._metrics.passthrough.inc()
@@ -122,13 +127,13 @@ class Passthrough:
             raise LengthRequired("a DELETE with a body needs a Content-Length")
         if length is not None:
             headers.append((b"Content-Length", length.encode()))
+        fingerprint = self._access.fingerprint(credential(request.scope["headers"]))
         upstream_request = self._upstream.request(
             request.method,
             raw_path + (b"?" + query if query else b""),
             headers,
-            _body(request) if has_body else None,
+            self._body(request) if has_body else None,
         )
-        fingerprint = self._access.fingerprint(request.headers.get("authorization"))
         self._held.acquire(fingerprint)
         try:
             upstream = await self._upstream.send(upstream_request)
@@ -137,16 +142,32 @@ class Passthrough:
             raise
         return _HeldResponse(upstream, functools.partial(self._held.release, fingerprint))
 
-
-async def _body(request: Request) -> AsyncIterator[bytes]:
-    """The client's request body as it arrives; a client that leaves mid-upload ends it quietly
-    (the upstream request then fails, and nobody is left to answer)."""
-    try:
-        async for chunk in request.stream():
-            yield chunk
-    except ClientDisconnect:
-        log.debug("client left during its upload to %s", request.url.path)
-        raise
+    async def _body(self, request: Request) -> AsyncIterator[bytes]:
+        """The client's request body as it arrives. A client that leaves mid-upload ends it
+        quietly (the upstream request then fails, and nobody is left to answer); one that goes
+        silent for ``body_timeout``, or sends slower than ``upload_min_rate``, gets a 408: a
+        slow client holds its upstream connection only so long."""
+        config = self._config
+        floor = RateFloor(config.upload_min_rate, config.fill_rate_window, time.monotonic())
+        chunks = request.stream().__aiter__()
+        received = 0
+        try:
+            while True:
+                chunk = b""
+                with anyio.move_on_after(config.body_timeout) as waited:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        return
+                if waited.cancelled_caught:
+                    raise RequestTimeout(f"no request body for {config.body_timeout:g} s")
+                received += len(chunk)
+                if floor.too_slow(time.monotonic(), received):
+                    raise RequestTimeout("request body arrived slower than upload_min_rate")
+                yield chunk
+        except ClientDisconnect:
+            log.debug("client left during its upload to %s", request.url.path)
+            raise
 
 
 async def relay(upstream: httpx.Response) -> AsyncIterator[bytes]:

@@ -43,14 +43,23 @@ async def resolve(host: str) -> list[str]:
 
 
 def is_public(address: str) -> bool:
-    """True for a globally routable unicast address (not loopback, private, link-local...)."""
+    """True for a globally routable unicast address (not loopback, private, link-local...).
+
+    An IPv6 address that carries an IPv4 one (mapped, compatible, 6to4, Teredo) must carry a
+    public one too: ``::7f00:1`` is 127.0.0.1 in disguise.
+    """
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if ip.packed[:12] == bytes(12):  # IPv4-compatible (deprecated) ::a.b.c.d
+            embedded.append(ipaddress.IPv4Address(ip.packed[12:]))
+        return all(is_public(str(v4)) for v4 in embedded if v4 is not None)
+    return True
 
 
 def same_origin(url: httpx.URL, origin: httpx.URL) -> bool:

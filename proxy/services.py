@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import anyio.to_thread
@@ -15,8 +18,10 @@ from proxy.fills import Fills
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
 from proxy.store import Store
+from proxy.store.chain import Chain, DiskTier
 from proxy.store.claims import Claims
 from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
+from proxy.store.memory import MemoryTier
 from proxy.upstream import Upstream
 
 #: The names the proxy keeps in its cache directory, and the type each must have. None of them
@@ -26,18 +31,29 @@ OWNED_NAMES = {
     "secret": stat.S_IFREG,  # proxy/access.py
     "access": stat.S_IFDIR,  # proxy/access.py
     "splits.jsonl": stat.S_IFREG,  # proxy/access.py
+    "revocations.jsonl": stat.S_IFREG,  # proxy/access.py
     "tmp": stat.S_IFDIR,  # proxy/store/disk.py
     "entries": stat.S_IFDIR,  # proxy/store/disk.py
     "locks": stat.S_IFDIR,  # proxy/store/claims.py
 }
 
 
+#: Housekeeping rounds (of TOUCH_FLUSH_SECONDS) between sweeps of expired proofs.
+PROOF_EXPIRY_ROUNDS = 60
+
+
 class CacheDirError(ConfigError):
     """The cache directory cannot be used safely; the message starts with ``cache_dir``."""
 
 
+#: Ends every refusal: the three ways to point the proxy elsewhere.
+_HOW_TO_CHANGE = "to change it: cache_dir in a config file, VLMRUN_CACHE_CACHE_DIR, or --cache-dir"
+#: Prefix of the empty file that checks that the directory takes writes (removed at once).
+WRITE_CHECK_PREFIX = ".write-check-"
+
+
 def _refuse(why: str) -> CacheDirError:
-    return CacheDirError(f"cache_dir: {why}")
+    return CacheDirError(f"cache_dir: {why} ({_HOW_TO_CHANGE})")
 
 
 def prepare_directory(path: str) -> Path:
@@ -47,7 +63,9 @@ def prepare_directory(path: str) -> Path:
     must be a directory of the current user that group and others cannot write: it holds the
     HMAC secret and credentials' proofs. Its mode is never changed (it may be someone's /tmp).
     ``path`` itself may be a symbolic link (the user's choice); names inside it may not.
-    Raises :class:`CacheDirError`, whose message says what to do, to refuse.
+    Last, an empty file is created in it and removed, so that a directory that does not take
+    writes (permissions, a read-only file system) is refused here and not at the first fill.
+    Raises :class:`CacheDirError`, whose message says what is wrong and what to do, to refuse.
     """
     directory = Path(path)
     try:
@@ -55,17 +73,68 @@ def prepare_directory(path: str) -> Path:
     except FileExistsError:
         _check_existing(directory)
     except OSError as exc:
-        raise _refuse(f"cannot create {directory}: {exc.strerror}") from None
+        raise _refuse(f"cannot create {directory}: {_why_not(directory, exc)}") from None
     for name, kind in OWNED_NAMES.items():
         _check_owned(directory / name, kind)
+    check_writable(directory)
     return directory
+
+
+def inspect_directory(path: str) -> Path:
+    """Check an existing cache directory for an operator's command, changing nothing.
+
+    The same rules as :func:`prepare_directory`, but a missing directory is refused, not
+    created, and a loose subdirectory is reported, not tightened. Raises :class:`CacheDirError`.
+    """
+    directory = Path(path)
+    _check_existing(directory)
+    for name, kind in OWNED_NAMES.items():
+        _check_owned(directory / name, kind, tighten=False)
+    return directory
+
+
+def check_writable(directory: Path) -> None:
+    """Create an empty file in ``directory`` and remove it; refuse if that fails."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=WRITE_CHECK_PREFIX, dir=directory)
+    except OSError as exc:
+        raise _refuse(f"{directory} does not take writes: {_why_not(directory, exc)}") from None
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+
+
+def _why_not(directory: Path, exc: OSError) -> str:
+    """What ``exc``, raised creating ``directory`` or a file in it, means for the user."""
+    if exc.errno == errno.EROFS:
+        return "it is on a read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission (this process runs as uid {os.getuid()})"
+    if exc.errno == errno.ENOTDIR:
+        blocker = in_the_way(directory)
+        if blocker is not None:
+            return f"{blocker} is a file, not a directory"
+    if exc.errno == errno.ENOSPC:
+        return "the disk is full"
+    return exc.strerror or str(exc)
+
+
+def in_the_way(directory: Path) -> Path | None:
+    """The first ancestor of ``directory`` (or itself) that exists but is not a directory."""
+    for path in (*reversed(directory.absolute().parents), directory.absolute()):
+        try:
+            if not stat.S_ISDIR(path.stat().st_mode):
+                return path
+        except OSError:  # missing from here down, or not ours to look at
+            return None
+    return None
 
 
 def _check_existing(directory: Path) -> None:
     try:
         info = directory.stat()
     except OSError as exc:
-        raise _refuse(f"cannot use {directory}: {exc.strerror}") from None
+        raise _refuse(f"cannot use {directory}: {_why_not(directory, exc)}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise _refuse(f"{directory} is not a directory; choose a directory path")
     if info.st_uid != os.getuid():
@@ -81,9 +150,10 @@ def _check_existing(directory: Path) -> None:
         )
 
 
-def _check_owned(path: Path, kind: int) -> None:
+def _check_owned(path: Path, kind: int, tighten: bool = True) -> None:
     """Refuse a symbolic link or a wrong type at ``path``; a directory of ours that others can
-    enter (left by an older version) is made 0700 through a descriptor, never by path."""
+    enter (left by an older version) is made 0700 through a descriptor, never by path (with
+    ``tighten``; refused without)."""
     try:
         info = path.lstat()
     except FileNotFoundError:
@@ -101,6 +171,11 @@ def _check_owned(path: Path, kind: int) -> None:
     if info.st_uid != os.getuid():
         raise _refuse(f"{path} belongs to uid {info.st_uid}; remove it or choose another cache_dir")
     if kind == stat.S_IFDIR and info.st_mode & 0o077:
+        if not tighten:
+            raise _refuse(
+                f"{path} can be entered by others (mode {stat.S_IMODE(info.st_mode):o}); "
+                "starting the server makes it 0700"
+            )
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as exc:
@@ -115,6 +190,7 @@ class Services:
     """Config and metrics from construction; the rest exists between :meth:`open` and close."""
 
     store: Store
+    chain: Chain
     access: AccessProofs
     upstream: Upstream
     fills: Fills
@@ -137,6 +213,12 @@ class Services:
                 on_reset=self.metrics.store_failures.labels("index").inc,
             )
         )
+        # Once per server start; fills running in other processes hold locks and are spared.
+        await anyio.to_thread.run_sync(self.store.sweep_temporary)
+        self.chain = Chain(
+            MemoryTier(config.memory_cache_size, config.memory_cache_size // 64),
+            DiskTier(self.store, config.chunk_size, self.metrics.integrity_failures.inc),
+        )
         self.access = await anyio.to_thread.run_sync(
             AccessProofs, directory, config.proof_ttl, config.offline_proof_ttl
         )
@@ -144,21 +226,28 @@ class Services:
         self.fills = Fills(
             config, self.upstream, self.store, self.access, self.metrics, Claims(directory)
         )
-        self.passthrough = Passthrough(
-            self.upstream, self.metrics, self.access, config.max_passthrough_per_key
-        )
+        self.passthrough = Passthrough(self.upstream, self.metrics, self.access, config)
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         # After start-up, not during it: the scan is proportional to the number of entries.
-        self._sweep = asyncio.create_task(anyio.to_thread.run_sync(self.store.sweep_orphans))
+        self._sweep = asyncio.create_task(self._sweep_once())
         self.serving = True
+
+    async def _sweep_once(self) -> None:
+        """The orphan sweep, by one worker process per server start."""
+        if await anyio.to_thread.run_sync(self.store.claim_sweep):
+            await anyio.to_thread.run_sync(self.store.sweep_orphans)
 
     async def _flush_touches_periodically(self) -> None:
         """Every :data:`TOUCH_FLUSH_SECONDS`: persist access times, and pick up scopes another
         worker process split (so a split reaches every worker within that time)."""
+        rounds = 0
         while True:
             await anyio.sleep(TOUCH_FLUSH_SECONDS)
             await anyio.to_thread.run_sync(self.store.flush_touches)
             await anyio.to_thread.run_sync(self.access.refresh)
+            rounds += 1
+            if rounds % PROOF_EXPIRY_ROUNDS == 0:
+                await anyio.to_thread.run_sync(self.access.expire)
 
     async def close(self) -> None:
         self.serving = False

@@ -8,9 +8,15 @@ Two things a stock ``httpx.AsyncClient`` does are wrong for a proxy that many cr
 * It puts a connection back in the pool as soon as a response's last framed byte is read. An
   upstream that wrote *more* than its ``Content-Length`` leaves those bytes in the connection's
   buffer, where they would be read as the answer to the next request, maybe another user's.
-  :class:`_ExactlyFramedHTTP11` closes a connection that holds any byte past the message.
-  (Bytes that arrive later make the idle socket readable, which httpcore already treats as
-  expired.)
+  :class:`_ExactlyFramedHTTP11` closes a connection that holds any byte past the message, and
+  never reuses one after an answer that has no body by its framing (to ``HEAD``, a 204 or a
+  304): a server that sends a body there anyway may send it late. (Bytes that arrive later
+  than that on a framed answer make the idle socket readable, which httpcore treats as expired;
+  an upstream that sends an unsolicited answer *after* the next request went out cannot be told
+  apart from a real one by any HTTP/1.1 client.)
+* It builds the next request of a redirect even when not following it, and fails on a malformed
+  ``Location`` (a 500 for a header we only relay). :class:`SharedClient` leaves redirects alone:
+  artifact fetches follow them under :mod:`proxy.redirects`, everything else relays them.
 
 Both rely on internals of httpx 0.28 and httpcore 1.0, pinned in ``pyproject.toml``; the tests
 in ``tests/test_hostile_upstream.py`` fail if an upgrade changes them.
@@ -46,6 +52,11 @@ class SharedClient(httpx.AsyncClient):
     def cookies(self, _cookies: Any) -> None:
         return None  # httpx's constructor assigns a jar; we keep none
 
+    async def _send_handling_redirects(
+        self, request: httpx.Request, follow_redirects: bool, history: list[httpx.Response]
+    ) -> httpx.Response:
+        return await self._send_single_request(request)
+
 
 _NO_COOKIES = _NoCookies()
 
@@ -53,9 +64,17 @@ _NO_COOKIES = _NoCookies()
 class _ExactlyFramedHTTP11(httpcore.AsyncHTTP11Connection):
     """An HTTP/1.1 connection that is reused only if the last message ended exactly."""
 
+    _bodiless = False
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        self._bodiless = request.method == b"HEAD"
+        response = await super().handle_async_request(request)
+        self._bodiless = self._bodiless or response.status in (204, 304)
+        return response
+
     async def _response_closed(self) -> None:
         leftover, _closed = self._h11_state.trailing_data
-        if leftover:  # the upstream sent more than the message it framed
+        if leftover or self._bodiless:  # more than it framed, or maybe more to come
             async with self._state_lock:
                 await self.aclose()
             return

@@ -10,12 +10,15 @@ Requests are built here, from the headers the caller gives and nothing else: no 
 no cookie is ever kept (see :mod:`proxy.transport`).
 
 The circuit breaker counts only the upstream's own faults (:func:`upstream_fault`): a connect
-error, a timeout waiting for it, a broken answer, or a 502/503/504. A request the client got wrong
-(a header HTTP forbids), a wait for a free pooled connection, or a 500 (which a client can provoke
-with its own request) never count. After ``breaker_threshold`` consecutive faults it opens:
-requests fail at once with a 502 instead of piling up connections to a dead upstream. After
-``breaker_cooldown`` one request is let through as a probe; any answer that is not a fault
-closes the breaker again.
+error, a timeout waiting for it, a broken answer, or (for artifact fetches, whose requests are
+the proxy's own) a 502/503/504. A request the client got wrong (a header HTTP forbids), a wait
+for a free pooled connection, a status a client's own request provoked, or anything that happens
+while a client's request body is still streaming (a slow upload dropped by the upstream) never
+count: no client can open the breaker for the others. After ``breaker_threshold`` consecutive
+faults it opens: requests fail at once with a 502 instead of piling up connections to a dead
+upstream. After ``breaker_cooldown`` one request without a body is let through as a probe (a new
+one each cooldown, so a slow probe cannot hold the breaker open); any answer that is not a fault
+closes the breaker again. Requests with a body never probe: they fail at once unless closed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from proxy.errors import (
     BadRequest,
     ProxyError,
     RedirectRefused,
+    RedirectTargetFailed,
     UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -60,6 +64,8 @@ USER_AGENT = f"vlmrun-artifact-cache/{__version__}"
 ERROR_BODY_LIMIT = 1024 * 1024
 #: Upstream statuses that say the service itself is failing (they count for the breaker).
 FAULT_STATUSES = frozenset({502, 503, 504})
+#: What the breaker is told of an answer whose status does not count.
+ANSWERED = 200
 
 _UPSTREAM_FAULTS = (
     httpx.ConnectError,
@@ -105,7 +111,8 @@ class CircuitBreaker:
         self.cooldown = cooldown
         self.failures = 0
         self.opened_at: float | None = None
-        self._probing = False
+        #: When the running probe was let through (None: no probe running).
+        self._probing: float | None = None
 
     @property
     def state(self) -> str:
@@ -114,12 +121,14 @@ class CircuitBreaker:
         return "half-open" if time.monotonic() - self.opened_at >= self.cooldown else "open"
 
     def admit(self) -> bool:
-        """Whether a request may go upstream now; at most one probe while half-open."""
+        """Whether a request may go upstream now; at most one probe per cooldown while
+        half-open."""
         state = self.state
         if state == "closed":
             return True
-        if state == "half-open" and not self._probing:
-            self._probing = True
+        now = time.monotonic()
+        if state == "half-open" and (self._probing is None or now - self._probing >= self.cooldown):
+            self._probing = now
             return True
         return False
 
@@ -130,18 +139,18 @@ class CircuitBreaker:
         elif isinstance(outcome, int):  # an answer that is not a fault
             self._succeeded()
         else:  # not the upstream's fault, and no answer either: a probe may go again
-            self._probing = False
+            self._probing = None
 
     def _succeeded(self) -> None:
         if self.opened_at is not None:
             log.info("upstream answers again; circuit closed")
         self.failures = 0
         self.opened_at = None
-        self._probing = False
+        self._probing = None
 
     def _failed(self) -> None:
         self.failures += 1
-        self._probing = False
+        self._probing = None
         if self.failures >= self.threshold:
             if self.opened_at is None:
                 log.warning("upstream failed %d times in a row; circuit open", self.failures)
@@ -230,7 +239,9 @@ class Upstream:
                 )
 
     async def _send_once(self, request: httpx.Request, *, artifact: bool) -> httpx.Response:
-        if not self.breaker.admit():
+        # A client's body can be slow or cut on purpose: what happens to it is not a fault.
+        counts = artifact or not _has_body(request)
+        if not (self.breaker.admit() if counts else self.breaker.state == "closed"):
             raise UpstreamUnreachable("upstream unavailable (circuit open after repeated failures)")
         try:
             if artifact:
@@ -239,14 +250,17 @@ class Upstream:
             else:
                 response = await self.passthrough_client.send(request, stream=True)
         except (httpx.HTTPError, TimeoutError) as exc:
-            self.breaker.record(exc)
+            if counts:
+                self.breaker.record(exc)
             if unreachable(exc):
                 self._reached(False)
             raise translate(exc) from exc
         except BaseException as exc:
-            self.breaker.record(exc)  # e.g. a refused redirect: frees the probe
+            if counts:
+                self.breaker.record(exc)  # e.g. a refused redirect: frees the probe
             raise
-        self.breaker.record(response.status_code)
+        if counts:  # a passed-through request's status is its own business, not a fault
+            self.breaker.record(response.status_code if artifact else ANSWERED)
         self._reached(True)
         return response
 
@@ -271,7 +285,12 @@ class Upstream:
                 and (name.lower() != b"authorization" or same_origin(target, self.origin))
             ]
             request = httpx.Request("GET", target, headers=headers, extensions=request.extensions)
-            response = await self.artifact_client.send(request, stream=True)
+            try:
+                response = await self.artifact_client.send(request, stream=True)
+            except httpx.HTTPError as exc:  # the target's trouble, not the API's: no fault
+                raise RedirectTargetFailed(
+                    f"upstream redirected to a location that failed ({type(exc).__name__})"
+                ) from exc
         await response.aclose()
         raise RedirectRefused(f"upstream redirected more than {MAX_REDIRECTS} times")
 
@@ -313,6 +332,11 @@ class Upstream:
             yield response
         finally:
             await response.aclose()
+
+
+def _has_body(request: httpx.Request) -> bool:
+    headers = request.headers
+    return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
 
 def _client(origin: str, connections: int) -> SharedClient:

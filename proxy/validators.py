@@ -13,6 +13,7 @@ length; only the id assumption (or ``access_check = "object"``) covers that.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,14 +51,20 @@ class Validators:
         return dataclasses.replace(self, length=length)
 
     def conflicts(self, other: Validators) -> bool:
-        """True when the two answers cannot be the same artifact."""
+        """True when the two answers cannot be the same artifact.
+
+        A CDN may compress one answer and not another: across encodings only the type and the
+        ETag (without the weak prefix and a coding suffix such as Apache's ``-gzip``) compare.
+        """
         if _media_type(self.content_type) != _media_type(other.content_type):
             return True
-        if self.encoding != other.encoding:  # a CDN may compress one answer and not another
+        mine, theirs = dict(self.tags), dict(other.tags)
+        if self.encoding != other.encoding:
+            if "etag" in mine and "etag" in theirs:
+                return _entity(mine["etag"]) != _entity(theirs["etag"])
             return False
         if self.length is not None and other.length is not None and self.length != other.length:
             return True
-        mine, theirs = dict(self.tags), dict(other.tags)
         return any(mine[name] != theirs[name] for name in mine.keys() & theirs.keys())
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +91,15 @@ def encoding_of(headers: httpx.Headers) -> str:
     value = ",".join(headers.get_list("content-encoding")).lower()
     codings = [c.strip() for c in value.split(",") if c.strip() and c.strip() != "identity"]
     return ", ".join(codings)
+
+
+_CODING_SUFFIX = re.compile(r"-(gzip|br|deflate|zstd)$")
+
+
+def _entity(etag: str) -> str:
+    """An ETag's opaque value, whatever a compressing server did to it."""
+    value = etag.strip().removeprefix("W/").strip('"')
+    return _CODING_SUFFIX.sub("", value)
 
 
 def _media_type(content_type: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-ca
 from proxy.app import create_app
 from proxy.cli import uvicorn_options
 from proxy.config import load
-from tests.servers import ServerThread
+from tests.servers import Daemon, ServerThread
 from tests.standin import StandIn
 
 TOKEN = "key-alice-0001"
@@ -70,3 +71,36 @@ def start_proxy(upstream: ServerThread, cache_dir: Path) -> Iterator[ProxyFactor
 @pytest.fixture
 def proxy(start_proxy: ProxyFactory) -> ServerThread:
     return start_proxy()
+
+
+# Two workers under `pytest -m slow` only: in full default runs on a loaded 2-core machine a
+# 2-worker server now and then resets a connection (under investigation; see the README).
+@pytest.fixture(params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["1-worker", "2-workers"])
+def live_server(
+    request: pytest.FixtureRequest, upstream: ServerThread, cache_dir: Path
+) -> Iterator[Daemon]:
+    """``vlmrun-cache serve`` with one or two workers on ``cache_dir``."""
+    daemon = Daemon(
+        "--upstream", upstream.url, "--cache-dir", str(cache_dir), "--workers", str(request.param)
+    )
+    assert daemon.started(), daemon.output
+    yield daemon
+    if daemon.process.poll() is None:
+        assert daemon.stop(), daemon.output
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory of ours (0700) on a read-only tmpfs (root ignores permission bits;
+    a read-only mount stops it too). Skips where mounting is not allowed."""
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,mode=0700,size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr!r}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

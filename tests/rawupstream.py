@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -23,10 +24,13 @@ class RawUpstream:
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
-        #: Builds the bytes answered to a request for a path on connection number n.
-        self.answer: Callable[[str, int], bytes] = lambda path, n: framed(
+        #: Builds the bytes answered to a request for a path on connection number n: one
+        #: string, or a list of strings sent ``gap`` seconds apart (an upstream that sends more
+        #: later), or None to hang up without an answer.
+        self.answer: Callable[[str, int], bytes | list[bytes] | None] = lambda path, n: framed(
             f"answer to {path} on connection {n}".encode()
         )
+        self.gap = 0.05
         #: (connection number, request head) of every request received.
         self.requests: list[tuple[int, bytes]] = []
         self._lock = threading.Lock()
@@ -79,7 +83,13 @@ class RawUpstream:
                 with self._lock:
                     self.requests.append((number, head))
                 path = head.split(b" ", 2)[1].decode("latin-1")
+                answer = self.answer(path, number)
+                if answer is None:  # hang up without answering
+                    return
                 try:
-                    conn.sendall(self.answer(path, number))
+                    for index, part in enumerate([answer] if isinstance(answer, bytes) else answer):
+                        if index:
+                            time.sleep(self.gap)  # the hostile upstream's own timing
+                        conn.sendall(part)
                 except OSError:
                     return

@@ -133,6 +133,8 @@ class StandIn:
         self.etags = False
         #: ``/v1/health`` answers this status (and no body check of the key) when not 200.
         self.health_status = 200
+        #: Listed by ``/v1/artifacts/list`` after the artifacts (e.g. items without object_id).
+        self.extra_list_items: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
     # -- scripting ---------------------------------------------------------------------------
@@ -391,6 +393,7 @@ class StandIn:
             for (k, s, obj) in self.artifacts
             if (k, s) == (kind, scope_id)
         ]
+        items += self.extra_list_items
         await self._json(send, 200, {"namespace_id": scope_id, "items": items})
 
     async def _chat(self, send: Send, request: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.access import AccessProofs
+from proxy.access import REVOCATIONS_FILE, AccessProofs, Revocations
 
 
 def test_fingerprints_are_stable_keyed_and_not_the_token(tmp_path: Path) -> None:
@@ -56,3 +56,61 @@ def test_secret_file_is_owner_only(tmp_path: Path) -> None:
     """The HMAC secret is created with mode 0600."""
     AccessProofs(tmp_path, ttl=60)
     assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600
+
+
+def test_expired_proofs_are_dropped_from_disk_and_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proofs too old to count even offline are removed; younger ones are kept."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=60, offline_ttl=120)
+    fp = proofs.fingerprint("Bearer t")
+    proofs.record(fp, ("session", "old"))
+    now[0] += 100
+    proofs.record(fp, ("session", "new"))
+    now[0] += 30
+    assert proofs.expire() == 1  # ("session", "old") is 130 s old
+    assert not proofs.has_proof(fp, ("session", "old"), offline=True)
+    assert proofs.has_proof(fp, ("session", "new"), offline=True)
+
+
+def test_revocations_void_earlier_proofs_in_memory_and_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revocation voids one credential's (or, with ``*``, every) proof recorded before it, held
+    in memory or read from disk, from the next lookup on; proofs recorded later count again."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=600)
+    alice, bob = proofs.fingerprint("Bearer a"), proofs.fingerprint("Bearer b")
+    assert alice is not None and bob is not None
+    proofs.record(alice, ("session", "s"))
+    proofs.record(bob, ("session", "s"))
+    now[0] += 1
+    Revocations.append(tmp_path, alice, now[0])
+    assert not proofs.remembered(alice, ("session", "s"))
+    assert not proofs.has_proof(alice, ("session", "s"))
+    assert not proofs.has_any_proof(alice, offline=True)
+    assert proofs.has_proof(bob, ("session", "s"))
+    now[0] += 1
+    proofs.record(alice, ("session", "s"))
+    assert proofs.remembered(alice, ("session", "s"))
+    Revocations.append(tmp_path, None, now[0] + 0.5)
+    assert not proofs.has_proof(alice, ("session", "s"))
+    assert not proofs.has_proof(bob, ("session", "s"))
+    proofs.close()
+    reopened = AccessProofs(tmp_path, ttl=600)  # what is on disk is void as well
+    assert not reopened.has_proof(bob, ("session", "s"))
+
+
+def test_an_unreadable_revocation_file_voids_every_proof(tmp_path: Path) -> None:
+    """If the revocation list cannot be read (here: a directory in its place), no proof is
+    trusted: every credential is checked with the API instead."""
+    proofs = AccessProofs(tmp_path, ttl=600)
+    fingerprint = proofs.fingerprint("Bearer a")
+    proofs.record(fingerprint, ("session", "s"))
+    (tmp_path / REVOCATIONS_FILE).mkdir()
+    assert not proofs.has_proof(fingerprint, ("session", "s"))
+    (tmp_path / REVOCATIONS_FILE).rmdir()
+    assert proofs.has_proof(fingerprint, ("session", "s"))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 from proxy.access import AccessProofs
 from proxy.config import load
 from proxy.metrics import Metrics
-from proxy.services import CacheDirError, Services, prepare_directory
+from proxy.services import CacheDirError, Services, inspect_directory, prepare_directory
 from proxy.store.disk import DiskStore
 from tests.conftest import SESSION
 from tests.helpers import auth
@@ -191,6 +194,96 @@ def test_cache_dir_itself_may_be_a_symlink(tmp_path: Path) -> None:
     assert (target / "secret").is_file()
 
 
+def test_a_file_in_the_way_is_named(tmp_path: Path, start_daemon: StartDaemon) -> None:
+    """A regular file where cache_dir needs a parent directory stops start-up with exit 2 and a
+    message naming that file and the setting to change."""
+    (tmp_path / "data").write_text("not a directory\n")
+    message = _refused(start_daemon(tmp_path / "data" / "cache"))
+    assert f"{tmp_path / 'data'} is a file, not a directory" in message
+    assert "VLMRUN_CACHE_CACHE_DIR" in message and "--cache-dir" in message
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["existing", "to-create"])
+def test_a_read_only_directory_is_refused(
+    below: bool, read_only_mount: Path, start_daemon: StartDaemon
+) -> None:
+    """An existing directory on a read-only file system, or a new one to create there, stops
+    start-up with exit 2 and says so (root ignores permission bits: a read-only mount does not)."""
+    cache_dir = read_only_mount / "cache" if below else read_only_mount
+    message = _refused(start_daemon(cache_dir))
+    assert f"{cache_dir}" in message and "read-only file system" in message
+    assert "VLMRUN_CACHE_CACHE_DIR" in message
+
+
+def _prepare_as(uid: int, path: Path) -> str:
+    """``prepare_directory(path)`` in a forked child running as ``uid``: its refusal, or ""."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                prepare_directory(str(path))
+                message = ""
+            except CacheDirError as exc:
+                message = str(exc)
+            os.write(write, message.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    return message
+
+
+@pytest.fixture
+def nobody() -> int:
+    if os.getuid() != 0:
+        pytest.skip("switching to another user needs root")
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        pytest.skip("no user nobody")
+
+
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    """A root-owned 0755 directory every user can enter (pytest's tmp_path is root's alone)."""
+    directory = Path(tempfile.mkdtemp(prefix="cache-dir-test-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory)
+
+
+def test_a_directory_without_write_permission_is_refused(nobody: int, reachable: Path) -> None:
+    """A cache directory of the user's own that they cannot write (0500) is refused, naming it."""
+    theirs = reachable / "theirs"
+    theirs.mkdir(mode=0o500)
+    os.chown(theirs, nobody, nobody)
+    message = _prepare_as(nobody, theirs)
+    assert message.startswith(f"cache_dir: {theirs} does not take writes: no permission")
+    assert "VLMRUN_CACHE_CACHE_DIR" in message
+    assert list(theirs.iterdir()) == []
+
+
+def test_a_directory_that_cannot_be_created_is_refused(nobody: int, reachable: Path) -> None:
+    """A missing cache directory in a parent the user may not write is refused, naming it."""
+    message = _prepare_as(nobody, reachable / "cache")
+    assert message.startswith(f"cache_dir: cannot create {reachable / 'cache'}: no permission")
+    assert not (reachable / "cache").exists()
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Checking that the directory takes writes leaves no file in it."""
+    prepare_directory(str(tmp_path / "cache"))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 # -- names inside it -----------------------------------------------------------------------------
 
 
@@ -262,8 +355,9 @@ def test_store_never_sweeps_through_a_symlinked_tmp(tmp_path: Path, outside: Pat
     cache_dir.mkdir(mode=0o700)
     (cache_dir / "tmp").symlink_to(outside)
     before = _snapshot(outside)
+    store = DiskStore(cache_dir, max_bytes=1_000_000, max_object_bytes=1_000_000)
     with pytest.raises(OSError):
-        DiskStore(cache_dir, max_bytes=1_000_000, max_object_bytes=1_000_000)
+        store.sweep_temporary()
     assert _snapshot(outside) == before
 
 
@@ -276,4 +370,17 @@ def test_orphan_sweep_never_descends_through_a_symlink(tmp_path: Path, outside: 
     before = _snapshot(outside)
     store.sweep_orphans(min_age=0)
     store.close()
+    assert _snapshot(outside) == before
+
+
+def test_symlinked_revocation_list_is_refused(tmp_path: Path, outside: Path) -> None:
+    """A symlinked revocations.jsonl stops start-up and the operator's commands alike; what it
+    points to is never read or written."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    (cache_dir / "revocations.jsonl").symlink_to(outside / "x.fill")
+    before = _snapshot(outside)
+    for check in (prepare_directory, inspect_directory):
+        with pytest.raises(CacheDirError, match=r"revocations\.jsonl is a symbolic link"):
+            check(str(cache_dir))
     assert _snapshot(outside) == before

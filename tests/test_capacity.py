@@ -3,6 +3,7 @@ capacity model keeps each credential to its share, and a dripping upstream canno
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 from proxy.capacity import PerKey, RateFloor
 from proxy.errors import TooManyRequests
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
-from tests.helpers import auth, fetch, metric
+from tests.helpers import artifact_url, auth, fetch, metric
 from tests.standin import Fault, StandIn
 
 THIRD_TOKEN = "key-carol-0003"
@@ -133,18 +134,27 @@ def test_one_key_cannot_take_every_waiter_place(three_keys: StandIn, start_proxy
     body = standin.add("session", SESSION, "vid_3a1700", size=100_000)
     release = threading.Event()
     standin.faults["vid_3a1700"] = Fault(hold_middle=release, times=1)
-    with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(fetch, proxy, "vid_3a1700")
-        assert standin.wait_for_requests("/v1/artifacts", 1)
-        joined = [pool.submit(fetch, proxy, "vid_3a1700", OTHER_TOKEN) for _ in range(2)]
-        assert standin.wait_for_requests("/v1/artifacts", 2)  # Bob's access check
-        refused = fetch(proxy, "vid_3a1700", OTHER_TOKEN)
-        carol = pool.submit(fetch, proxy, "vid_3a1700", THIRD_TOKEN)
+    url = artifact_url(proxy, "vid_3a1700")
+    with httpx.Client(timeout=20) as client, contextlib.ExitStack() as streams:
+        # Each stream is open once its headers arrived: its client holds a waiter place.
+        first = streams.enter_context(client.stream("GET", url, headers=auth()))
+        joined = [
+            streams.enter_context(client.stream("GET", url, headers=auth(OTHER_TOKEN)))
+            for _ in range(2)
+        ]
+        refused = client.get(url, headers=auth(OTHER_TOKEN))
         assert (refused.status_code, refused.headers["retry-after"]) == (429, "1")
         assert refused.json()["detail"]
+        carol = streams.enter_context(client.stream("GET", url, headers=auth(THIRD_TOKEN)))
+        assert [r.headers["x-cache"] for r in (first, *joined, carol)] == [
+            "MISS",
+            "COALESCED",
+            "COALESCED",
+            "COALESCED",
+        ]
         release.set()
-        for future in [first, *joined, carol]:
-            assert future.result(timeout=20).content == body
+        for response in (first, *joined, carol):
+            assert response.read() == body
 
 
 def test_one_key_cannot_take_every_passthrough_connection(standin: StandIn, start_proxy) -> None:
@@ -218,3 +228,38 @@ def test_per_key_counts_and_releases() -> None:
     shares.release("a")
     shares.acquire("a")
     assert shares.held("a") == 2 and shares.held(None) == 1
+
+
+def test_a_stalled_upload_gets_a_408_and_frees_its_connection(
+    standin: StandIn, start_proxy, uploads: list[_SlowUpload]
+) -> None:
+    """An upload that goes silent for body_timeout is answered 408; its connection is back in
+    the pool for others."""
+    proxy = start_proxy(body_timeout="500ms", max_connections=1, connect_timeout="10s")
+    upload = _SlowUpload(proxy.port, TOKEN)
+    uploads.append(upload)
+    started = time.monotonic()
+    head = upload.sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert time.monotonic() - started < 5
+    assert httpx.get(f"{proxy.url}/v1/health", headers=auth()).status_code == 200
+
+
+def test_uploads_dropped_by_the_upstream_never_open_the_breaker(start_proxy) -> None:
+    """An upstream that hangs up on a client's upload (as a server's body timeout would) is not
+    counted against it, however often: other users' requests still go through."""
+    from tests.rawupstream import RawUpstream, framed
+
+    raw = RawUpstream().start()
+    try:
+        raw.answer = lambda path, n: None if path.startswith("/v1/files") else framed(b"ok")
+        proxy = start_proxy(upstream=raw.url, breaker_threshold=1)
+        for _ in range(5):
+            response = httpx.post(
+                f"{proxy.url}/v1/files", headers=auth(), content=b"x" * 100_000, timeout=20
+            )
+            assert response.status_code in (502, 504)
+        assert metric(proxy, "vlmrun_cache_upstream_circuit_open") == 0
+        assert httpx.get(f"{proxy.url}/v1/models", headers=auth()).content == b"ok"
+    finally:
+        raw.stop()

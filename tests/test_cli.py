@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -12,8 +13,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
+from proxy.banner import client_base_url, listen_url
 from proxy.cli import METRICS_DIR_PREFIX, remove_stale_metrics_dirs
+from proxy.config import Config, format_size
+from proxy.probe import check_upstream
 from tests.conftest import SESSION, TOKEN
 from tests.helpers import auth
 from tests.servers import Daemon, ServerThread
@@ -101,6 +109,24 @@ def test_invalid_setting_stops_start_up_naming_the_key(
     assert f"invalid setting {key}:" in result.stderr
 
 
+def test_a_bad_environment_value_names_the_variable() -> None:
+    """VLMRUN_CACHE_PORT=abc stops start-up with exit 2, one line naming the variable, no
+    traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VLMRUN_CACHE_PORT": "abc"},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "vlmrun-cache: invalid setting port: 'abc' is not a whole number "
+        "(from environment variable VLMRUN_CACHE_PORT)"
+    )
+
+
 def test_stale_metrics_directories_are_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -118,3 +144,115 @@ def test_stale_metrics_directories_are_removed(
     live.mkdir()
     remove_stale_metrics_dirs()
     assert not stale.exists() and live.exists()
+
+
+# -- what a user sees first ----------------------------------------------------------------------
+
+
+def test_bare_command_prints_help_that_leads_to_serve() -> None:
+    """``vlmrun-cache`` alone prints the help (serve, the export line, doctor) on stdout and
+    exits 2, without an argparse error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2 and result.stderr == ""
+    assert result.stdout.startswith("usage: vlmrun-cache")
+    for text in ("vlmrun-cache serve", "export VLMRUN_BASE_URL=http://127.0.0.1:8080/v1", "doctor"):
+        assert text in result.stdout
+
+
+def test_start_up_says_where_it_listens_the_cache_the_api_and_what_to_export(
+    standin: StandIn, daemon: Daemon, upstream: ServerThread, cache_dir: Path
+) -> None:
+    """The start-up lines name the address, the export line, the cache with its size and bound,
+    and that the upstream answered (a 401 without a key counts); a restart counts the entries."""
+    assert daemon.wait_for(f"upstream {upstream.url} reachable in "), daemon.output
+    assert f"listening on http://127.0.0.1:{daemon.port}" in daemon.output
+    assert f"export VLMRUN_BASE_URL=http://127.0.0.1:{daemon.port}/v1" in daemon.output
+    assert f"cache {cache_dir}: 0 entries, 0 B of 10 GiB (max_size)" in daemon.output
+    body = standin.add("session", SESSION, "arr_ba0e12", size=100_000)
+    url = f"{daemon.url}/v1/artifacts?object_id=arr_ba0e12&session_id={SESSION}"
+    assert httpx.get(url, headers=auth()).content == body
+    assert daemon.stop()
+    again = Daemon("--upstream", upstream.url, "--cache-dir", str(cache_dir), "--max-size", "1GiB")
+    try:
+        assert again.started(), again.output
+        expected = f"cache {cache_dir}: 1 entry, {format_size(len(body))} of 1 GiB (max_size)"
+        assert expected in again.output
+    finally:
+        assert again.stop()
+
+
+def test_start_up_does_not_wait_for_an_upstream_that_never_answers(cache_dir: Path) -> None:
+    """With an upstream that accepts connections but never answers, the proxy serves at once
+    and reports the upstream unreachable when the 2 s check gives up."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: connects, no answer
+        origin = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        daemon = Daemon("--upstream", origin, "--cache-dir", str(cache_dir))
+        try:
+            assert daemon.started(), daemon.output
+            assert "unreachable" not in daemon.output  # serving while the check still waits
+            assert httpx.get(f"{daemon.url}/healthz").status_code == 200
+            assert daemon.wait_for(f"upstream {origin} unreachable (no answer within 2 s)")
+        finally:
+            assert daemon.stop()
+
+
+def test_an_unreachable_upstream_is_named_without_its_credentials(cache_dir: Path) -> None:
+    """A refused connection is reported with its reason, and a password in the upstream URL is
+    never printed."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    daemon = Daemon(
+        "--upstream", f"http://user:s3cret-pw@127.0.0.1:{port}", "--cache-dir", str(cache_dir)
+    )
+    try:
+        assert daemon.started(), daemon.output
+        assert daemon.wait_for(f"upstream http://127.0.0.1:{port} unreachable ("), daemon.output
+        assert "Connection refused" in daemon.output
+    finally:
+        assert daemon.stop()
+    assert "s3cret-pw" not in daemon.output
+
+
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 (a setting's value; nothing binds it)
+
+
+@pytest.mark.parametrize(
+    ("settings", "listening", "base"),
+    [
+        ({}, "http://127.0.0.1:8080", "http://127.0.0.1:8080/v1"),
+        ({"host": ALL_INTERFACES, "port": 9000}, "http://0.0.0.0:9000", "http://127.0.0.1:9000/v1"),
+        ({"host": "::"}, "http://[::]:8080", "http://127.0.0.1:8080/v1"),
+        ({"host": "::1"}, "http://[::1]:8080", "http://[::1]:8080/v1"),
+        (
+            {"host": "cache.lan", "tls_certfile": "c.pem", "tls_keyfile": "k.pem"},
+            "https://cache.lan:8080",
+            "https://cache.lan:8080/v1",
+        ),
+    ],
+)
+def test_listening_address_and_export_line(
+    settings: dict[str, object], listening: str, base: str
+) -> None:
+    """The address shown is where serve listens (https with TLS); the export line dials a
+    wildcard address on 127.0.0.1 and keeps /v1."""
+    config = Config(**settings)  # type: ignore[arg-type]
+    assert (listen_url(config), client_base_url(config)) == (listening, base)
+
+
+def test_an_upstream_error_status_is_reported_as_answered() -> None:
+    """An upstream that answers /v1/health with a 503 is reported as answering 503, not as
+    reachable."""
+
+    async def down(_request: Request) -> Response:
+        return PlainTextResponse("down", status_code=503)
+
+    server = ServerThread(Starlette(routes=[Route("/v1/health", down)])).start()
+    try:
+        answer = check_upstream(server.url)
+    finally:
+        server.stop()
+    assert answer.status == 503 and not answer.reachable
+    assert answer.describe().startswith("answered 503 in ")

@@ -125,3 +125,16 @@ def test_equal_lengths_are_told_apart_by_etag(standin: StandIn, start_proxy) -> 
     assert _get(proxy, BOB, "img_e0e0e0").content == bob_bytes
     assert _get(proxy, ALICE, "img_e0e0e0").content == alice_bytes
     assert _get(proxy, BOB, "img_e0e0e0").content == bob_bytes
+
+
+def test_validators_compare_etags_across_codings() -> None:
+    """A CDN compressing one answer does not hide a different ETag; the same ETag with a coding
+    suffix or weak prefix still agrees; lengths compare only within one coding."""
+    from proxy.validators import Validators
+
+    identity = Validators("image/png", 1000, "", (("etag", '"AAA"'),))
+    assert Validators("image/png", 800, "gzip", (("etag", '"BBB"'),)).conflicts(identity)
+    assert not Validators("image/png", 800, "gzip", (("etag", 'W/"AAA-gzip"'),)).conflicts(identity)
+    assert not Validators("image/png", 800, "gzip").conflicts(identity)
+    assert Validators("image/png", 999, "").conflicts(identity)
+    assert Validators("image/jpeg", 1000, "").conflicts(identity)

@@ -104,6 +104,40 @@ def test_invalid_values_name_their_key(source: dict[str, dict[str, str]], key: s
         load(env=source.get("env", {}), flags=source.get("flags"))
 
 
+@pytest.mark.parametrize(
+    ("env", "flags", "where"),
+    [
+        ({"VLMRUN_CACHE_PORT": "abc"}, {}, "environment variable VLMRUN_CACHE_PORT"),
+        ({"VLMRUN_CACHE_PORT": "70000"}, {}, "environment variable VLMRUN_CACHE_PORT"),
+        ({"VLMRUN_CACHE_ACCESS_LOG": "maybe"}, {}, "environment variable VLMRUN_CACHE_ACCESS_LOG"),
+        ({}, {"max_size": "lots"}, "flag --max-size"),
+    ],
+)
+def test_invalid_values_name_where_they_came_from(
+    env: dict[str, str], flags: dict[str, str], where: str
+) -> None:
+    """An invalid value's message (unparsable or out of range) names the variable or flag that
+    set it, not only the key."""
+    with pytest.raises(ConfigError) as raised:
+        load(env=env, flags=flags)
+    assert str(raised.value).endswith(f"(from {where})")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("true", True), ("off", False), ("0", False), ("Yes", True)]
+)
+def test_access_log_switch_takes_the_usual_spellings(raw: str, expected: bool) -> None:
+    """access_log takes true/false, yes/no, on/off and 1/0 from the environment."""
+    assert load(env={"VLMRUN_CACHE_ACCESS_LOG": raw}).access_log is expected
+
+
+def test_log_format_is_text_or_json() -> None:
+    """log_format accepts text and json (any case) and refuses anything else, naming the key."""
+    assert load(env={}, flags={"log_format": "JSON"}).log_format == "json"
+    with pytest.raises(ConfigError, match=r"^log_format: must be one of text, json"):
+        load(env={}, flags={"log_format": "xml"})
+
+
 def test_unknown_file_key_is_refused(tmp_path: Path) -> None:
     """A typo in the file is reported, not silently ignored."""
     file = tmp_path / "c.toml"

@@ -49,3 +49,15 @@ def test_invalid_queries(query: bytes) -> None:
         parse_key(query)
     (item,) = caught.value.detail
     assert item["loc"][0] == "query" and item["msg"] and item["type"]
+
+
+def test_stored_keys_read_back_and_older_layouts_are_recognised() -> None:
+    """A cache key parses back into the key that made it, a split scope's owner included; keys
+    of another layout version (or garbage) are None."""
+    for key in (
+        ArtifactKey("session", 'S "1"', "img_a1b2c3"),
+        ArtifactKey("execution", "E", "arr_1").owned_by("f" * 64),
+    ):
+        assert ArtifactKey.from_cache_key(key.cache_key) == key
+    for other in ('["v1", "session", "S", "img_a"]', '["session", "S", "img_a"]', "{", "[]"):
+        assert ArtifactKey.from_cache_key(other) is None

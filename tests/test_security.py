@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from proxy.config import load
+from proxy.errors import ProxyError
 from proxy.redirects import allowed, is_public
 from proxy.upstream import Upstream
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
@@ -389,3 +390,112 @@ def test_a_client_leaving_mid_upload_logs_no_traceback(standin: StandIn, proxy) 
         root.removeHandler(watch)
         root.setLevel(previous)
     assert not [r for r in records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+# -- found by review: late answers, duplicate credentials, hops, codings ------------------------
+
+
+@pytest.mark.parametrize("first", ["head", "204"])
+def test_a_late_body_after_a_bodiless_answer_never_reaches_the_next_user(
+    start_proxy, raw_upstream, first: str
+) -> None:
+    """An upstream that sends a body after a HEAD answer or a 204 (late, in a second write)
+    loses that connection: the next user's request goes out on a new one."""
+    late = framed(b'{"secret": "user A private data"}')
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 33\r\n\r\n"
+    nothing = b"HTTP/1.1 204 No Content\r\n\r\n"
+    raw_upstream.answer = lambda path, n: (
+        [head if first == "head" else nothing, late]
+        if path == "/v1/first"
+        else framed(f"answer to {path} on connection {n}".encode())
+    )
+    proxy = start_proxy(upstream=raw_upstream.url, max_connections=1)
+    method = "HEAD" if first == "head" else "GET"
+    assert httpx.request(method, f"{proxy.url}/v1/first", headers=auth()).status_code in (200, 204)
+    second = httpx.get(f"{proxy.url}/v1/other", headers=auth(OTHER_TOKEN))
+    assert second.content == b"answer to /v1/other on connection 2"
+
+
+def test_a_duplicate_credential_on_passthrough_gets_a_400(standin: StandIn, proxy) -> None:
+    """Two Authorization headers (a way to be counted as another key) are refused everywhere."""
+    answer = raw_exchange(
+        proxy,
+        f"GET /v1/health HTTP/1.1\r\nHost: p\r\nConnection: close\r\nAuthorization: junk-1\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n\r\n".encode(),
+    )
+    assert status_of(answer) == 400
+    assert standin.path_hits["/v1/health"] == 0
+
+
+def test_connection_cannot_strip_the_credential(standin: StandIn, proxy) -> None:
+    """``Connection: authorization`` does not drop the credential on its way upstream."""
+    response = httpx.get(
+        f"{proxy.url}/v1/echo", headers={**auth(), "Connection": "keep-alive, authorization"}
+    )
+    assert response.status_code == 200
+    (headers,) = standin.headers_seen("/v1/echo")
+    assert headers["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_a_malformed_location_on_a_passed_through_answer_is_relayed(
+    start_proxy, raw_upstream
+) -> None:
+    """A redirect the proxy only relays is relayed as it came, whatever its Location."""
+    raw_upstream.answer = lambda path, n: (
+        b"HTTP/1.1 302 Found\r\nLocation: https:\\\\127.0.0.1\\x\r\nContent-Length: 0\r\n\r\n"
+    )
+    proxy = start_proxy(upstream=raw_upstream.url)
+    answer = raw_exchange(  # a raw client: httpx itself refuses such a Location
+        proxy, b"GET /v1/somewhere HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(answer) == 302
+    assert b"\r\nlocation: https:\\\\127.0.0.1\\x\r\n" in answer.lower()
+
+
+def test_a_failing_redirect_target_is_not_the_apis_fault() -> None:
+    """A CDN that cannot be reached is a 502 for that fetch, not a breaker fault, and does not
+    put the proxy offline (no traffic leaves the machine: a MockTransport is the CDN)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "api.example":
+            return httpx.Response(302, headers={"Location": "https://cdn.example/blob"})
+        raise httpx.ConnectError("cdn down", request=request)
+
+    async def resolver(_host: str) -> list[str]:
+        return ["93.184.216.34"]
+
+    async def run() -> tuple[int, str, bool]:
+        config = load(env={}, flags={"upstream": "https://api.example", "breaker_threshold": 1})
+        upstream = Upstream(config, resolver)
+        upstream.artifact_client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        request = upstream.request("GET", b"/v1/artifacts?object_id=vid_a&session_id=s", [])
+        try:
+            async with upstream.stream(request, artifact=True):
+                raise AssertionError("no answer expected")
+        except ProxyError as exc:
+            return exc.status_code, upstream.breaker.state, upstream.up
+        raise AssertionError("unreachable")
+
+    assert anyio.run(run) == (502, "closed", True)
+
+
+def test_a_gzip_bomb_is_never_written_out(standin: StandIn, start_proxy, cache_dir) -> None:
+    """A small gzip body that expands a thousandfold is abandoned (a failed transfer, nothing
+    stored) and then passed through coded, for the client to decode itself."""
+    proxy = start_proxy(max_size="64MiB")
+    bomb = bytes(32 * 1024 * 1024)
+    standin.artifacts[("session", SESSION, "arr_b0b000")] = (bomb, "application/octet-stream")
+    standin.compress = "gzip"
+    with pytest.raises(httpx.HTTPError):
+        fetch(proxy, "arr_b0b000")
+    stored = sum(p.stat().st_size for p in cache_dir.rglob("*") if p.is_file())
+    assert stored < 8 * 1024 * 1024
+    again = fetch(proxy, "arr_b0b000")
+    assert again.headers["content-encoding"] == "gzip" and again.content == bomb
+
+
+def test_ipv6_forms_of_private_addresses_are_not_public() -> None:
+    """IPv4-compatible, mapped, 6to4 and Teredo forms of private addresses are refused."""
+    for address in ("::7f00:1", "::ffff:10.0.0.1", "2002:7f00:1::1", "2002:a00:1::"):
+        assert not is_public(address), address
+    assert is_public("2002:5db8:d822::1")  # 6to4 of a public address

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from proxy.store import EntryMeta
 from proxy.store.disk import DiskStore
+from proxy.store.index import Index
 
 
 def _put(store: DiskStore, key: str, body: bytes) -> bool:
@@ -80,15 +82,25 @@ def test_evicted_entry_stays_readable_through_an_open_handle(store: DiskStore) -
         assert entry.file.read() == b"abc" * 1000
 
 
-def test_leftover_fills_are_swept_at_start(tmp_path: Path) -> None:
-    """Temporary files of fills a crash interrupted are removed when the store opens."""
+def test_leftover_fills_are_swept_but_live_ones_are_spared(tmp_path: Path) -> None:
+    """The sweep removes temporary files whose fill is gone, and leaves alone those another
+    store (another worker, an admin command) is still writing: opening a store and sweeping
+    never breaks a running fill."""
     first = DiskStore(tmp_path, 1_000_000, 400_000)
-    fill = first.begin_fill()
-    fill.file.write(b"partial")
-    fill.file.close()
-    first.close()
-    DiskStore(tmp_path, 1_000_000, 400_000)
-    assert list((tmp_path / "tmp").iterdir()) == []
+    crashed = first.begin_fill()
+    crashed.file.write(b"partial")
+    crashed.file.close()  # its process is gone: no lock
+    live = first.begin_fill()
+    live.file.write(b"still coming")
+    other = DiskStore(tmp_path, 1_000_000, 400_000)
+    assert other.sweep_temporary() == 1
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [Path(live.path).name]
+    live.file.write(b" and done")
+    meta = EntryMeta("text/plain", 21, "0" * 64, 0.0)
+    assert first.commit("k", live, meta)
+    entry = other.get("k")
+    assert entry is not None and entry.file.read() == b"still coming and done"
+    entry.close()
 
 
 def test_nothing_is_pickled(store: DiskStore, tmp_path: Path) -> None:
@@ -183,3 +195,109 @@ def test_orphaned_files_are_swept(store: DiskStore, tmp_path: Path) -> None:
     assert entry is not None
     with entry.file:
         assert entry.file.read() == b"indexed"
+
+
+def _access_times(directory: Path) -> dict[str, float]:
+    with sqlite3.connect(directory / "entries" / "cache.db") as db:
+        return dict(db.execute("SELECT key, access_time FROM Cache"))
+
+
+def test_a_lookup_through_the_index_writes_nothing(tmp_path: Path) -> None:
+    """A key the memory index does not know is read with a read-only query; its recency is
+    written later, in the batched flush, not as a write transaction per hit."""
+    writer = DiskStore(tmp_path, 1_000_000, 400_000)
+    assert _put(writer, "k", b"x" * 100)
+    reader = DiskStore(tmp_path, 1_000_000, 400_000)  # knows nothing in memory
+    before = _access_times(tmp_path)
+    entry = reader.get("k")
+    assert entry is not None and entry.file.read() == b"x" * 100
+    entry.close()
+    assert _access_times(tmp_path) == before
+    reader.flush_touches()
+    assert _access_times(tmp_path)["k"] > before["k"]
+
+
+def test_room_for_one_large_object_among_many_small_ones(tmp_path: Path) -> None:
+    """Thousands of small entries make room for one large one: the bound holds, the oldest
+    go first, and the newest small ones stay."""
+    store = DiskStore(tmp_path, max_bytes=1_000_000, max_object_bytes=1_000_000)
+    for index in range(2000):
+        assert _put(store, f"small{index}", bytes([index % 256]) * 400)
+    assert _put(store, "large", b"L" * 600_000)
+    stats = store.stats()
+    assert stats.bytes <= 1_000_000
+    assert store.get("small0") is None
+    newest = store.get("small1999")
+    assert newest is not None
+    newest.close()
+
+
+def test_two_processes_committing_at_once_keep_the_bound(tmp_path: Path) -> None:
+    """Two stores on one directory (two workers) making room at once never overshoot it."""
+
+    stores = [DiskStore(tmp_path, 100_000, 100_000) for _ in range(2)]
+    start = threading.Barrier(2)
+    overshoot: list[int] = []
+
+    def work(store: DiskStore, name: str) -> None:
+        start.wait()
+        for index in range(60):
+            _put(store, f"{name}{index}", b"z" * 9_000)
+            if (size := store.stats().bytes) > 100_000:
+                overshoot.append(size)
+
+    threads = [
+        threading.Thread(target=work, args=(s, n)) for s, n in zip(stores, "ab", strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert overshoot == []
+
+
+def test_sweep_merges_index_and_directories_exactly(tmp_path: Path) -> None:
+    """With many entries and orphans spread over the directories, the sweep removes exactly the
+    orphans; and only the first store of a start claims the sweep."""
+    store = DiskStore(tmp_path, 10_000_000, 400_000)
+    bodies = {f"k{index}": f"body {index}".encode() for index in range(300)}
+    for key, body in bodies.items():
+        assert _put(store, key, body)
+    rng = random.Random(7)
+    orphans = []
+    for _ in range(40):
+        name = f"{rng.getrandbits(128):032x}.val"
+        path = tmp_path / "entries" / name[:2] / name[2:4] / name[4:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"orphan")
+        orphans.append(path)
+    assert store.sweep_orphans(min_age=0) == 40
+    assert not any(path.exists() for path in orphans)
+    for key, body in bodies.items():
+        entry = store.get(key)
+        assert entry is not None and entry.file.read() == body
+        entry.close()
+    other = DiskStore(tmp_path, 10_000_000, 400_000)
+    assert store.claim_sweep() and not other.claim_sweep()
+
+
+def test_removal_spares_an_entry_replaced_since_it_was_listed(
+    store: DiskStore, tmp_path: Path
+) -> None:
+    """Index.remove deletes an entry only if it still names the listed file: one a later commit
+    replaced stays whole, while the others listed go, file and all."""
+    _put(store, "replaced", b"old" * 100)
+    _put(store, "other", b"x" * 100)
+    index = Index(tmp_path / "entries")
+    listed = list(index.entries())
+    old_file = index.path(next(e for e in listed if e.key == "replaced"))
+    _put(store, "replaced", b"new" * 100)
+    removed = index.remove(listed)
+    assert [e.key for e in removed] == ["other"]
+    assert old_file is not None and not old_file.exists()  # the replaced file went with its commit
+    entry = store.get("replaced")
+    assert entry is not None
+    with entry.file:
+        assert entry.file.read() == b"new" * 100
+    assert store.get("other") is None and store.stats().entries == 1
+    assert store.stats().bytes == 300

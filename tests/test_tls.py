@@ -165,6 +165,7 @@ def test_serve_passes_tls_to_uvicorn_and_warns_without_it(
     runs: list[dict[str, Any]] = []
     monkeypatch.setattr(cli.uvicorn, "run", lambda _app, **options: runs.append(options))
     monkeypatch.setattr(cli, "configure_logging", lambda _level: None)
+    monkeypatch.setattr(cli, "announce", lambda _config: None)  # would ask api.vlm.run
     certfile, keyfile = pem_files
     base = ["serve", "--host", ALL_INTERFACES, "--cache-dir", str(cache_dir)]
     with caplog.at_level(logging.WARNING, logger="proxy.cli"):

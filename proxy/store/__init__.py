@@ -18,9 +18,15 @@ Contract (every implementation):
 * ``remembers(key, max_length)`` never blocks: True means ``get(key, memory_only=True)`` is cheap
   enough to call on the event loop (an ``open`` of a file of at most ``max_length`` bytes, no
   index query). ``memory_only`` lookups return None rather than query the index.
+* ``touch(key)`` never blocks: it records a read of ``key`` served without ``get`` (by a faster
+  tier), so that recency (eviction, ``purge --older-than``) counts every hit.
 * ``flush_touches()`` persists recency information collected in memory; call it periodically.
-* ``sweep_orphans()`` deletes stored files a crash left without an index entry; it scans every
-  entry, so run it in the background.
+* ``sweep_temporary()`` deletes temporary files of fills that crashed; live fills of any
+  process are spared, so it is safe at any time. Opening a store has no side effects on other
+  processes using it.
+* ``sweep_orphans()`` deletes stored files a crash left without an index entry; it walks every
+  entry (in bounded memory, at low priority), so run it in the background, in the one process
+  whose ``claim_sweep()`` returned True.
 """
 
 from __future__ import annotations
@@ -116,9 +122,15 @@ class Store(Protocol):
 
     def remembers(self, key: str, max_length: int) -> bool: ...
 
+    def touch(self, key: str) -> None: ...
+
     def flush_touches(self) -> None: ...
 
+    def sweep_temporary(self) -> int: ...
+
     def sweep_orphans(self) -> int: ...
+
+    def claim_sweep(self) -> bool: ...
 
     def stats(self) -> StoreStats: ...
 

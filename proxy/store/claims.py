@@ -1,4 +1,8 @@
-"""Cross-process single-flight: which process fetches a key, when several serve one cache.
+"""Single-flight across processes: which process fetches a key, when several serve one cache.
+
+:class:`Coordinator` is the interface the fills use (in-process single-flight is
+:class:`proxy.fills.Fills` itself); :class:`Claims` implements it across the worker processes of
+one host with ``flock``, and a shared tier may implement it with a lease.
 
 With ``--workers N`` every worker shares the disk cache. Before fetching a key from upstream, a
 worker takes an exclusive ``flock`` on one of :data:`SLOTS` lock files chosen by the key's hash;
@@ -13,13 +17,47 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import time
 from pathlib import Path
+from typing import Protocol
+
+import anyio
+import anyio.to_thread
+
+#: How often a waiting process looks again whether a holder finished (a cross-process wait:
+#: there is no event to wait on).
+POLL_SECONDS = 0.005
+
+
+class Lease(Protocol):
+    def release(self) -> None:
+        """Give the key back (idempotent); others waiting for it may go on."""
+
+
+class Coordinator(Protocol):
+    async def claim(self, key: str, patience: float) -> Lease | None:
+        """A lease to fetch ``key`` once no other process holds one; ``None`` if that took
+        longer than ``patience`` seconds (the caller then fetches regardless: a duplicate fetch
+        beats a timeout). After a wait the caller should look whether the key is now stored."""
+
 
 #: Lock files at most (created on first use, empty).
 SLOTS = 4096
 
 
+class _Held:
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            Claims.release(self._fd)
+            self._fd = None
+
+
 class Claims:
+    """:class:`Coordinator` for the worker processes of one host: ``flock`` on lock files."""
+
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory) / "locks"
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -43,3 +81,13 @@ class Claims:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+    async def claim(self, key: str, patience: float) -> Lease | None:
+        give_up = time.monotonic() + patience
+        while True:
+            fd = await anyio.to_thread.run_sync(self.try_claim, key)
+            if fd is not None:
+                return _Held(fd)
+            if time.monotonic() > give_up:
+                return None
+            await anyio.sleep(POLL_SECONDS)

@@ -16,11 +16,15 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
   The memory index can only be stale in one way, a file that was evicted (perhaps by another
   process): opening it then fails and the lookup falls back to SQLite. Cached files never change
   once written, and their names are never reused.
+
+Access times and eviction victims are written and read through :mod:`proxy.store.index`, which
+the operator's commands use too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -29,7 +33,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +41,41 @@ import diskcache
 from diskcache.core import MODE_BINARY
 
 from proxy.store import Entry, EntryMeta, FillFile, StoreStats
+from proxy.store.index import ENTRIES_DIR, INDEX_FILE, Index
 
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".fill"
-_EVICT_BATCH = 64
+_EVICT_BATCH = 1024
 #: Longest time access times stay only in memory before they are written to the index.
 TOUCH_FLUSH_SECONDS = 1.0
 #: Unindexed entry files younger than this (by ctime, which a rename sets) are left alone.
 ORPHAN_MIN_AGE = 600.0
+#: The orphan sweep pauses for SWEEP_PAUSE seconds every SWEEP_STEP files.
+SWEEP_STEP = 512
+SWEEP_PAUSE = 0.002
 #: Entries remembered by the in-memory index.
 MEMO_ENTRIES = 100_000
+
+
+def peek_stats(directory: str | Path, max_bytes: int) -> StoreStats:
+    """Entries and bytes of the disk tier in ``directory``, read from its index read-only.
+
+    For start-up messages and ``doctor``, beside a server that may be running: no sweep, no
+    reset, no directory created (SQLite may add its ``-wal``/``-shm`` files next to the index).
+    A directory without an index yet holds nothing. Raises ``sqlite3.Error`` if the index does
+    not open or answer (for instance when it is damaged).
+    """
+    db_path = Path(directory) / "entries" / "cache.db"
+    if not db_path.exists():
+        return StoreStats(bytes=0, entries=0, max_bytes=max_bytes)
+    uri = f"file:{db_path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=2)) as db:
+        rows = db.execute("SELECT key, value FROM Settings WHERE key IN ('count', 'size')")
+        settings = {str(key): int(value) for key, value in rows.fetchall()}
+    return StoreStats(
+        bytes=settings.get("size", 0), entries=settings.get("count", 0), max_bytes=max_bytes
+    )
 
 
 class _Adopt:
@@ -86,14 +114,19 @@ class DiskStore:
         self._on_evict = on_evict
         self._on_reset = on_reset
         self._tmp = self.directory / "tmp"
-        self._entries_dir = self.directory / "entries"
+        self._commit_lock_path = self.directory / "locks" / "commit.lock"
+        self._entries_dir = self.directory / ENTRIES_DIR
+        self._index = Index(self._entries_dir)
         self._commit_lock = threading.RLock()
         self._memo: OrderedDict[str, tuple[str, EntryMeta]] = OrderedDict()
         self._touched: dict[str, float] = {}
         self._memo_lock = threading.Lock()
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._sweep_tmp()
-        self._db_path = self._entries_dir / "cache.db"
+        self._commit_lock_path.parent.mkdir(exist_ok=True, mode=0o700)
+        self._db_path = self._entries_dir / INDEX_FILE
+        #: Per-thread read-only index connections, and the index's generation (bumped on reset).
+        self._local = threading.local()
+        self._generation = 0
         try:
             self._cache = self._open()
         except sqlite3.DatabaseError as exc:
@@ -138,6 +171,7 @@ class DiskStore:
                 return
             cache.close()
             self._quarantine(exc)
+            self._generation += 1
             with self._memo_lock:
                 self._memo.clear()
                 self._touched.clear()
@@ -155,7 +189,7 @@ class DiskStore:
             except FileNotFoundError:
                 self._forget(key)
             else:
-                self._touch(key)
+                self.touch(key)
                 return Entry(meta=meta, file=handle)
         if memory_only:
             return None
@@ -175,7 +209,8 @@ class DiskStore:
             self._memo.pop(key, None)
             self._touched.pop(key, None)
 
-    def _touch(self, key: str) -> None:
+    def touch(self, key: str) -> None:
+        """Record a read of ``key`` (also one served by a faster tier), for recency."""
         with self._memo_lock:
             self._touched[key] = time.time()
 
@@ -192,26 +227,32 @@ class DiskStore:
         if not touched:
             return
         try:
-            with contextlib.closing(sqlite3.connect(self._db_path, timeout=5)) as db, db:
-                db.executemany(
-                    "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1",
-                    [(when, key) for key, when in touched.items()],
-                )
+            self._index.record_access_times(touched)
         except sqlite3.Error as exc:  # recency is advice; losing one batch is harmless
             log.warning("could not record access times: %s", exc)
 
     def _get_indexed(self, key: str) -> Entry | None:
+        """Look ``key`` up with a read-only query: diskcache's LRU ``get`` would be a write
+        transaction per hit (recency goes through :meth:`_touch` and the batched flush)."""
         cache = self._cache
         try:
-            found = cache.get(key, read=True, tag=True)
+            row = (
+                self._reader()
+                .execute("SELECT filename, tag FROM Cache WHERE key = ? AND raw = 1", (key,))
+                .fetchone()
+            )
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
             return None
-        except (OSError, diskcache.Timeout) as exc:
+        except sqlite3.Error as exc:  # locked, I/O error: not damage
             log.warning("cache index read failed (%s); treating as a miss", type(exc).__name__)
             return None
-        handle, tag = found
-        if handle is None:
+        if row is None or row[0] is None:
+            return None
+        filename, tag = row
+        try:
+            handle = open(self._entries_dir / filename, "rb")  # noqa: SIM115 (the caller closes it)
+        except FileNotFoundError:  # evicted meanwhile
             return None
         try:
             meta = EntryMeta.from_json(tag)
@@ -219,25 +260,42 @@ class DiskStore:
             handle.close()
             self.evict(key)
             return None
+        self.touch(key)
         return Entry(meta=meta, file=handle)
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection to the index (reopened after a reset)."""
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            if getattr(local, "db", None) is not None:
+                local.db.close()
+            local.db = sqlite3.connect(
+                f"file:{self._db_path}?mode=ro", uri=True, timeout=5, check_same_thread=False
+            )
+            local.generation = self._generation
+        db: sqlite3.Connection = local.db
+        return db
 
     # -- fills -------------------------------------------------------------------------------
 
     def begin_fill(self) -> FillFile:
+        """A new temporary file, locked (``flock``) for as long as it is open: that lock is how
+        :meth:`sweep_temporary`, in any process, tells a live fill from a crashed one's."""
         fd_path = self._tmp / f"{os.urandom(12).hex()}{_TMP_SUFFIX}"
         fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         return FillFile(path=str(fd_path), file=os.fdopen(fd, "wb"))
 
     def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool:
         try:
             fill.file.flush()
             os.fsync(fill.file.fileno())
-            fill.file.close()
+            # The file stays open (and locked) until it is renamed into place.
             if meta.length > self.max_object_bytes:
                 return False
             cache = self._cache
             try:
-                with self._commit_lock:
+                with self._exclusive():
                     self.evict(key)
                     self._make_room(meta.length)
                     cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
@@ -247,6 +305,18 @@ class DiskStore:
             return True
         finally:
             self.discard(fill)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The commit lock: of this process's threads, and (``flock``) of every process using
+        the directory, so that two workers making room at once cannot both overshoot."""
+        with self._commit_lock:
+            fd = os.open(self._commit_lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     def discard(self, fill: FillFile) -> None:
         with contextlib.suppress(OSError):
@@ -265,47 +335,49 @@ class DiskStore:
             self._damaged(cache, exc)
 
     def _make_room(self, incoming: int) -> None:
-        """Evict least recently used entries until ``incoming`` more bytes fit. Holds the lock."""
-        if self._bytes() + incoming > self.max_bytes:
-            self.flush_touches()
-        while self._bytes() + incoming > self.max_bytes:
-            victims = self._least_recently_used(_EVICT_BATCH)
+        """Evict least recently used entries until ``incoming`` more bytes fit. Holds the lock.
+
+        Victims are deleted in batches, one transaction each: making room for one large object
+        among many small ones must not cost a transaction per small one.
+        """
+        excess = self._bytes() + incoming - self.max_bytes
+        if excess <= 0:
+            return
+        self.flush_touches()
+        while excess > 0:
+            victims = self._index.least_recently_used(_EVICT_BATCH)
             if not victims:
                 return
+            chosen = []
             for key, size in victims:
-                self._forget(key)
-                if self._cache.delete(key):
-                    self._on_evict(size)
-                if self._bytes() + incoming <= self.max_bytes:
-                    return
-
-    def _query_index(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
-        """Rows of a read-only query on diskcache's index, through a connection of our own."""
-        with contextlib.closing(sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True)) as db:
-            return db.execute(sql, params).fetchall()
-
-    def _least_recently_used(self, limit: int) -> list[tuple[str, int]]:
-        rows = self._query_index(
-            "SELECT key, size FROM Cache WHERE raw = 1 ORDER BY access_time LIMIT ?", (limit,)
-        )
-        return [(str(key), int(size)) for key, size in rows]
+                chosen.append((key, size))
+                excess -= size
+                if excess <= 0:
+                    break
+            with self._cache.transact():
+                for key, size in chosen:
+                    self._forget(key)
+                    if self._cache.delete(key):
+                        self._on_evict(size)
+            excess = self._bytes() + incoming - self.max_bytes
 
     def _bytes(self) -> int:
         return int(self._cache.reset("size"))
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    def _sweep_tmp(self) -> None:
-        """Remove temporary files left by fills that a crash interrupted.
+    def sweep_temporary(self) -> int:
+        """Remove temporary files left by fills that a crash interrupted; returns how many.
 
-        Names are unlinked relative to a descriptor of ``tmp/`` opened without following a
-        symbolic link, so the sweep cannot delete anything outside it (a symlinked ``tmp/``
-        raises ``OSError`` instead)."""
+        A file whose ``flock`` is held belongs to a live fill (of this or another process) and
+        is left alone, so any process may sweep at any time. Names are unlinked relative to a
+        descriptor of ``tmp/`` opened without following a symbolic link, so the sweep cannot
+        delete anything outside it (a symlinked ``tmp/`` raises ``OSError`` instead)."""
         swept = 0
         tmp = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             for name in os.listdir(tmp):
-                if name.endswith(_TMP_SUFFIX):
+                if name.endswith(_TMP_SUFFIX) and self._abandoned(name, tmp):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(name, dir_fd=tmp)
                         swept += 1
@@ -313,34 +385,94 @@ class DiskStore:
             os.close(tmp)
         if swept:
             log.info("removed %d unfinished fill(s) from a previous run", swept)
+        return swept
+
+    @staticmethod
+    def _abandoned(name: str, directory: int) -> bool:
+        """True if no process holds the fill file's lock (its fill crashed or ended)."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # also drops the lock we may have taken
+        return True
 
     def sweep_orphans(self, min_age: float = ORPHAN_MIN_AGE) -> int:
         """Delete entry files the index does not know (a crash between a fill's rename and its
         index insert leaves one). Files renamed less than ``min_age`` seconds ago are spared: a
-        commit in another process may be between its two steps. Returns the number removed."""
+        commit in another process may be between its two steps. Returns the number removed.
+
+        Incremental and bounded in memory: the index's file names, sorted by SQLite, are
+        merged with a sorted walk of the directories, so nothing is held but a cursor. It
+        pauses briefly every :data:`SWEEP_STEP` files so that it runs at low priority beside
+        the server. Only one process sweeps per start (see :meth:`claim_sweep`).
+        """
         cache = self._cache
+        removed = 0
         try:
-            rows = self._query_index("SELECT filename FROM Cache WHERE filename IS NOT NULL")
-            known = {os.path.join(self._entries_dir, name) for (name,) in rows}
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=5)
+            ) as db:
+                names = db.execute(
+                    "SELECT filename FROM Cache WHERE filename IS NOT NULL ORDER BY filename"
+                )
+                removed = self._merge_sweep(names, min_age)
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
             return 0
+        if removed:
+            log.warning("removed %d cache file(s) missing from the index", removed)
+        return removed
+
+    def _merge_sweep(self, names: Iterator[tuple[str]], min_age: float) -> int:
         now = time.time()
-        removed = 0
+        removed = seen = 0
+        indexed = next(names, None)
         # fwalk with dir_fd: never descends through a symbolic link, and each unlink is relative
-        # to the directory walked, so nothing outside entries/ can be reached.
-        for folder, _dirs, files, folder_fd in os.fwalk(self._entries_dir, follow_symlinks=False):
-            for name in files:
-                if not name.endswith(".val") or os.path.join(folder, name) in known:
+        # to the directory walked, so nothing outside entries/ can be reached. Directories and
+        # files are visited sorted: diskcache's names (aa/bb/<hex>.val) then come in the
+        # index's order.
+        for folder, dirs, files, folder_fd in os.fwalk(self._entries_dir, follow_symlinks=False):
+            dirs.sort()
+            relative = os.path.relpath(folder, self._entries_dir)
+            for name in sorted(files):
+                if not name.endswith(".val"):
+                    continue
+                path = name if relative == "." else f"{relative}/{name}"
+                while indexed is not None and indexed[0] < path:
+                    indexed = next(names, None)
+                if indexed is not None and indexed[0] == path:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
                     if stat.S_ISREG(info.st_mode) and now - info.st_ctime >= min_age:
                         os.unlink(name, dir_fd=folder_fd)
                         removed += 1
-        if removed:
-            log.warning("removed %d cache file(s) missing from the index", removed)
+                seen += 1
+                if seen % SWEEP_STEP == 0:
+                    time.sleep(SWEEP_PAUSE)  # a worker thread: yields the GIL and the disk
         return removed
+
+    def claim_sweep(self) -> bool:
+        """True for the first process of a start to ask (it holds ``locks/sweep.lock`` until
+        it exits): the other workers of the same server skip the orphan sweep."""
+        fd = os.open(
+            self._commit_lock_path.with_name("sweep.lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+            0o600,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._sweep_lock = fd  # kept open (and locked) for the life of the process
+        return True
 
     def stats(self) -> StoreStats:
         cache = self._cache
