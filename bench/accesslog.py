@@ -25,7 +25,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, TOKEN, free_port, standin, wait_listening
-from bench.run import SERVER_CPU, cpu_seconds, url, wrk
+from bench.loadgen import wrk
+from bench.servers import SERVER_CPU, cpu_seconds, url
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
