@@ -4,7 +4,8 @@
 
 ``starlette`` is a one-route Starlette app; ``raw`` is a bare ASGI callable. Both answer
 ``GET /v1/artifacts?object_id=...`` with the header fields of a hit (Content-Type,
-Content-Length, ETag, Cache-Control, Accept-Ranges, X-Cache) and the bytes, built once per id.
+Content-Length, ETag, Cache-Control, Accept-Ranges, X-Cache, Cache-Status; bench/run.py checks
+that the proxy sends these and no others) and the bytes, built once per id.
 Whatever our proxy does on a hit (a lookup, an access check, a disk read, a hash, its guards,
 its log line), these do none of it: their requests per second are the most a uvicorn server
 can do here, with a framework and without one.
@@ -53,6 +54,7 @@ def hit(object_id: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
         (b"Cache-Control", b"private, max-age=31536000, immutable"),
         (b"Accept-Ranges", b"bytes"),
         (b"X-Cache", b"HIT"),
+        (b"Cache-Status", b"vlmrun-cache; hit; detail=memory"),
     ]
     return headers, data
 
@@ -93,13 +95,9 @@ def main() -> None:
     options = uvicorn_options(config)  # the keep-alive, lifespan and server-header settings
     if not args.guards:
         options["http"] = http_protocol(config.http)  # uvicorn's own, without the guards
-    uvicorn.run(
-        starlette_app() if args.app == "starlette" else raw_app,
-        host="127.0.0.1",
-        port=args.port,
-        access_log=False,
-        **options,
-    )
+    options["access_log"] = False  # a ceiling writes no log (serve's uvicorn writes none either)
+    app = starlette_app() if args.app == "starlette" else raw_app
+    uvicorn.run(app, host="127.0.0.1", port=args.port, **options)
 
 
 if __name__ == "__main__":

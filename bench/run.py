@@ -361,6 +361,12 @@ def header(
     probe = new_id(8 * KiB)
     names = {n: header_names(check_hit(t, probe, 8 * KiB)) for n, t in targets.items()}
     differ = [n for n in ("starlette", "raw", "guarded") if names[n] != names["proxy"]]
+    if differ:
+        print(
+            f"warning: a hit's header fields differ between the proxy and {', '.join(differ)}: "
+            "bring bench/ceiling.py's up to date",
+            file=sys.stderr,
+        )
     fields = ", ".join(sorted(names["proxy"]))
     return "\n".join(
         [
