@@ -238,11 +238,16 @@ def write_address_file(config: Config) -> Path:
     return directory / ADDRESS_FILE
 
 
-def _no_verify() -> ssl.SSLContext:
+def own_server(scheme: str, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
+    """A connection to the server recorded in our own cache directory. Over TLS its certificate
+    is not verified: what matters is that our own process answers, not who signed it (only
+    ``/healthz`` and ``/metrics`` are asked, without a credential)."""
+    if scheme == "http":
+        return http.client.HTTPConnection(host, port, timeout=timeout)
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    return context
+    return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
 
 
 class Unhealthy(Exception):
@@ -273,12 +278,7 @@ def check_health(cache_dir: str | Path, timeout: float = 2.0) -> str:
         raise Unhealthy(f"{path}: scheme {scheme!r} is not supported")
     host = dial_host(host)
     url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
-    connection = (
-        http.client.HTTPConnection(host, port, timeout=timeout)
-        if scheme == "http"
-        # Our own process on this machine: what matters is that it answers, not who signed it.
-        else http.client.HTTPSConnection(host, port, timeout=timeout, context=_no_verify())
-    )
+    connection = own_server(scheme, host, port, timeout)
     try:
         connection.request("GET", "/healthz")
         status = connection.getresponse().status

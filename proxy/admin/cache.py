@@ -15,7 +15,6 @@ import json
 import os
 import pwd
 import sqlite3
-import ssl
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -183,15 +182,6 @@ def server_address(cache_dir: Path) -> tuple[str, str, int] | None:
         return None
 
 
-def _own_server() -> ssl.SSLContext:
-    """TLS to the server recorded in our own cache directory: it answering is what counts, not
-    who signed its certificate (only /metrics is asked, without a credential)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def server_figures(cache_dir: Path, timeout: float = 2.0) -> ServerFigures | None:
     """The figures of the server using ``cache_dir``, or None if none answers where it said."""
     address = server_address(cache_dir)
@@ -199,11 +189,9 @@ def server_figures(cache_dir: Path, timeout: float = 2.0) -> ServerFigures | Non
         return None
     scheme, host, port = address
     url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
-    connection = (
-        http.client.HTTPConnection(host, port, timeout=timeout)
-        if scheme == "http"
-        else http.client.HTTPSConnection(host, port, timeout=timeout, context=_own_server())
-    )
+    from proxy.cli import own_server  # proxy.cli wires these commands in
+
+    connection = own_server(scheme, host, port, timeout)
     try:
         connection.request("GET", "/metrics")
         response = connection.getresponse()
