@@ -121,8 +121,10 @@ class ArtifactRoute:
         scope = key.proof_scope(self.s.config.access_check == "object")
         own = (fingerprint or "") == filler
         needed = scope if own else key.proof_scope(self.s.config.access_check == "object", filler)
-        if access.remembered(fingerprint, needed) or (
-            await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed)
+        if (
+            access.remembered(fingerprint, needed)
+            or await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed)
+            or await self.s.shared_proof(fingerprint, needed)
         ):
             checks.labels("proof").inc()
             return None
@@ -138,6 +140,7 @@ class ArtifactRoute:
                 else:  # the status line is the proof; skip the body
                     proven = (scope,) if own else (scope, needed)
                     await anyio.to_thread.run_sync(access.record, fingerprint, *proven)
+                    self.s.share_proofs(fingerprint, *proven)
                     checks.labels("granted").inc()
                     return None
         except UpstreamUnreachable:
@@ -240,7 +243,7 @@ class ArtifactRoute:
             status = 206
             raw.append((b"Content-Range", f"bytes {start}-{end - 1}/{meta.length}".encode()))
         if hit.body is not None:
-            self.s.metrics.served_bytes.labels("cache").inc(end - start)
+            self.s.metrics.served_bytes.labels(hit.source).inc(end - start)
             body = hit.body[start:end] if span else hit.body
             return _raw(Response(body, status_code=status), raw)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
@@ -254,7 +257,7 @@ class ArtifactRoute:
     async def _stream_hit(
         self, key: ArtifactKey, hit: Hit, start: int, end: int, verify: bool
     ) -> AsyncIterator[bytes]:
-        served = self.s.metrics.served_bytes.labels("cache")
+        served = self.s.metrics.served_bytes.labels(hit.source)
         try:
             async for data in hit.chunks(start, end, verify):
                 served.inc(len(data))

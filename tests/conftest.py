@@ -16,6 +16,7 @@ os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-ca
 from proxy.app import create_app
 from proxy.cli import uvicorn_options
 from proxy.config import load
+from tests.redisserver import RedisServer
 from tests.servers import Daemon, ServerThread
 from tests.standin import StandIn
 
@@ -104,3 +105,19 @@ def read_only_mount(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr!r}")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real, empty ``redis-server`` on a loopback port (see tests/redisserver.py)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def shared_secret_file(tmp_path: Path) -> Path:
+    """The one secret every replica of a test reads (``secret_file``)."""
+    path = tmp_path / "shared-secret"
+    path.write_text("0123456789abcdef" * 4 + "\n")
+    return path

@@ -1,0 +1,114 @@
+"""The connection to Redis for the shared tier: one guarded call at a time.
+
+Redis is optional at run time, so every call goes through :class:`Guarded`: it is bounded by
+``redis_timeout`` (redis-py's own retries off: a cache must not wait for them), counted by a
+circuit breaker (:class:`proxy.upstream.CircuitBreaker` with :func:`redis_fault`: only Redis's own
+faults count, never a reply to a command we got wrong), and any failure is :class:`Unavailable`,
+which callers treat as "carry on without the shared tier". While the breaker is open no call is
+made at all (one probe per cool-down), so a dead or stopped Redis costs a request at most one
+``redis_timeout`` per breaker period.
+
+redis-py 5 or later is required: before 4.5.4 a cancelled command could leave a connection one
+reply behind, handing one caller another's reply (CVE-2023-28858/28859), and Starlette cancels
+request tasks when clients disconnect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import redis.exceptions
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from proxy.config import Config
+from proxy.upstream import ANSWERED, CircuitBreaker
+
+#: Either client; both take the same commands for single-slot work.
+Client = Redis | RedisCluster
+
+_FAULTS = (
+    redis.exceptions.ConnectionError,  # refused, reset, lost; also BusyLoadingError
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    OSError,
+    TimeoutError,  # our own deadline around the call
+)
+
+
+class Unavailable(Exception):
+    """A Redis call failed or was not made (breaker open): go on without the shared tier."""
+
+
+def redis_fault(failure: BaseException | int) -> bool:
+    """What counts against Redis for its breaker: it could not be reached or did not answer in
+    time. Error replies (a wrong type at a key someone overwrote, say) are not its fault."""
+    return not isinstance(failure, int) and isinstance(failure, _FAULTS)
+
+
+def read_password(config: Config) -> str | None:
+    """The password in ``redis_password_file``, if set (kept out of URLs, so out of logs)."""
+    if not config.redis_password_file:
+        return None
+    with open(config.redis_password_file, encoding="utf-8") as source:
+        return source.read().strip() or None
+
+
+def connect(config: Config, timeout: float | None = None) -> Client:
+    """A client for ``redis_url``; it connects on first use, so a Redis that is down at
+    start-up delays nothing."""
+    seconds = config.redis_timeout if timeout is None else timeout
+    options: dict[str, Any] = {
+        "socket_timeout": seconds,
+        "socket_connect_timeout": seconds,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    password = read_password(config)
+    if password is not None:
+        options["password"] = password
+    if config.redis_cluster:
+        return RedisCluster.from_url(config.redis_url, **options)
+    return Redis.from_url(config.redis_url, retry_on_timeout=False, **options)
+
+
+class Guarded:
+    """Calls on ``client`` within a deadline, counted by a breaker; see the module docstring.
+
+    ``on_error`` is told ``"unavailable"`` (a fault) or ``"other"`` (an error reply)."""
+
+    def __init__(
+        self,
+        client: Client,
+        timeout: float,
+        threshold: int,
+        cooldown: float,
+        on_error: Callable[[str], None] = lambda _kind: None,
+    ) -> None:
+        self.client = client
+        #: Connect plus reply, each bounded by the socket timeouts; this is the backstop.
+        self.deadline = 2 * timeout
+        self.breaker = CircuitBreaker(threshold, cooldown, redis_fault, "redis")
+        self._on_error = on_error
+
+    async def __call__(self, op: Callable[[Client], Awaitable[Any]]) -> Any:
+        """``op(client)``'s result (replies are bytes: the clients do not decode)."""
+        if not self.breaker.admit():
+            raise Unavailable("the Redis circuit breaker is open")
+        try:
+            with anyio.fail_after(self.deadline):
+                result = await op(self.client)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            self.breaker.record(exc)
+            self._on_error("unavailable" if redis_fault(exc) else "other")
+            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        self.breaker.record(ANSWERED)
+        return result
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
