@@ -121,3 +121,23 @@ def shared_secret_file(tmp_path: Path) -> Path:
     path = tmp_path / "shared-secret"
     path.write_text("0123456789abcdef" * 4 + "\n")
     return path
+
+
+@pytest.fixture
+def start_replica(
+    start_proxy: ProxyFactory, redis_server: RedisServer, shared_secret_file: Path, tmp_path: Path
+) -> ProxyFactory:
+    """Start a proxy with a cache directory of its own, sharing ``redis_server`` and the secret
+    with every other replica of the test (settings as keyword overrides)."""
+    started = [0]
+
+    def start(**overrides: object) -> ServerThread:
+        started[0] += 1
+        settings: dict[str, object] = {
+            "cache_dir": str(tmp_path / f"replica-{started[0]}"),
+            "redis_url": redis_server.url,
+            "secret_file": str(shared_secret_file),
+        }
+        return start_proxy(**{**settings, **overrides})
+
+    return start

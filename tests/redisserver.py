@@ -103,7 +103,12 @@ class RedisServer:
         if self.password:
             command += ["--no-auth-warning", "-a", self.password]
         done = subprocess.run(
-            [*command, *args], capture_output=True, text=True, timeout=30, check=check
+            [*command, *args],
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=30,
+            check=check,
         )
         return done.stdout
 
