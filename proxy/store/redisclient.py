@@ -1,7 +1,8 @@
 """The connection to Redis for the shared tier: one guarded call at a time.
 
 Redis is optional at run time, so every call goes through :class:`Guarded`: it is bounded by
-``redis_timeout`` (redis-py's own retries off: a cache must not wait for them), counted by a
+``redis_timeout`` (redis-py retries a call only once, at once, when its pooled connection turned
+out closed; never after a timeout: a cache must not wait for Redis), counted by a
 circuit breaker (:class:`proxy.upstream.CircuitBreaker` with :func:`redis_fault`: only Redis's own
 faults count, never a reply to a command we got wrong), and any failure is :class:`Unavailable`,
 which callers treat as "carry on without the shared tier". While the breaker is open no call is
@@ -66,7 +67,10 @@ def connect(config: Config, timeout: float | None = None) -> Client:
     options: dict[str, Any] = {
         "socket_timeout": seconds,
         "socket_connect_timeout": seconds,
-        "retry": Retry(NoBackoff(), 0),
+        # One immediate retry on a lost connection only (a pooled connection that a Redis
+        # restart closed fails once, then reconnects); never on a timeout.
+        "retry": Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+        "retry_on_error": [redis.exceptions.ConnectionError],
         "health_check_interval": 0,
     }
     password = read_password(config)
