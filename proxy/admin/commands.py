@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.access import Revocations, existing_secret, fingerprint_with
+from proxy.admin import shared
 from proxy.admin.cache import Cache, Failed, Stored, open_cache, server_figures
 from proxy.admin.output import Progress, confirm, human_size, local_time, rfc3339, table
 from proxy.config import Config
@@ -77,7 +78,18 @@ def stats(args: argparse.Namespace, config: Config) -> int:
         "newest_stored_at": rfc3339(max(stored_at)) if stored_at else None,
         "other_layout_entries": other_layout,
         "server": None,
+        "redis": None,
     }
+    redis_line = ""
+    if config.redis_url:
+        try:
+            result["redis"] = found = shared.stats(config)
+            redis_line = (
+                f"{found['entries']} entries, {human_size(found['bytes'])} at {found['url']} "
+                f"(keys {found['prefix']}*)"
+            )
+        except Failed as exc:
+            redis_line = str(exc)
     if server is not None:
         result["server"] = {
             "url": server.url,
@@ -101,6 +113,8 @@ def stats(args: argparse.Namespace, config: Config) -> int:
         ["oldest", local_time(min(stored_at)) if stored_at else "-"],
         ["newest", local_time(max(stored_at)) if stored_at else "-"],
     ]
+    if redis_line:
+        lines.append(["redis", redis_line])
     if server is None:
         lines.append(["server", "not answering at the address serve recorded"])
     else:
@@ -171,10 +185,12 @@ def purge(args: argparse.Namespace, config: Config) -> int:
     cache = open_cache(config)
     selected = [s for s in cache.entries() if _selector(args)(s)]
     size = sum(s.row.size for s in selected)
-    if not selected:
+    if not selected and not config.redis_url:
         print("nothing to remove")
         return 0
     what = f"{_entries(len(selected))} ({human_size(size)}) from {cache.directory}"
+    if config.redis_url:
+        what += " and the matching entries in Redis"
     if not args.yes:
         if not sys.stdin.isatty():
             raise Failed(f"would remove {what}; without a terminal to ask on, give --yes")
@@ -189,6 +205,12 @@ def purge(args: argparse.Namespace, config: Config) -> int:
             f"{_entries(len(selected) - len(removed))} changed meanwhile (evicted, or stored "
             "again by a fill that finished) and left as they are"
         )
+    if config.redis_url:  # else the next disk miss of any replica brings them back
+        deleted = shared.purge(args, config)
+        if deleted is None:
+            print("Redis keeps its own recency: its entries expire after shared_ttl, or by LRU")
+        else:
+            print(f"removed {_entries(deleted)} from Redis")
     return 0
 
 

@@ -78,25 +78,30 @@ class Names:
         text = json.dumps(parts, separators=(",", ":")).encode()
         return hmac.new(self._names, text, hashlib.sha256).hexdigest()[:32]
 
-    def _tag(self, cache_key: str) -> tuple[str, str]:
+    def _tag(self, cache_key: str) -> str:
+        """``<scope>.<object>`` (``.<owner>`` for a credential's own copy in a split scope)."""
         try:
             parts = json.loads(cache_key)
         except ValueError:
             parts = None
         if not isinstance(parts, list) or len(parts) < 4:
-            return self._h(cache_key), self._h(cache_key)
-        return self._h(*parts[:3]), self._h(*parts[3:])
+            return self._h(cache_key)
+        tag = f"{self._h(*parts[:3])}.{self._h(parts[3])}"
+        return tag + "".join(f".{self._h(owner)}" for owner in parts[4:])
 
     def entry(self, cache_key: str) -> str:
-        scope, rest = self._tag(cache_key)
-        return f"{self.prefix}{{{scope}.{rest}}}"
+        return f"{self.prefix}{{{self._tag(cache_key)}}}"
 
     def temporary(self, cache_key: str) -> str:
         return f"{self.entry(cache_key)}:tmp:{secrets.token_hex(8)}"
 
-    def scope_pattern(self, kind: str, scope_id: str, version: str) -> str:
+    def scope_pattern(self, version: str, kind: str, scope_id: str) -> str:
         """``SCAN MATCH`` for every entry (and upload) of one session or execution."""
         return f"{_glob_escape(self.prefix)}{{{self._h(version, kind, scope_id)}.*"
+
+    def object_pattern(self, object_id: str) -> str:
+        """``SCAN MATCH`` for every entry (and upload) of ``object_id``, in any scope."""
+        return f"{_glob_escape(self.prefix)}{{*.{self._h(object_id)}[.}}]*"
 
     def object_entry(self, version: str, kind: str, scope_id: str, object_id: str) -> str:
         return self.entry(json.dumps([version, kind, scope_id, object_id]))
