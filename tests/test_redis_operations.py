@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from proxy.config import ConfigError, load, redact_url
-from tests.conftest import EXECUTION, SESSION, ProxyFactory
+from tests.conftest import EXECUTION, SESSION, TOKEN, ProxyFactory
 from tests.helpers import fetch, metric, wait_until
 from tests.operators import admin
 from tests.redisserver import RedisServer
@@ -181,3 +181,31 @@ def test_stats_and_purge_cover_redis(
     purged = admin("purge", "--all", "--yes", cache_dir=tmp_path / "a")
     assert purged.code == 0 and "from Redis" in purged.out
     assert redis_server.cli("--scan", "--pattern", "vlmrun-cache:v1:{*").split() == []
+
+
+def test_revoke_names_the_key_with_the_shared_secret(
+    standin: StandIn,
+    start_replica: ProxyFactory,
+    redis_server: RedisServer,
+    shared_secret_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``revoke --key-file`` on a replica voids that key's proofs there, including the copy it
+    would otherwise adopt again from Redis: its next request is checked with the API."""
+    standin.add("session", SESSION, "arr_rv", 3000)
+    a = start_replica(cache_dir=str(tmp_path / "a"))
+    assert fetch(a, "arr_rv").status_code == 200
+    assert wait_until(lambda: metric(a, "vlmrun_cache_redis_writes_total", result="stored") >= 1)
+    key_file = tmp_path / "key"
+    key_file.write_text(TOKEN)
+    monkeypatch.setenv("VLMRUN_CACHE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("VLMRUN_CACHE_SECRET_FILE", str(shared_secret_file))
+    revoked = admin("revoke", "--key-file", str(key_file), cache_dir=tmp_path / "a")
+    assert revoked.code == 0, revoked.err
+    assert fetch(a, "arr_rv").status_code == 200
+    assert standin.hits("session", SESSION, "arr_rv") == 2  # the fill, and a new check
+
+    everyone = admin("revoke", "--all", cache_dir=tmp_path / "a")
+    assert everyone.code == 0 and "proof records from Redis" in everyone.out
+    assert redis_server.cli("--scan", "--pattern", "*proof:*").split() == []

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.access import Revocations, existing_secret, fingerprint_with
+from proxy.access import Revocations, existing_secret, fingerprint_with, shared_secret
 from proxy.admin import shared
 from proxy.admin.cache import Cache, Failed, Stored, open_cache, server_figures
 from proxy.admin.output import Progress, confirm, human_size, local_time, rfc3339, table
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.integrity import BodyDigests
 
 #: Bytes read at a time while verifying.
@@ -307,11 +307,14 @@ def revoke(args: argparse.Namespace, config: Config) -> int:
             f"revoked every access proof recorded in {cache.directory} until {rfc3339(now)}; "
             "each key's next request is checked with the API"
         )
+        if config.redis_url:  # or this replica would adopt them again from Redis
+            print(f"removed {shared.forget_proofs(config)} proof records from Redis")
         return 0
     authorization = _authorization(args.key_file)
     try:
-        secret = existing_secret(cache.directory)
-    except OSError as exc:
+        # The replicas' shared secret names credentials when there is one.
+        secret = shared_secret(config.secret_file, os.environ) or existing_secret(cache.directory)
+    except (OSError, ConfigError) as exc:
         raise Failed(f"cannot read the cache's secret: {exc}") from None
     fingerprint = fingerprint_with(secret, authorization) if secret is not None else None
     if fingerprint is None:

@@ -93,3 +93,8 @@ def purge(args: argparse.Namespace, config: Config) -> int | None:
         return None if found is None else await tier.delete_matching(found)
 
     return _run(config, work)
+
+
+def forget_proofs(config: Config) -> int:
+    """Delete every access proof in Redis (``revoke --all``); how many."""
+    return _run(config, lambda tier: tier.delete_matching(tier.names.proofs_pattern()))
