@@ -128,7 +128,9 @@ def start_replica(
     start_proxy: ProxyFactory, redis_server: RedisServer, shared_secret_file: Path, tmp_path: Path
 ) -> ProxyFactory:
     """Start a proxy with a cache directory of its own, sharing ``redis_server`` and the secret
-    with every other replica of the test (settings as keyword overrides)."""
+    with every other replica of the test (settings as keyword overrides). ``redis_timeout`` is
+    1 s unless a test sets it: on a loaded machine 50 ms can pass without any fault, and tests
+    of faults give the real default themselves."""
     started = [0]
 
     def start(**overrides: object) -> ServerThread:
@@ -137,6 +139,7 @@ def start_replica(
             "cache_dir": str(tmp_path / f"replica-{started[0]}"),
             "redis_url": redis_server.url,
             "secret_file": str(shared_secret_file),
+            "redis_timeout": "1s",
         }
         return start_proxy(**{**settings, **overrides})
 

@@ -192,7 +192,7 @@ class RedisCluster:
         for node in self.nodes:
             node.stop()
 
-    def keys(self) -> list[str]:
+    def all_keys(self) -> list[str]:
         """Every key on every master."""
         found: list[str] = []
         for node in self.nodes:

@@ -19,7 +19,7 @@ from tests.redisserver import RedisServer
 from tests.servers import ServerThread
 from tests.standin import StandIn
 
-FAST_BREAKER = {"redis_breaker_cooldown": "0.3s"}
+FAST_BREAKER = {"redis_breaker_cooldown": "0.3s", "redis_timeout": "50ms"}
 ALLKEYS_LRU = ("--maxmemory-policy", "allkeys-lru")
 
 
@@ -91,7 +91,7 @@ def test_a_stopped_redis_costs_a_request_little_and_once_per_breaker_period(
     """With Redis stopped, a disk miss waits at most about redis_timeout for it, and only until
     the breaker opens; then hits from disk and misses cost nothing extra."""
     bodies = [standin.add("session", SESSION, f"arr_s{i}", 2000) for i in range(8)]
-    b = start_replica(redis_breaker_cooldown="1h")
+    b = start_replica(redis_breaker_cooldown="1h", redis_timeout="50ms")
     redis_server.pause()
     try:
         times = []

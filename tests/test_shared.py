@@ -29,7 +29,9 @@ def _meta(body: bytes) -> EntryMeta:
 
 
 def _tier(server: RedisServer, secret: bytes = SECRET, **options: Any) -> SharedTier:
-    config = load(env={}, flags={"redis_url": server.url, "secret_file": "x", **options})
+    """The tier on ``server``; 1 s per call unless given (tests of faults give 50 ms)."""
+    settings = {"redis_url": server.url, "secret_file": "x", "redis_timeout": "1s"}
+    config = load(env={}, flags={**settings, **options})
     call = Guarded(
         connect(config),
         config.redis_timeout,
@@ -215,7 +217,7 @@ def test_an_unavailable_redis_is_a_quick_miss_and_opens_the_breaker(
         return took, tier.call.breaker.state
 
     try:
-        took, state = _run(redis_server, work)
+        took, state = _run(redis_server, work, redis_timeout="50ms")
     finally:
         if fault == "pause":
             redis_server.resume()
