@@ -23,7 +23,7 @@ from proxy.store.chain import Chain, DiskTier
 from proxy.store.claims import Claims
 from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
 from proxy.store.memory import MemoryTier
-from proxy.store.redisclient import Guarded, connect
+from proxy.store.redisclient import guarded
 from proxy.store.shared import Names, SharedTier
 from proxy.upstream import Upstream
 
@@ -256,13 +256,7 @@ class Services:
         if not config.redis_url or secret is None:
             return None
         errors = self.metrics.redis_errors
-        call = Guarded(
-            connect(config),
-            config.redis_timeout,
-            config.redis_breaker_threshold,
-            config.redis_breaker_cooldown,
-            lambda kind: errors.labels(kind).inc(),
-        )
+        call = guarded(config, lambda kind: errors.labels(kind).inc())
         writes = self.metrics.redis_writes
         return SharedTier(
             call,

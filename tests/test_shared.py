@@ -15,7 +15,7 @@ import pytest
 from proxy.config import load
 from proxy.store import EntryMeta
 from proxy.store.chain import Corrupt, Hit
-from proxy.store.redisclient import Guarded, connect
+from proxy.store.redisclient import guarded
 from proxy.store.shared import Names, SharedTier
 from tests.redisserver import RedisServer
 from tests.standin import pattern
@@ -32,12 +32,7 @@ def _tier(server: RedisServer, secret: bytes = SECRET, **options: Any) -> Shared
     """The tier on ``server``; 1 s per call unless given (tests of faults give 50 ms)."""
     settings = {"redis_url": server.url, "secret_file": "x", "redis_timeout": "1s"}
     config = load(env={}, flags={**settings, **options})
-    call = Guarded(
-        connect(config),
-        config.redis_timeout,
-        config.redis_breaker_threshold,
-        config.redis_breaker_cooldown,
-    )
+    call = guarded(config)
     return SharedTier(
         call,
         Names(config.redis_prefix, secret),

@@ -18,7 +18,7 @@ from proxy.admin.cache import Failed
 from proxy.config import Config, ConfigError
 from proxy.keys import KEY_VERSION
 from proxy.probe import display_url
-from proxy.store.redisclient import Guarded, Unavailable, connect
+from proxy.store.redisclient import Unavailable, guarded
 from proxy.store.shared import Names, SharedTier
 
 #: Seconds one Redis call of an operator's command may take.
@@ -36,7 +36,7 @@ def _run(config: Config, work: Callable[[SharedTier], Awaitable[T]]) -> T:
         raise Failed("redis_url is set but no shared secret (secret_file or VLMRUN_CACHE_SECRET)")
 
     async def main() -> T:
-        call = Guarded(connect(config, ADMIN_TIMEOUT), ADMIN_TIMEOUT, 1, ADMIN_TIMEOUT)
+        call = guarded(config, timeout=ADMIN_TIMEOUT)
         tier = SharedTier(
             call,
             Names(config.redis_prefix, secret),

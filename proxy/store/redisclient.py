@@ -81,9 +81,35 @@ def connect(config: Config, timeout: float | None = None) -> Client:
     return Redis.from_url(config.redis_url, retry_on_timeout=False, **options)
 
 
+#: Longest a bulk call (a piece of a body being streamed or uploaded) may take at least: a
+#: transfer already under way is cut only when Redis is really stuck, not when this process's
+#: event loop was busy for a moment.
+BULK_TIMEOUT = 1.0
+
+
+def guarded(
+    config: Config,
+    on_error: Callable[[str], None] = lambda _kind: None,
+    timeout: float | None = None,
+) -> Guarded:
+    """The guarded connection the shared tier uses: lookups within ``redis_timeout`` (or
+    ``timeout``), bulk transfers within :data:`BULK_TIMEOUT`, one breaker for both."""
+    quick = config.redis_timeout if timeout is None else timeout
+    slow = max(quick, BULK_TIMEOUT)
+    return Guarded(
+        connect(config, quick),
+        quick,
+        config.redis_breaker_threshold,
+        config.redis_breaker_cooldown,
+        on_error,
+        bulk=(connect(config, slow), slow),
+    )
+
+
 class Guarded:
     """Calls on ``client`` within a deadline, counted by a breaker; see the module docstring.
 
+    ``bulk`` is a second client and its timeout, for calls that move a piece of a body.
     ``on_error`` is told ``"unavailable"`` (a fault) or ``"other"`` (an error reply)."""
 
     def __init__(
@@ -93,20 +119,25 @@ class Guarded:
         threshold: int,
         cooldown: float,
         on_error: Callable[[str], None] = lambda _kind: None,
+        bulk: tuple[Client, float] | None = None,
     ) -> None:
         self.client = client
         #: Connect plus reply, each bounded by the socket timeouts; this is the backstop.
         self.deadline = 2 * timeout
+        self.bulk_client, bulk_timeout = bulk if bulk is not None else (client, timeout)
+        self.bulk_deadline = 2 * bulk_timeout
         self.breaker = CircuitBreaker(threshold, cooldown, redis_fault, "redis")
         self._on_error = on_error
 
-    async def __call__(self, op: Callable[[Client], Awaitable[Any]]) -> Any:
-        """``op(client)``'s result (replies are bytes: the clients do not decode)."""
+    async def __call__(self, op: Callable[[Client], Awaitable[Any]], bulk: bool = False) -> Any:
+        """``op(client)``'s result (replies are bytes: the clients do not decode); with
+        ``bulk``, on the bulk client and within its longer deadline."""
         if not self.breaker.admit():
             raise Unavailable("the Redis circuit breaker is open")
+        client = self.bulk_client if bulk else self.client
         try:
-            with anyio.fail_after(self.deadline):
-                result = await op(self.client)
+            with anyio.fail_after(self.bulk_deadline if bulk else self.deadline):
+                result = await op(client)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             self.breaker.record(exc)
             self._on_error("unavailable" if redis_fault(exc) else "other")
@@ -116,3 +147,5 @@ class Guarded:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self.bulk_client is not self.client:
+            await self.bulk_client.aclose()

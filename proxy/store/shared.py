@@ -42,6 +42,8 @@ import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+import anyio.to_thread
+
 from proxy.store import EntryMeta
 from proxy.store.chain import Corrupt, Hit
 from proxy.store.redisclient import Guarded, Unavailable
@@ -58,6 +60,8 @@ TAIL_READ = 64 * 1024
 #: Uploads running at once, and waiting at most (more are dropped: the disk still has them).
 WRITERS = 2
 MAX_PENDING_WRITES = 32
+#: Bytes one GETRANGE of a streamed hit asks for at least: fewer round trips than chunk_size.
+STREAM_READ = 1024 * 1024
 #: A temporary key lives this long unless renamed (an upload that died leaves nothing for long).
 TEMP_TTL_MS = 300_000
 
@@ -143,6 +147,10 @@ class Names:
         return meta, meta.length + size + _OVERHEAD
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class SharedTier:
     """Artifacts and proofs in Redis; every method is async and never raises for Redis's
     failures (a lookup is then a miss, a write is skipped). See the module docstring."""
@@ -193,7 +201,7 @@ class SharedTier:
             body = tail[: meta.length] if total == len(tail) else None
         elif meta.length <= self.buffer_size:
             try:
-                body = await self.call(lambda c: c.getrange(name, 0, meta.length - 1))
+                body = await self._range(name, 0, meta.length)
             except Unavailable:
                 return None
         else:
@@ -203,7 +211,7 @@ class SharedTier:
                 return None  # evicted between the two reads
             await self._reject(name)
             return None
-        if hashlib.sha256(body).hexdigest() != meta.sha256:
+        if await anyio.to_thread.run_sync(_sha256, body) != meta.sha256:
             await self._reject(name)
             return None
         return Hit(meta, self.name, body=body, source="shared")
@@ -217,8 +225,9 @@ class SharedTier:
             digest = hashlib.sha256()
             held = b""
             position = 0
+            step = max(self.chunk_size, STREAM_READ)
             while position < meta.length:
-                size = min(self.chunk_size, meta.length - position)
+                size = min(step, meta.length - position)
                 first = position
                 try:
                     data = await self._range(name, first, size)
@@ -226,7 +235,7 @@ class SharedTier:
                     raise Corrupt(name) from None
                 if len(data) != size:  # evicted or replaced meanwhile
                     raise Corrupt(name)
-                digest.update(data)
+                await anyio.to_thread.run_sync(digest.update, data)  # off the event loop
                 position += size
                 piece = data[max(start - first, 0) : max(end - first, 0)]
                 if piece:
@@ -242,11 +251,13 @@ class SharedTier:
         return stream
 
     async def _range(self, name: str, start: int, size: int) -> bytes:
-        data: bytes = await self.call(lambda c: c.getrange(name, start, start + size - 1))
+        data: bytes = await self.call(
+            lambda c: c.getrange(name, start, start + size - 1), bulk=True
+        )
         return data
 
     async def _append(self, name: str, data: bytes) -> None:
-        await self.call(lambda c: c.append(name, data))
+        await self.call(lambda c: c.append(name, data), bulk=True)
 
     async def _set(self, name: str, value: bytes, ttl_ms: int) -> None:
         await self.call(lambda c: c.set(name, value, px=ttl_ms))
