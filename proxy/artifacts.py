@@ -224,7 +224,7 @@ class ArtifactRoute:
         headers = _conditions(request.scope)
         if "if-none-match" in headers and none_match(headers["if-none-match"], meta.etag):
             hit.close()
-            return _raw(Response(status_code=304), common)
+            return Whole(304, common)
         try:
             span = (
                 byte_range(headers["range"], headers.get("if-range"), meta.etag, meta.length)
@@ -251,7 +251,7 @@ class ArtifactRoute:
         if hit.body is not None:
             self._served_cache.inc(end - start)
             body = hit.body[start:end] if span else hit.body
-            return _raw(Response(body, status_code=status), raw)
+            return Whole(status, raw, body)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
         response = StreamingResponse(
             self._stream_hit(key, hit, start, end, verify),
@@ -413,6 +413,23 @@ def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:
     return headers
 
 
+class Whole(Response):
+    """A response whose headers (spelled as given) and body are all in hand: two ASGI messages,
+    without Starlette's header building, which a hit would only replace."""
+
+    def __init__(self, status: int, headers: RawHeaders, body: bytes = b"") -> None:
+        self.status_code = status
+        self.raw_headers = headers
+        self.body = body
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": self.body})
+
+
 def _raw(response: Response, headers: RawHeaders) -> Response:
     """Replace a response's headers with ``headers``, spelled exactly as given."""
     response.raw_headers = headers
@@ -420,4 +437,4 @@ def _raw(response: Response, headers: RawHeaders) -> Response:
 
 
 def _replay(answer: Answer) -> Response:
-    return _raw(Response(answer.body, status_code=answer.status), answer.headers)
+    return Whole(answer.status, answer.headers, answer.body)
