@@ -224,6 +224,14 @@ def test_balancer_round_robins_over_every_replica_checked_on_readyz() -> None:
     ]
 
 
+def test_balancer_gives_content_type_its_spelling_back() -> None:
+    """HAProxy sends HTTP/1 header names in lower case; the Python SDK reads `Content-Type`
+    case-sensitively, so the frontend restores that name (seen on the wire in
+    test_deploy_live)."""
+    assert "h1-case-adjust content-type Content-Type" in haproxy_sections()["global"]
+    assert "option h1-case-adjust-bogus-client" in haproxy_sections()["frontend api"]
+
+
 def test_balancer_timeouts_leave_the_decisions_to_the_proxy() -> None:
     """Idle timeouts above passthrough_timeout (SSE may stay silent for 10 minutes), a request
     head allowed as long as the proxy's header_timeout, no resend of a request a replica got."""
