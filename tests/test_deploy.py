@@ -376,7 +376,9 @@ def test_replica_variable_and_shared_tier_row_use_existing_labels(proxy: ServerT
     selects by the `tier` label of a metric that exists today (no name invented ahead of #14)."""
     exposed = exposition(proxy)
     (variable,) = dashboard()["templating"]["list"]
-    metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"]).groups()  # type: ignore[union-attr]
+    match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"])
+    assert match is not None, variable["query"]
+    metric, label = match.groups()
     assert metric in exposed and label == "replica" == variable["name"]
     panels = dashboard()["panels"]
     start = next(i for i, p in enumerate(panels) if p["title"] == "Shared tier")
