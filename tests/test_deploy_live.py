@@ -9,113 +9,30 @@ and scrapes (so that the tests take seconds). Skipped where the binaries are not
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from vlmrun.client import VLMRun
 
 from tests.conftest import SESSION, TOKEN, ProxyFactory
-from tests.deployfiles import HAPROXY_FILE, PROMETHEUS_FILE, REPLICAS, dashboard_targets, parse
+from tests.deployfiles import REPLICAS, dashboard_targets, parse
+from tests.deployservers import (
+    HAPROXY,
+    PROMETHEUS,
+    Balancer,
+    Prometheus,
+    wait_until,
+)
 from tests.helpers import auth, metric
 from tests.servers import ServerThread
 from tests.standin import StandIn
 
-HAPROXY = shutil.which("haproxy")
-PROMETHEUS = shutil.which("prometheus")
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rewritten(text: str, replacements: dict[str, str]) -> str:
-    """``text`` with each key replaced by its value; each key must occur exactly once."""
-    for old, new in replacements.items():
-        assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times"
-        text = text.replace(old, new)
-    return text
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    """Poll a condition another process changes (HAProxy's checks, Prometheus's scrapes)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-class Balancer:
-    """HAProxy running deploy/haproxy.cfg in front of ``replicas`` (name -> proxy)."""
-
-    def __init__(
-        self, replicas: dict[str, ServerThread], directory: Path, check_every: str = "100ms"
-    ) -> None:
-        assert HAPROXY is not None
-        self.port, self.metrics_port = free_port(), free_port()
-        config = rewritten(
-            HAPROXY_FILE.read_text(encoding="utf-8"),
-            {
-                "bind :8080": f"bind 127.0.0.1:{self.port}",
-                "bind :8404": f"bind 127.0.0.1:{self.metrics_port}",
-                "check inter 2s": f"check inter {check_every}",
-                **{f"{n} {n}:8080": f"{n} 127.0.0.1:{s.port}" for n, s in replicas.items()},
-            },
-        )
-        (directory / "haproxy.cfg").write_text(config, encoding="utf-8")
-        self.log = directory / "haproxy.log"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [HAPROXY, "-db", "-f", str(directory / "haproxy.cfg")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def metrics(self) -> list[tuple[str, dict[str, str], float]]:
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-        return [
-            (sample.name, sample.labels, sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        ]
-
-    def states(self) -> dict[str, str]:
-        """Replica -> UP, DOWN, ... as HAProxy's health checks see it now."""
-        try:
-            samples = self.metrics()
-        except httpx.HTTPError:
-            return {}
-        return {
-            labels["server"]: labels["state"]
-            for name, labels, value in samples
-            if name == "haproxy_server_status" and labels.get("proxy") == "replicas" and value
-        }
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -203,23 +120,6 @@ def test_server_sent_events_stream_through_the_balancer(
     finally:
         gate.set()
         standin.sse_gate = None
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs of ours, to fill up. Skips where mounting is not allowed."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir(mode=0o700)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
-    yield mount
-    # --lazy: the test process may still hold the index files open in worker threads.
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def fill(disk: Path) -> Path:
@@ -325,62 +225,6 @@ def test_balancer_exports_what_the_dashboard_queries(balancer: Balancer) -> None
 
 
 # --- Prometheus ------------------------------------------------------------------------------
-
-
-class Prometheus:
-    """prometheus with deploy/prometheus.yml, its targets on loopback, scraping every 1 s."""
-
-    def __init__(self, targets: dict[str, int], directory: Path) -> None:
-        assert PROMETHEUS is not None
-        self.port = free_port()
-        config = rewritten(
-            PROMETHEUS_FILE.read_text(encoding="utf-8"),
-            {
-                "scrape_interval: 15s": "scrape_interval: 1s",
-                **{f'"{t}"': f'"127.0.0.1:{port}"' for t, port in targets.items()},
-            },
-        )
-        (directory / "prometheus.yml").write_text(config, encoding="utf-8")
-        self.log = directory / "prometheus.log"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    PROMETHEUS,
-                    f"--config.file={directory / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={directory / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def ready(self) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/-/ready", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def query(self, expr: str) -> dict[str, Any]:
-        answer = httpx.get(
-            f"http://127.0.0.1:{self.port}/api/v1/query", params={"query": expr}, timeout=10
-        )
-        data: dict[str, Any] = answer.json()
-        return data
-
-    def value(self, expr: str) -> float | None:
-        try:
-            result = self.query(expr)["data"]["result"]
-        except (httpx.HTTPError, KeyError, ValueError):
-            return None
-        return float(result[0]["value"][1]) if result else None
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
 
 
 def grafana_variables(expr: str) -> str:
