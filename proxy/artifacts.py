@@ -306,14 +306,11 @@ class ArtifactRoute:
             if not fill.streaming and not fill.has_direct:
                 reader.close()  # refused for someone else, or no room: go on our own
                 return await self._bypass(request)
-            if fingerprint is None or fingerprint != fill.fingerprint:
+            if fill.following:  # another worker process is fetching it
+                outcome = b"COALESCED"
+            if fingerprint is None or fingerprint != fill.filler:
                 refusal = await self._authorize(
-                    request,
-                    key,
-                    authorization,
-                    fingerprint,
-                    fill.fingerprint or "",
-                    fill.validators,
+                    request, key, authorization, fingerprint, fill.filler, fill.validators
                 )
                 if refusal is not None:
                     reader.close()

@@ -85,6 +85,8 @@ def live_server(
     )
     assert daemon.started(), daemon.output
     yield daemon
+    # Shown by pytest only when the test fails: what the server said meanwhile.
+    print(f"--- vlmrun-cache serve --workers {request.param} ---\n{daemon.output}")
     if daemon.process.poll() is None:
         assert daemon.stop(), daemon.output
 
