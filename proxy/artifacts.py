@@ -194,6 +194,8 @@ class ArtifactRoute:
             raise
         self._count(outcome)
         self.s.metrics.hits.labels(hit.tier).inc()
+        if hit.meta.prefetched:
+            self.s.prefetcher.first_read(key.cache_key, hit.meta)
         return response
 
     def _entry_response(
@@ -291,6 +293,9 @@ class ArtifactRoute:
         reader = fill.join(on_close)  # before any await: keeps the fill's file open for us
         try:
             await fill.started.wait()
+            if fill.prefetch and not fill.from_store and (fill.status != 200 or fill.abandoned):
+                reader.close()  # a prefetch that did not get the bytes: go on our own
+                return await self._bypass(request)
             if fill.error is not None:
                 raise fill.error
             if fill.from_store:  # another worker process fetched it meanwhile
@@ -330,6 +335,9 @@ class ArtifactRoute:
             reader.close()
             raise
         self._count("miss" if outcome == b"MISS" else "coalesced")
+        if fill.prefetch and not fill.joined:
+            fill.joined = True
+            self.s.metrics.prefetch_hits.inc()
         response = StreamingResponse(
             self._stream_fill(reader), background=BackgroundTask(reader.close)
         )

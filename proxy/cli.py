@@ -83,6 +83,12 @@ _HELP = {
     "log_level": "critical, error, warning, info or debug (default info)",
     "log_format": "access log lines as text or json (default text)",
     "access_log": "one line per request on stdout: true or false (default true)",
+    "prefetch": "fetch the artifacts an answer names before the client asks: true or false "
+    "(default true)",
+    "prefetch_max_object_size": "larger artifacts are not prefetched (default 64MiB)",
+    "prefetch_concurrency": "prefetches at once, besides the clients' fills (default 4)",
+    "prefetch_per_key": "prefetches one API key may run at once (default 2)",
+    "prefetch_scan_limit": "bytes of one answer read for artifact references (default 1MiB)",
 }
 
 

@@ -34,6 +34,7 @@ from proxy.errors import (
 )
 from proxy.headers import end_to_end
 from proxy.metrics import Metrics
+from proxy.prefetch import Prefetcher, Watch, observe
 from proxy.upstream import Upstream, response_headers, translate
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,11 @@ class _HeldResponse(StreamingResponse):
     body has been relayed (before the client sees its end, so a client that read a whole answer
     may send the next request at once), or when sending stops for any other reason."""
 
-    def __init__(self, upstream: httpx.Response, release: Callable[[], None]) -> None:
+    def __init__(
+        self, upstream: httpx.Response, release: Callable[[], None], watch: Watch | None = None
+    ) -> None:
         self._release = release
+        self._watch = watch
         self._held = True
         super().__init__(
             self._relay(upstream),
@@ -66,8 +70,13 @@ class _HeldResponse(StreamingResponse):
             self._release()
 
     async def _relay(self, upstream: httpx.Response) -> AsyncIterator[bytes]:
+        watch = self._watch
         async for chunk in relay(upstream):
             yield chunk
+            if watch is not None:  # after the chunk went out: watching never delays it
+                watch.feed(chunk)
+        if watch is not None:
+            watch.finish()
         self.release()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,8 +99,11 @@ class Passthrough:
         metrics: Metrics,
         access: AccessProofs,
         config: Config,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self._upstream = upstream
+        #: Watches the answers that name artifacts (None: prefetch is off).
+        self._prefetcher = prefetcher
         self._metrics = metrics
         self._access = access
         self._config = config
@@ -127,7 +139,8 @@ class Passthrough:
             raise LengthRequired("a DELETE with a body needs a Content-Length")
         if length is not None:
             headers.append((b"Content-Length", length.encode()))
-        fingerprint = self._access.fingerprint(credential(request.scope["headers"]))
+        authorization = credential(request.scope["headers"])
+        fingerprint = self._access.fingerprint(authorization)
         upstream_request = self._upstream.request(
             request.method,
             raw_path + (b"?" + query if query else b""),
@@ -140,7 +153,16 @@ class Passthrough:
         except BaseException:
             self._held.release(fingerprint)
             raise
-        return _HeldResponse(upstream, functools.partial(self._held.release, fingerprint))
+        watch = observe(
+            self._prefetcher,
+            request.method,
+            raw_path,
+            upstream,
+            authorization,
+            fingerprint,
+            self._config.prefetch_scan_limit,
+        )
+        return _HeldResponse(upstream, functools.partial(self._held.release, fingerprint), watch)
 
     async def _body(self, request: Request) -> AsyncIterator[bytes]:
         """The client's request body as it arrives. A client that leaves mid-upload ends it

@@ -135,6 +135,21 @@ class StandIn:
         self.health_status = 200
         #: Listed by ``/v1/artifacts/list`` after the artifacts (e.g. items without object_id).
         self.extra_list_items: list[dict[str, Any]] = []
+        #: Chat completions: the session they name, the JSON answer's message content, and the
+        #: SSE deltas (per event; ``None`` sends no content). ``chat_raw_events`` go out first,
+        #: verbatim (garbage, odd events). With ``chat_gzip``, answers are gzip-coded when the
+        #: request accepts it (events flushed one by one).
+        self.chat_session = "sess_chat01"
+        self.chat_content = "img_a1b2c3"
+        self.chat_deltas: list[str | None] = ["one", "two", "three"]
+        self.chat_tool_arguments: list[str] = []
+        self.chat_raw_events: list[bytes] = []
+        self.chat_gzip = False
+        #: Agent executions by id: ``GET /v1/agent/executions/{id}`` answers the record to a token
+        #: granted that execution (404 otherwise); ``POST /v1/agent/execute`` answers
+        #: ``executions[next_execution]`` (and grants it to the caller).
+        self.executions: dict[str, dict[str, Any]] = {}
+        self.next_execution = ""
         self._lock = threading.Lock()
 
     # -- scripting ---------------------------------------------------------------------------
@@ -235,7 +250,18 @@ class StandIn:
             return await self._list(send, token, query)
         if path == "/v1/openai/chat/completions" and method == "POST":
             body = await _read_body(receive)
-            return await self._chat(send, json.loads(body))
+            gzip_ok = self.chat_gzip and "gzip" in headers.get("accept-encoding", "")
+            return await self._chat(send, json.loads(body), gzip_ok)
+        if path.startswith("/v1/agent/executions/") and method == "GET":
+            execution_id = path.removeprefix("/v1/agent/executions/")
+            record = self.executions.get(execution_id)
+            if record is None or ("execution", execution_id) not in self.tokens[token]:
+                return await self._json(send, 404, {"detail": "Execution not found"})
+            return await self._json(send, 200, record)
+        if path == "/v1/agent/execute" and method == "POST":
+            await _read_body(receive)
+            self.grant(token, "execution", self.next_execution)
+            return await self._json(send, 201, self.executions[self.next_execution])
         if path == "/v1/files" and method == "POST":
             return await self._upload(send, receive, headers, query)
         if path.replace("//", "/").startswith("/v1/echo"):
@@ -396,37 +422,60 @@ class StandIn:
         items += self.extra_list_items
         await self._json(send, 200, {"namespace_id": scope_id, "items": items})
 
-    async def _chat(self, send: Send, request: dict[str, Any]) -> None:
-        session_id = "sess_chat01"
+    async def _chat(self, send: Send, request: dict[str, Any], gzip_ok: bool = False) -> None:
+        session_id = self.chat_session
         chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "session_id": session_id}
+        coder = zlib.compressobj(wbits=16 + zlib.MAX_WBITS) if gzip_ok else None
+        coding = [("Content-Encoding", "gzip")] if coder else []
         if not request.get("stream"):
-            return await self._json(
+            answer = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": request.get("model", "vlmrun-orion-1"),
+                "session_id": session_id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": self.chat_content},
+                    }
+                ],
+            }
+            body = json.dumps(answer).encode()
+            if coder:
+                body = coder.compress(body) + coder.flush()
+            await self._start(
                 send,
                 200,
-                {
-                    "id": "chatcmpl-1",
-                    "object": "chat.completion",
-                    "session_id": session_id,
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": "img_a1b2c3"}}
-                    ],
-                },
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *coding],
             )
+            return await send({"type": "http.response.body", "body": body})
         await self._start(
-            send, 200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+            send,
+            200,
+            [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), *coding],
         )
-        for index, word in enumerate(["one", "two", "three"]):
-            event = {**chunk, "choices": [{"index": 0, "delta": {"content": word}}]}
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": f"data: {json.dumps(event)}\n\n".encode(),
-                    "more_body": True,
-                }
-            )
+
+        async def out(data: bytes, more: bool = True) -> None:
+            if coder:
+                mode = zlib.Z_SYNC_FLUSH if more else zlib.Z_FINISH
+                data = coder.compress(data) + coder.flush(mode)
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        for raw in self.chat_raw_events:
+            await out(raw)
+        for index, word in enumerate(self.chat_deltas):
+            delta: dict[str, Any] = {} if word is None else {"content": word}
+            if index < len(self.chat_tool_arguments):
+                call = {"index": 0, "function": {"arguments": self.chat_tool_arguments[index]}}
+                delta["tool_calls"] = [call]
+            event = {**chunk, "created": 1, "model": "vlmrun-orion-1"}
+            event["choices"] = [{"index": 0, "delta": delta, "finish_reason": None}]
+            await out(f"data: {json.dumps(event)}\n\n".encode())
             if index == 0 and self.sse_gate is not None:
                 await _wait(self.sse_gate)
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        await out(b"data: [DONE]\n\n", more=False)
 
     async def _upload(
         self, send: Send, receive: Receive, headers: dict[str, str], query: dict[str, str]
