@@ -150,6 +150,11 @@ class StandIn:
         #: ``executions[next_execution]`` (and grants it to the caller).
         self.executions: dict[str, dict[str, Any]] = {}
         self.next_execution = ""
+        #: Artifact requests being answered now, and the most at once so far.
+        self.in_flight = 0
+        self.max_in_flight = 0
+        #: Sent as ``Retry-After`` with a fault's status when set.
+        self.retry_after: str | None = None
         self._lock = threading.Lock()
 
     # -- scripting ---------------------------------------------------------------------------
@@ -236,7 +241,12 @@ class StandIn:
         if token not in self.tokens:
             return await self._json(send, 401, {"detail": "Invalid API key"})
         if path == "/v1/artifacts" and method == "GET":
-            return await self._artifact(send, token, query)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                return await self._artifact(send, token, query)
+            finally:
+                self.in_flight -= 1
         if path.startswith("/_standin/blob/") and method == "GET":  # a same-origin redirect target
             kind, scope_id, object_id = path.removeprefix("/_standin/blob/").split("/", 2)
             if (kind, scope_id) not in self.tokens[token]:
@@ -252,6 +262,8 @@ class StandIn:
             body = await _read_body(receive)
             gzip_ok = self.chat_gzip and "gzip" in headers.get("accept-encoding", "")
             return await self._chat(send, json.loads(body), gzip_ok)
+        if path.startswith("//"):  # an SDK base URL ending in "/": routed as without it
+            path = "/" + path.lstrip("/")
         if path.startswith("/v1/agent/executions/") and method == "GET":
             execution_id = path.removeprefix("/v1/agent/executions/")
             record = self.executions.get(execution_id)
@@ -339,6 +351,11 @@ class StandIn:
         ):
             return await self._json(send, 404, {"detail": f"Artifact {object_id} not found"})
         if fault and fault.status:
+            if self.retry_after is not None:
+                body = b'{"detail": "Too Many Requests"}'
+                headers = [("Content-Type", "application/json"), ("Retry-After", self.retry_after)]
+                await self._start(send, fault.status, [*headers, ("Content-Length", "31")])
+                return await send({"type": "http.response.body", "body": body})
             return await self._json(send, fault.status, {"detail": "Internal Server Error"})
         if fault and fault.redirect_to:
             await self._start(send, 302, [("Location", fault.redirect_to), ("Content-Length", "0")])
