@@ -150,6 +150,15 @@ class StandIn:
         #: ``executions[next_execution]`` (and grants it to the caller).
         self.executions: dict[str, dict[str, Any]] = {}
         self.next_execution = ""
+        #: Seconds between SSE events; with ``chat_fresh_sessions`` each completion names a new
+        #: generated session ``<chat_session>-<n>`` (granted to its caller). For benchmarks.
+        self.chat_event_delay = 0.0
+        self.chat_fresh_sessions = False
+        self._chats = 0
+        #: Sizes of generated objects by id (other ids carry their size in their name), and a
+        #: per-response bandwidth limit for them in bytes/s (0: none).
+        self.generated_sizes: dict[str, int] = {}
+        self.bandwidth = 0.0
         #: Artifact requests being answered now, and the most at once so far.
         self.in_flight = 0
         self.max_in_flight = 0
@@ -261,7 +270,7 @@ class StandIn:
         if path == "/v1/openai/chat/completions" and method == "POST":
             body = await _read_body(receive)
             gzip_ok = self.chat_gzip and "gzip" in headers.get("accept-encoding", "")
-            return await self._chat(send, json.loads(body), gzip_ok)
+            return await self._chat(send, json.loads(body), gzip_ok, token)
         if path.startswith("//"):  # an SDK base URL ending in "/": routed as without it
             path = "/" + path.lstrip("/")
         if path.startswith("/v1/agent/executions/") and method == "GET":
@@ -400,7 +409,7 @@ class StandIn:
     async def _generated(self, send: Send, token: str, key: tuple[str, str, str]) -> None:
         kind, scope_id, object_id = key
         prefix, _, rest = object_id.partition("_")
-        size_text = rest.split("_", 1)[0]
+        size_text = str(self.generated_sizes.get(object_id, rest.split("_", 1)[0]))
         if (kind, scope_id) not in self.tokens[token] or not size_text.isdigit():
             return await self._json(send, 404, {"detail": f"Artifact {object_id} not found"})
         with self._lock:
@@ -422,6 +431,8 @@ class StandIn:
                 raise ConnectionAbortedError("stand-in cut the body on purpose")
             more = offset + len(chunk) < size
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if self.bandwidth:
+                await asyncio.sleep(len(chunk) / self.bandwidth)
 
     async def _list(self, send: Send, token: str, query: dict[str, str]) -> None:
         kind, scope_id = (
@@ -439,8 +450,15 @@ class StandIn:
         items += self.extra_list_items
         await self._json(send, 200, {"namespace_id": scope_id, "items": items})
 
-    async def _chat(self, send: Send, request: dict[str, Any], gzip_ok: bool = False) -> None:
+    async def _chat(
+        self, send: Send, request: dict[str, Any], gzip_ok: bool = False, token: str = ""
+    ) -> None:
         session_id = self.chat_session
+        if self.chat_fresh_sessions:
+            self._chats += 1
+            session_id = f"{self.chat_session}-{self._chats}"
+            self.generated_scopes.add(("session", session_id))
+            self.grant(token, "session", session_id)
         chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "session_id": session_id}
         coder = zlib.compressobj(wbits=16 + zlib.MAX_WBITS) if gzip_ok else None
         coding = [("Content-Encoding", "gzip")] if coder else []
@@ -492,6 +510,8 @@ class StandIn:
             await out(f"data: {json.dumps(event)}\n\n".encode())
             if index == 0 and self.sse_gate is not None:
                 await _wait(self.sse_gate)
+            if self.chat_event_delay:
+                await asyncio.sleep(self.chat_event_delay)
         await out(b"data: [DONE]\n\n", more=False)
 
     async def _upload(
@@ -556,11 +576,29 @@ def main() -> None:
     parser.add_argument("--token", default="bench-token")
     parser.add_argument("--scope", default="sess_bench", help="a generated session")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per artifact request")
+    parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s per artifact answer")
+    parser.add_argument(
+        "--chat-refs",
+        default="",
+        help="completions name these generated artifacts: id=size,id=size (each in a new session)",
+    )
+    parser.add_argument("--chat-tail", type=int, default=0, help="SSE events after the refs")
+    parser.add_argument("--chat-event-delay", type=float, default=0.0, help="seconds per event")
     args = parser.parse_args()
     api = StandIn()
     api.grant(args.token, "session", args.scope)
     api.generated_scopes.add(("session", args.scope))
     api.latency = args.latency
+    api.bandwidth = args.bandwidth
+    if args.chat_refs:
+        sizes = dict(item.split("=", 1) for item in args.chat_refs.split(","))
+        api.generated_sizes = {name: int(size) for name, size in sizes.items()}
+        api.chat_session = args.scope
+        api.chat_fresh_sessions = True
+        api.chat_content = " ".join(api.generated_sizes)
+        api.chat_deltas = ["Here they are: ", *(f"{name} " for name in sizes)]
+        api.chat_deltas += ["and some more words. "] * args.chat_tail
+        api.chat_event_delay = args.chat_event_delay
     uvicorn.run(
         api, host="127.0.0.1", port=args.port, http="h11", log_level="warning", lifespan="on"
     )
