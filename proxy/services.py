@@ -269,6 +269,7 @@ class Services:
         self.serving = False
         self._housekeeping.cancel()
         self._sweep.cancel()
+        self.prefetcher.close()
         await self.fills.aclose()
         await self.upstream.aclose()
         await anyio.to_thread.run_sync(self.store.close)

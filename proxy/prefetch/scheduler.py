@@ -126,6 +126,13 @@ class Prefetcher:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set by the app when the access log is on.
         self.access_log: LogRecord | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """Shutting down: forget the queue and start nothing more (running prefetches are the
+        fills' to finish or cancel)."""
+        self._closed = True
+        self._queue.clear()
 
     @property
     def running(self) -> int:
@@ -144,6 +151,8 @@ class Prefetcher:
         self, authorization: str, fingerprint: str, kind: str, scope_id: str, object_id: str
     ) -> None:
         """Queue a prefetch of ``object_id`` in that scope for this requester. Never raises."""
+        if self._closed:
+            return
         scope_kind: ScopeKind = "execution" if kind == "execution" else "session"
         key = ArtifactKey(scope_kind, scope_id, object_id)
         if self._skipped(key, fingerprint):
@@ -182,7 +191,11 @@ class Prefetcher:
     def _pump(self) -> None:
         """Start queued jobs, oldest first, while there is room (theirs and their key's)."""
         index = 0
-        while index < len(self._queue) and self._running < self._config.prefetch_concurrency:
+        while (
+            not self._closed
+            and index < len(self._queue)
+            and self._running < self._config.prefetch_concurrency
+        ):
             job = self._queue[index]
             if self._per_key.full(job.fingerprint):
                 index += 1
