@@ -38,7 +38,8 @@ def _vlmrun(proxy: ServerThread, token: str = TOKEN) -> VLMRun:
 
 def _complete(proxy: ServerThread, token: str = TOKEN) -> Any:
     messages: Any = [{"role": "user", "content": "make me an image"}]
-    return _openai(proxy, token).chat.completions.create(model="vlmrun-orion-1", messages=messages)
+    with _openai(proxy, token) as client:
+        return client.chat.completions.create(model="vlmrun-orion-1", messages=messages)
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 20) -> None:
@@ -97,10 +98,11 @@ def test_streamed_gzip_completion_with_references_split_across_events(
     video = standin.add("session", SESSION, "vid_0a0b0c", size=300_000)
     array = standin.add("session", SESSION, "arr_123456", size=5_000)
     messages: Any = [{"role": "user", "content": "go"}]
-    stream = _openai(proxy).chat.completions.create(
-        model="vlmrun-orion-1", messages=messages, stream=True
-    )
-    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    with _openai(proxy) as openai_client:
+        stream = openai_client.chat.completions.create(
+            model="vlmrun-orion-1", messages=messages, stream=True
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert text == "a video vid_0a0b0c and an array arr_123456."
     assert "gzip" in standin.headers_seen(COMPLETIONS)[-1]["accept-encoding"]
     assert standin.wait_for_requests("/v1/artifacts", 2)
