@@ -290,6 +290,8 @@ class ArtifactRoute:
             fills.waiters.acquire(fingerprint)  # 429 when this credential holds its share
             on_close = functools.partial(fills.waiters.release, fingerprint)
             outcome = b"COALESCED"
+            if fills.adopt(fill):  # a prefetch this client came for: now its own fill
+                self.s.metrics.prefetch_hits.inc()
         reader = fill.join(on_close)  # before any await: keeps the fill's file open for us
         try:
             await fill.started.wait()
@@ -335,9 +337,6 @@ class ArtifactRoute:
             reader.close()
             raise
         self._count("miss" if outcome == b"MISS" else "coalesced")
-        if fill.prefetch and not fill.joined:
-            fill.joined = True
-            self.s.metrics.prefetch_hits.inc()
         response = StreamingResponse(
             self._stream_fill(reader), background=BackgroundTask(reader.close)
         )

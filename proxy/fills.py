@@ -80,8 +80,11 @@ class Fill:
         #: Until a client joins, it is abandoned past ``prefetch_max_object_size``; a client
         #: that joins it is never handed its non-200 answer (it fetches on its own instead).
         self.prefetch = prefetch
-        #: True once a client joined this prefetch (counted once as a prefetch hit).
-        self.joined = False
+        #: True once a client joined this prefetch (:meth:`Fills.adopt`): from then on it is
+        #: that client's fill, no longer counted as a prefetch.
+        self.adopted = False
+        #: Called once on adoption (the prefetcher frees the slot it held for this fill).
+        self.on_adopt: Callable[[], None] | None = None
         #: Why a prefetch stopped short of storing the body ("too_large", or "not_stored" for
         #: no room or a coding we do not undo), if it did.
         self.abandoned: str | None = None
@@ -326,6 +329,19 @@ class Fills:
 
     # -- the fill task ------------------------------------------------------------------------
 
+    def adopt(self, fill: Fill) -> bool:
+        """A client joins the prefetch ``fill``: it becomes a client's fill (the prefetch's slot
+        is freed for the next one). True the first time, for counting."""
+        if not fill.prefetch or fill.adopted:
+            return False
+        fill.adopted = True
+        if not fill.done:
+            self._prefetching -= 1
+        if fill.on_adopt is not None:
+            callback, fill.on_adopt = fill.on_adopt, None
+            callback()
+        return True
+
     def _abandon_prefetch(self, fill: Fill, length: int | None) -> bool:
         """True if ``fill`` is a prefetch nobody joined whose body is over its cap."""
         limit = self._config.prefetch_max_object_size
@@ -415,7 +431,8 @@ class Fills:
             fill.started.set()
             self._running.pop(fill.key, None)
             if fill.prefetch:
-                self._prefetching -= 1
+                if not fill.adopted:
+                    self._prefetching -= 1
             else:
                 self._per_key.release(fill.fingerprint)
             if on_done is not None:

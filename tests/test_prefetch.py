@@ -356,3 +356,28 @@ def test_prefetched_entries_go_first_and_unread_evictions_are_counted(tmp_path: 
     assert entry is not None and entry.meta.prefetched is False
     entry.close()
     store.close()
+
+
+def test_a_client_joining_a_prefetch_takes_it_over(standin: StandIn, proxy: ServerThread) -> None:
+    """The client joins a running prefetch (one upstream request for both); the fill becomes
+    the client's, so the key's next queued prefetch starts while it still runs."""
+    gate = threading.Event()
+    names = ["arr_a00001", "arr_a00002", "arr_a00003"]
+    bodies = {name: standin.add("session", SESSION, name, size=3_000) for name in names}
+    for name in names:
+        standin.faults[name] = Fault(hold_start=gate)
+    standin.chat_session = SESSION
+    standin.chat_content = " ".join(names)
+    _complete(proxy)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            assert standin.wait_for_requests("/v1/artifacts", 2)  # prefetch_per_key
+            client = pool.submit(fetch, proxy, names[0])
+            assert standin.wait_for_requests("/v1/artifacts", 3)  # its slot went to the third
+        finally:
+            gate.set()
+        got = client.result(timeout=20)
+    assert got.headers["x-cache"] == "COALESCED" and got.content == bodies[names[0]]
+    assert [standin.hits("session", SESSION, name) for name in names] == [1, 1, 1]
+    assert metric(proxy, "vlmrun_cache_prefetch_hits_total") == 1
+    _eventually(lambda: _prefetches(proxy, "fetched") == 3)

@@ -219,17 +219,26 @@ class Prefetcher:
         self._running += 1
         self._per_key.acquire(job.fingerprint)
         done = functools.partial(self._finished, job, time.perf_counter())
-        self._fills.start(key, job.authorization, job.fingerprint, prefetch=True, on_done=done)
+        fill = self._fills.start(
+            key, job.authorization, job.fingerprint, prefetch=True, on_done=done
+        )
+        fill.on_adopt = functools.partial(self._free, job)
+
+    def _free(self, job: Job) -> None:
+        """The job's fill ended, or a client took it over: its slot goes to the next job."""
+        self._running -= 1
+        self._per_key.release(job.fingerprint)
+        self._pump()
 
     def _finished(self, job: Job, started: float, fill: Fill) -> None:
         """Called by the fill as it ends, before its readers hear of it."""
-        self._running -= 1
-        self._per_key.release(job.fingerprint)
-        result = self._result(job, fill)
+        result = self._result(job, fill)  # before the next job starts: it may be refused now
         self._count(result)
         if result != "already_cached" and self.access_log is not None:
             self._log(fill, started)
-        self._pump()
+        if not fill.adopted:
+            fill.on_adopt = None
+            self._free(job)
 
     def _result(self, job: Job, fill: Fill) -> str:
         status = fill.status
