@@ -295,7 +295,7 @@ class ArtifactRoute:
         reader = fill.join(on_close)  # before any await: keeps the fill's file open for us
         try:
             await fill.started.wait()
-            if fill.prefetch and not fill.from_store and (fill.status != 200 or fill.abandoned):
+            if fill.prefetch and (fill.error or fill.abandoned or fill.status not in (None, 200)):
                 reader.close()  # a prefetch that did not get the bytes: go on our own
                 return await self._bypass(request)
             if fill.error is not None:
@@ -313,14 +313,11 @@ class ArtifactRoute:
             if not fill.streaming and not fill.has_direct:
                 reader.close()  # refused for someone else, or no room: go on our own
                 return await self._bypass(request)
-            if fingerprint is None or fingerprint != fill.fingerprint:
+            if fill.following:  # another worker process is fetching it
+                outcome = b"COALESCED"
+            if fingerprint is None or fingerprint != fill.filler:
                 refusal = await self._authorize(
-                    request,
-                    key,
-                    authorization,
-                    fingerprint,
-                    fill.fingerprint or "",
-                    fill.validators,
+                    request, key, authorization, fingerprint, fill.filler, fill.validators
                 )
                 if refusal is not None:
                     reader.close()

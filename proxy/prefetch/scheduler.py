@@ -242,7 +242,7 @@ class Prefetcher:
 
     def _result(self, job: Job, fill: Fill) -> str:
         status = fill.status
-        if fill.from_store:
+        if fill.from_store or fill.following:  # another process stored or fetched it
             return "already_cached"
         if fill.complete and not fill.disk_failed:
             return "fetched"
