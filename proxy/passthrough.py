@@ -70,13 +70,11 @@ class _HeldResponse(StreamingResponse):
             self._release()
 
     async def _relay(self, upstream: httpx.Response) -> AsyncIterator[bytes]:
-        watch = self._watch
-        async for chunk in relay(upstream):
+        body = relay(upstream)
+        if self._watch is not None:
+            body = self._watch.around(body)
+        async for chunk in body:
             yield chunk
-            if watch is not None:  # after the chunk went out: watching never delays it
-                watch.feed(chunk)
-        if watch is not None:
-            watch.finish()
         self.release()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -516,7 +516,8 @@ class StandIn:
                 call = {"index": 0, "function": {"arguments": self.chat_tool_arguments[index]}}
                 delta["tool_calls"] = [call]
             event = {**chunk, "created": 1, "model": "vlmrun-orion-1"}
-            event["choices"] = [{"index": 0, "delta": delta, "finish_reason": None}]
+            last = index == len(self.chat_deltas) - 1
+            event["choices"] = [{"index": 0, "delta": delta, "finish_reason": last and "stop"}]
             await out(f"data: {json.dumps(event)}\n\n".encode())
             if index == 0 and self.sse_gate is not None:
                 await _wait(self.sse_gate)

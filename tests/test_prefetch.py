@@ -72,7 +72,7 @@ def test_json_completion_makes_the_first_sdk_get_local(
     response = _complete(proxy)
     assert response.choices[0].message.content == standin.chat_content
     assert response.model_extra is not None and response.model_extra["session_id"] == SESSION
-    assert standin.wait_for_requests("/v1/artifacts", 1)
+    # At once: the prefetch is registered before the answer's last byte goes out.
     image = _vlmrun(proxy).artifacts.get(session_id=SESSION, object_id="img_a1b2c3")
     assert isinstance(image, Image.Image) and image.size == (16, 16)
     assert standin.hits("session", SESSION, "img_a1b2c3") == 1
@@ -94,7 +94,9 @@ def test_streamed_gzip_completion_with_references_split_across_events(
     arrives unchanged and both artifacts are fetched before the client asks."""
     standin.chat_session = SESSION
     standin.chat_gzip = True
-    standin.chat_deltas = ["a video vid_0a", "0b0c and an array arr_", "123456", None, "."]
+    standin.chat_deltas = ["a video vid_0a", "0b0c and an array arr_", "123456", None, ". arr_1"]
+    standin.add("session", SESSION, "arr_111111")
+    standin.chat_deltas.append("11111")  # the very end of the stream
     video = standin.add("session", SESSION, "vid_0a0b0c", size=300_000)
     array = standin.add("session", SESSION, "arr_123456", size=5_000)
     messages: Any = [{"role": "user", "content": "go"}]
@@ -103,16 +105,17 @@ def test_streamed_gzip_completion_with_references_split_across_events(
             model="vlmrun-orion-1", messages=messages, stream=True
         )
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
-    assert text == "a video vid_0a0b0c and an array arr_123456."
+    assert text == "a video vid_0a0b0c and an array arr_123456. arr_111111"
     assert "gzip" in standin.headers_seen(COMPLETIONS)[-1]["accept-encoding"]
-    assert standin.wait_for_requests("/v1/artifacts", 2)
-    client = _vlmrun(proxy)
+    client = _vlmrun(proxy)  # at once: the references were queued as their events went by
     path = client.artifacts.get(session_id=SESSION, object_id="vid_0a0b0c")
     assert isinstance(path, Path) and path.read_bytes() == video
     assert client.artifacts.get(session_id=SESSION, object_id="arr_123456") == array
     assert standin.hits("session", SESSION, "vid_0a0b0c") == 1
     assert standin.hits("session", SESSION, "arr_123456") == 1
-    assert _served_locally(proxy) == 2
+    assert client.artifacts.get(session_id=SESSION, object_id="arr_111111") is not None
+    assert standin.hits("session", SESSION, "arr_111111") == 1
+    assert _served_locally(proxy) == 3
 
 
 def test_a_completed_execution_prefetches_its_artifacts(
@@ -381,3 +384,22 @@ def test_a_client_joining_a_prefetch_takes_it_over(standin: StandIn, proxy: Serv
     assert [standin.hits("session", SESSION, name) for name in names] == [1, 1, 1]
     assert metric(proxy, "vlmrun_cache_prefetch_hits_total") == 1
     _eventually(lambda: _prefetches(proxy, "fetched") == 3)
+
+
+def test_prefetch_and_client_meet_across_worker_processes(
+    standin: StandIn, live_server: Any
+) -> None:
+    """With one or two workers, whichever worker the client's get reaches while the prefetch
+    runs (or after) meets it through the fill path: one upstream request per artifact."""
+    standin.latency = 0.2  # the gets arrive while the prefetches are still running
+    standin.chat_session = SESSION
+    names = [f"arr_d0000{n}" for n in range(4)]
+    bodies = {name: standin.add("session", SESSION, name, size=200_000) for name in names}
+    for name in names:
+        standin.chat_content = f"here: {name}"
+        _complete(live_server)
+        got = fetch(live_server, name)  # a new connection: any worker
+        assert got.status_code == 200 and got.content == bodies[name]
+        if live_server.process.args[-1] == "1":  # one worker: the get always meets the prefetch
+            assert got.headers["x-cache"] in ("HIT", "COALESCED"), got.headers
+        assert standin.hits("session", SESSION, name) == 1

@@ -59,6 +59,15 @@ def test_neighbours_make_a_reference_invalid() -> None:
     assert _scan([_event(text)]) == [("session", "sess_1", "doc_abcdef")]
 
 
+def test_a_reference_at_the_very_end_is_found_when_its_choice_finishes() -> None:
+    """A match touching the end waits for more text, until ``finish_reason`` says there is none
+    (before the stream itself ends)."""
+    last = _event("the end: img_a1b2c3")
+    assert _scan([last], finish=False) == []
+    done = last.replace(b'"delta"', b'"finish_reason": "stop", "delta"')
+    assert _scan([done], finish=False) == [("session", "sess_1", "img_a1b2c3")]
+
+
 def test_a_split_reference_keeps_its_left_neighbour() -> None:
     """Carried-over text still knows the character before a reference (``x`` makes it none)."""
     assert _scan([_event("0123456789abcx"), _event("img_a1"), _event("b2c3 ")]) == []

@@ -13,8 +13,8 @@ What counts as a reference (the API's object ids) is :data:`REF`, matched in *de
   ``delta.content`` and each tool call's ``function.arguments`` are scanned as one running text
   with the last :data:`CARRY` characters carried over, so ``img_a1`` + ``b2c3`` split across
   events is found. A match touching the end of what has arrived waits for the next piece (it
-  might go on: ``img_a1b2c3d`` is no reference). The scope is the events' top-level
-  ``session_id``.
+  might go on: ``img_a1b2c3d`` is no reference), until the choice's ``finish_reason`` or the
+  end of the stream. The scope is the events' top-level ``session_id``.
 * a JSON body: every string value, once the whole body (at most ``limit`` bytes) is in. For a
   completion the scope is its ``session_id``; for an execution, its ``id``, and only when its
   ``status`` is ``completed``.
@@ -211,6 +211,9 @@ class Scanner:
             if isinstance(calls, list):
                 for position, call in enumerate(calls[:MAX_TEXTS]):
                     self._tool_call(index, position, call)
+            if choice.get("finish_reason"):  # this choice says no more: judge what waited
+                for text in [text for text in self._tails if text[0] == index]:
+                    self._text(text, "", final=True)
 
     def _tool_call(self, index: int, position: int, call: object) -> None:
         if not isinstance(call, dict):

@@ -6,13 +6,18 @@ Watched (after collapsing ``//`` in the path, which SDK base URLs ending in ``/`
 prefetch a user's whole history). Only 2xx answers of a request with a credential, whose
 ``Content-Type`` is JSON or an event stream, are scanned.
 
-The relay hands each chunk to :meth:`Watch.feed` *after* sending it on, so watching never delays
-an event; the body is never changed.
+The relay's chunks pass through :meth:`Watch.around`, which scans each one *after* it went on to
+the client, so watching never delays an event; the body is never changed. One exception makes the
+first get after an answer reliably local: a body with a ``Content-Length`` has its last chunk
+scanned (and its references queued) just before that chunk goes out, so a client that has the
+whole answer cannot ask for an artifact before its prefetch is registered. (A stream without a
+length ends with its terminating chunk, after the scan is finished.)
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -61,14 +66,24 @@ class Watch:
         self._authorization = authorization
         self._fingerprint = fingerprint
         self.scanner = Scanner(kind, form, encoding, limit, self._found)
+        #: The body's length on the wire (``Content-Length``), when known.
+        self.length: int | None = None
 
     def _found(self, kind: str, scope_id: str, object_id: str) -> None:
         self._prefetcher.submit(self._authorization, self._fingerprint, kind, scope_id, object_id)
 
-    def feed(self, chunk: bytes) -> None:
-        self.scanner.feed(chunk)
-
-    def finish(self) -> None:
+    async def around(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``body`` unchanged, scanned on the way (see the module docstring)."""
+        received = 0
+        async for chunk in body:
+            received += len(chunk)
+            if self.length is not None and received >= self.length:  # the last one
+                self.scanner.feed(chunk)
+                self.scanner.finish()
+                yield chunk
+                continue
+            yield chunk
+            self.scanner.feed(chunk)  # after the chunk went out: never delays it
         self.scanner.finish()
 
 
@@ -93,4 +108,7 @@ def observe(
     if form is None:
         return None
     encoding = response.headers.get("content-encoding", "")
-    return Watch(kind, form, encoding, limit, prefetcher, authorization, fingerprint)
+    watch = Watch(kind, form, encoding, limit, prefetcher, authorization, fingerprint)
+    length = response.headers.get("content-length", "")
+    watch.length = int(length) if length.isdigit() else None
+    return watch
