@@ -403,3 +403,21 @@ def test_prefetch_and_client_meet_across_worker_processes(
         if live_server.process.args[-1] == "1":  # one worker: the get always meets the prefetch
             assert got.headers["x-cache"] in ("HIT", "COALESCED"), got.headers
         assert standin.hits("session", SESSION, name) == 1
+
+
+def test_a_prefetch_of_colliding_ids_never_crosses_accounts(
+    standin: StandIn, proxy: ServerThread
+) -> None:
+    """B's account holds a session with the same id as A's (a hostile or broken API): B's
+    prefetch stores B's bytes, and A's later get is checked, found to disagree, and served A's
+    own bytes; B never receives A's, nor A B's."""
+    mine = standin.add("session", SESSION, "arr_c0111d", size=5_000)
+    theirs = standin.add_for(OTHER_TOKEN, "session", SESSION, "arr_c0111d", b"B" * 6_000)
+    standin.chat_session = SESSION
+    standin.chat_content = "arr_c0111d"
+    _complete(proxy, OTHER_TOKEN)
+    _eventually(lambda: _prefetches(proxy, "fetched") == 1)
+    assert fetch(proxy, "arr_c0111d").content == mine
+    assert metric(proxy, "vlmrun_cache_access_checks_total", result="mismatch") == 1
+    assert fetch(proxy, "arr_c0111d", token=OTHER_TOKEN).content == theirs
+    assert fetch(proxy, "arr_c0111d").content == mine
