@@ -421,3 +421,44 @@ def test_a_prefetch_of_colliding_ids_never_crosses_accounts(
     assert metric(proxy, "vlmrun_cache_access_checks_total", result="mismatch") == 1
     assert fetch(proxy, "arr_c0111d", token=OTHER_TOKEN).content == theirs
     assert fetch(proxy, "arr_c0111d").content == mine
+
+
+def test_a_full_queue_drops_the_oldest(standin: StandIn, proxy: ServerThread) -> None:
+    """Two completions of one key naming 32 artifacts each while its two prefetches are held:
+    the key's queue keeps the newest 32, the 30 oldest are dropped and never fetched."""
+    gate = threading.Event()
+    first = [f"arr_e0{n:04x}" for n in range(MAX_REFS)]
+    second = [f"arr_e1{n:04x}" for n in range(MAX_REFS)]
+    for name in first + second:
+        standin.add("session", SESSION, name, size=1_000)
+        standin.faults[name] = Fault(hold_start=gate)
+    standin.chat_session = SESSION
+    try:
+        standin.chat_content = " ".join(first)
+        _complete(proxy)
+        assert standin.wait_for_requests("/v1/artifacts", 2)
+        standin.chat_content = " ".join(second)
+        _complete(proxy)
+        assert _prefetches(proxy, "dropped") == MAX_REFS - 2
+    finally:
+        gate.set()
+    _eventually(lambda: _prefetches(proxy, "fetched") == 2 + MAX_REFS)
+    assert [standin.hits("session", SESSION, name) for name in first[2:]] == [0] * (MAX_REFS - 2)
+    assert all(standin.hits("session", SESSION, name) == 1 for name in second)
+
+
+def test_a_prefetch_of_unannounced_size_stops_at_its_cap(
+    standin: StandIn, start_proxy: Any
+) -> None:
+    """Without a Content-Length, the prefetch is abandoned once the bytes pass its cap: nothing
+    is stored, and the client's own get fetches it whole."""
+    proxy = start_proxy(prefetch_max_object_size="64KiB")
+    body = standin.add("session", SESSION, "vid_c4c4c4", size=3_000_000)
+    standin.faults["vid_c4c4c4"] = Fault(chunked=True)
+    standin.chat_session = SESSION
+    standin.chat_content = "vid_c4c4c4"
+    _complete(proxy)
+    _eventually(lambda: _prefetches(proxy, "too_large") == 1)
+    got = fetch(proxy, "vid_c4c4c4")
+    assert got.headers["x-cache"] == "MISS" and got.content == body
+    assert metric(proxy, "vlmrun_cache_store_failures_total", reason="too_large") == 0
