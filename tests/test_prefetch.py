@@ -462,3 +462,27 @@ def test_a_prefetch_of_unannounced_size_stops_at_its_cap(
     got = fetch(proxy, "vid_c4c4c4")
     assert got.headers["x-cache"] == "MISS" and got.content == body
     assert metric(proxy, "vlmrun_cache_store_failures_total", reason="too_large") == 0
+
+
+def test_nothing_is_prefetched_while_the_breaker_is_open(
+    standin: StandIn, start_proxy: Any
+) -> None:
+    """A prefetch's 503 opens the breaker (threshold 1): it is not retried, and the queued
+    prefetches are dropped instead of going to an upstream that is failing."""
+    proxy = start_proxy(breaker_threshold=1)
+    gate = threading.Event()
+    names = [f"arr_b0000{n}" for n in range(5)]
+    for name in names:
+        standin.add("session", SESSION, name)
+    for name in names[:2]:
+        standin.faults[name] = Fault(status=503, hold_start=gate)
+    standin.chat_session = SESSION
+    standin.chat_content = " ".join(names)
+    try:
+        _complete(proxy)
+        assert standin.wait_for_requests("/v1/artifacts", 2)
+    finally:
+        gate.set()
+    _eventually(lambda: _prefetches(proxy, "error") == 2)
+    assert _prefetches(proxy, "dropped") == 3
+    assert [standin.hits("session", SESSION, name) for name in names] == [1, 1, 0, 0, 0]
