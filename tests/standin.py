@@ -517,7 +517,9 @@ class StandIn:
                 delta["tool_calls"] = [call]
             event = {**chunk, "created": 1, "model": "vlmrun-orion-1"}
             last = index == len(self.chat_deltas) - 1
-            event["choices"] = [{"index": 0, "delta": delta, "finish_reason": last and "stop"}]
+            event["choices"] = [
+                {"index": 0, "delta": delta, "finish_reason": "stop" if last else None}
+            ]
             await out(f"data: {json.dumps(event)}\n\n".encode())
             if index == 0 and self.sse_gate is not None:
                 await _wait(self.sse_gate)
