@@ -33,8 +33,10 @@ from proxy.keys import MAX_ID_LENGTH
 
 log = logging.getLogger(__name__)
 
-#: An object id as the API writes it (see tests/openapi/get-artifact.yaml).
-REF = re.compile(r"(?<![A-Za-z0-9_])(?:img|vid|aud|doc|recon|url|arr)_[0-9a-f]{6}(?![A-Za-z0-9_])")
+#: An object id as the API writes it (see tests/openapi/get-artifact.yaml), with no letter, digit
+#: or underscore on either side: ``\b`` with ``re.ASCII`` is exactly that, and matches faster
+#: than the equivalent lookarounds.
+REF = re.compile(r"\b(?:img|vid|aud|doc|recon|url|arr)_[0-9a-f]{6}\b", re.ASCII)
 #: Characters of a text carried into the next piece: a whole reference (12) plus the character
 #: before it, with room to spare.
 CARRY = 15
@@ -270,10 +272,12 @@ class Scanner:
         self._report()
 
     def _ref(self, object_id: str) -> None:
-        if object_id in self._refs or len(self._refs) >= MAX_REFS:
+        if object_id in self._refs:
             return
         self._refs.append(object_id)
         self._report()
+        if len(self._refs) >= MAX_REFS:
+            raise _Stop("enough references")  # nothing more to look for in this answer
 
     def _report(self) -> None:
         if self._scope is None:
