@@ -174,5 +174,5 @@ def test_prefetch_settings() -> None:
     for key, value in (("prefetch_concurrency", "0"), ("prefetch_per_key", "0")):
         with pytest.raises(ConfigError, match=f"^{key}: must be at least 1"):
             load(env={}, flags={key: value})
-    with pytest.raises(ConfigError, match="^prefetch_scan_limit: must be at least 4KiB"):
+    with pytest.raises(ConfigError, match=r"^prefetch_scan_limit: must be at least 4KiB"):
         load(env={}, flags={"prefetch_scan_limit": "100"})
