@@ -134,14 +134,6 @@ class Prefetcher:
         self._closed = True
         self._queue.clear()
 
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     def _count(self, result: str) -> None:
         self._metrics.prefetches.labels(result).inc()
 
