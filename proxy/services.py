@@ -18,6 +18,8 @@ from proxy.config import Config, ConfigError
 from proxy.fills import Fills
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
+from proxy.prefetch import Prefetcher
+from proxy.prefetch.scheduler import LogRecord
 from proxy.store import Store
 from proxy.store.chain import Chain, DiskTier
 from proxy.store.claims import Claims
@@ -197,12 +199,15 @@ class Services:
     access: AccessProofs
     upstream: Upstream
     fills: Fills
+    prefetcher: Prefetcher
     passthrough: Passthrough
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
         self.serving = False
+        #: Where prefetches are logged (the access log's ``put``), if it is on.
+        self.access_log: LogRecord | None = None
 
     async def open(self) -> None:
         config = self.config
@@ -214,6 +219,7 @@ class Services:
                 max_object_bytes=config.object_size_limit,
                 on_evict=self.metrics.evicted,
                 on_reset=self.metrics.store_failures.labels("index").inc,
+                on_evict_unread=self.metrics.prefetch_evicted_unread_bytes.inc,
             )
         )
         # Once per server start; fills running in other processes hold locks and are spared.
@@ -243,7 +249,17 @@ class Services:
             self.chain.publish,
             self.share_proofs,
         )
-        self.passthrough = Passthrough(self.upstream, self.metrics, self.access, config)
+        self.prefetcher = Prefetcher(
+            config, self.fills, self.store, self.access, self.upstream, self.metrics
+        )
+        self.prefetcher.access_log = self.access_log
+        self.passthrough = Passthrough(
+            self.upstream,
+            self.metrics,
+            self.access,
+            config,
+            self.prefetcher if config.prefetch else None,
+        )
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         # After start-up, not during it: the scan is proportional to the number of entries.
         self._sweep = asyncio.create_task(self._sweep_once())
@@ -306,6 +322,7 @@ class Services:
         self.serving = False
         self._housekeeping.cancel()
         self._sweep.cancel()
+        self.prefetcher.close()
         await self.fills.aclose()
         await self.chain.aclose()
         await self.upstream.aclose()
