@@ -38,12 +38,14 @@ from proxy.capacity import PerKey, RateFloor
 from proxy.config import Config
 from proxy.decoding import DecodeError, decodable, decode
 from proxy.errors import ProxyError
+from proxy.fleet import Broadcast, Fleet, RemoteBody, RemoteFailed
 from proxy.follower import FollowFailed, follow
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
 from proxy.store.claims import POLL_SECONDS, Announcement, Coordinator, Lease
+from proxy.store.lease import Held, Stored
 from proxy.upstream import Answer, Upstream, read_answer, translate
 from proxy.validators import Validators
 
@@ -252,8 +254,11 @@ class Fills:
         coordinator: Coordinator | None = None,
         publish: Callable[[str, EntryMeta], None] | None = None,
         share_proofs: Callable[[str | None, tuple[str, ...]], None] | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self._config = config
+        #: Fleet single-flight through Redis (:mod:`proxy.fleet`), with a shared tier.
+        self._fleet = fleet
         self._coordinator = coordinator
         #: Called after a commit: copies the entry to the shared tier (in the background).
         self._publish = publish
@@ -324,6 +329,8 @@ class Fills:
         temp: FillFile | None = None
         response: httpx.Response | None = None
         claim: Lease | None = None
+        held: Held | None = None
+        broadcast: Broadcast | None = None
         try:
             got = await self._claim(fill)
             if fill.from_store:
@@ -333,6 +340,13 @@ class Fills:
                 fill.complete = True
                 return
             claim = got
+            fleet = await self._fleet_claim(fill)
+            if fill.from_store:
+                return
+            if isinstance(fleet, RemoteBody):  # another replica is fetching it: follow Redis
+                await self._follow_remote(fill, fleet, claim)
+                return
+            held = fleet
             request = self._upstream.artifact_request(fill.key, authorization)
             response = await self._upstream.send(request, artifact=True)
             if response.status_code != 200:
@@ -348,6 +362,9 @@ class Fills:
             if temp is None:  # no room, too large, or a coding we do not undo: relay it as is
                 fill._direct, response = response, None  # the reader that takes it closes it
                 return  # and other processes waiting for the key fetch on their own
+            if held is not None:
+                broadcast = await self._broadcast(fill, held)
+                held = None
             if claim is not None:
                 claim.announce(
                     Announcement(
@@ -362,25 +379,30 @@ class Fills:
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
-            digests = await self._tee(fill, body, temp.file, response if encoding else None)
+            tap = broadcast.feed if broadcast is not None else None
+            digests = await self._tee(fill, body, temp.file, response if encoding else None, tap)
             self._metrics.upstream_fetch.observe(time.monotonic() - started_at)
             sent = response.num_bytes_downloaded
             if validators.length is not None and sent != validators.length:
                 raise FillFailed(f"body ended at {sent} of {validators.length} bytes")
             fill.complete = True
             fill._notify()
+            meta = EntryMeta(
+                fill.content_type,
+                fill.written,
+                digests.sha256,
+                time.time(),
+                digests.xxh3,
+                validators.with_length(fill.written),
+                fill.fingerprint or "",
+            )
+            shared = broadcast is not None and not broadcast.stopped
+            if broadcast is not None:
+                broadcast.finish(meta)
+                broadcast = None
             if not fill.disk_failed:
-                meta = EntryMeta(
-                    fill.content_type,
-                    fill.written,
-                    digests.sha256,
-                    time.time(),
-                    digests.xxh3,
-                    validators.with_length(fill.written),
-                    fill.fingerprint or "",
-                )
                 pending, temp = temp, None
-                await self._commit(fill.key, pending, meta)
+                await self._commit(fill.key, pending, meta, publish=not shared)
         except ProxyError as exc:
             self._metrics.upstream_errors.inc()
             fill.error = exc
@@ -391,7 +413,7 @@ class Fills:
         except FillFailed as exc:
             self._metrics.upstream_errors.inc()
             log.warning("fill of %s failed: %s", fill.key.object_id, exc)
-        except FollowFailed as exc:
+        except (FollowFailed, RemoteFailed) as exc:
             log.warning("following the fill of %s failed: %s", fill.key.object_id, exc)
         except Exception:
             log.exception("fill of %s failed unexpectedly", fill.key.object_id)
@@ -402,6 +424,10 @@ class Fills:
                 await anyio.to_thread.run_sync(self._store.discard, temp)
             if claim is not None:
                 claim.release()
+            if broadcast is not None:  # the fetch failed or was abandoned
+                broadcast.finish(None)
+            if held is not None:
+                self._spawn(held.release(), "release lease")
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
@@ -439,6 +465,70 @@ class Fills:
         fill.from_store = True
         return None
 
+    async def _fleet_claim(self, fill: Fill) -> Held | RemoteBody | None:
+        """After the local claim: which replica of the fleet fetches (:mod:`proxy.fleet`).
+        Sets ``fill.from_store`` when another replica already stored it in Redis."""
+        if self._fleet is None:
+            return None
+        got = await self._fleet.claim(fill.key.cache_key, self._config.first_byte_timeout)
+        if isinstance(got, Stored):
+            fill.from_store = True
+            return None
+        return got
+
+    async def _broadcast(self, fill: Fill, held: Held) -> Broadcast | None:
+        """Start sharing this fetch through Redis as it arrives, when the body may go there;
+        otherwise tell the waiting replicas to fetch on their own."""
+        assert self._fleet is not None and fill.validators is not None
+        if not self._fleet.shares(fill.expected_length):
+            self._spawn(held.release(unshared=True), "release lease")
+            return None
+        broadcast = self._fleet.broadcast(held, lambda work: self._spawn(work, "fleet"))
+        length = fill.expected_length or 0
+        if not await broadcast.start(fill.content_type, length, fill.validators, fill.filler):
+            self._spawn(held.release(), "release lease")
+            return None
+        return broadcast
+
+    async def _follow_remote(self, fill: Fill, remote: RemoteBody, claim: Lease | None) -> None:
+        """Stream another replica's fetch from Redis into this fill (and a local file, which
+        other workers of this host may follow); complete only if the entry that replica
+        published has exactly the bytes streamed. Before the first byte a failure leaves the
+        fill unstarted: its clients then fetch on their own."""
+        record = remote.record
+        temp = await self._begin(record.expected_length)
+        if temp is None:
+            raise RemoteFailed("no room on disk to follow another replica's fetch")
+        try:
+            validators = Validators.from_dict(record.validators)
+            fill.content_type, fill.expected_length = record.content_type, record.expected_length
+            fill.validators, fill.filler, fill.following = validators, record.filler, True
+            if claim is not None:
+                claim.announce(
+                    Announcement(
+                        fill.key.cache_key,
+                        os.path.basename(temp.path),
+                        record.content_type,
+                        record.expected_length,
+                        record.validators,
+                        record.filler,
+                    )
+                )
+            fill._fd = os.open(temp.path, os.O_RDONLY)
+            fill.started.set()
+            digests = await self._tee(fill, remote.chunks(), temp.file)
+            meta = remote.meta
+            if meta is None or (meta.length, meta.sha256) != (fill.written, digests.sha256):
+                raise RemoteFailed("the published entry has other bytes than were streamed")
+            fill.complete = True
+            fill._notify()
+            if not fill.disk_failed:
+                pending, temp = temp, None
+                await self._commit(fill.key, pending, meta, publish=False)
+        finally:
+            if temp is not None:
+                await anyio.to_thread.run_sync(self._store.discard, temp)
+
     async def _begin(self, length: int | None) -> FillFile | None:
         """A temporary file for a body of ``length`` bytes, or None if it will not be stored
         (larger than an entry may be, or the disk cannot take it)."""
@@ -463,9 +553,11 @@ class Fills:
         body: AsyncIterator[bytes],
         out: BinaryIO,
         coded: httpx.Response | None = None,
+        tap: Callable[[bytes], None] | None = None,
     ) -> BodyDigests:
         """Publish the body chunk by chunk as it arrives while a writer task appends it to
-        ``out`` in batches; returns its digests once every byte is hashed (and written)."""
+        ``out`` in batches; returns its digests once every byte is hashed (and written).
+        ``tap`` is given each chunk too (the fleet's copy to Redis; it must not block)."""
         digests = BodyDigests()
         pending: list[bytes] = []
         wake = asyncio.Event()
@@ -514,6 +606,8 @@ class Fills:
                         f"larger than an entry may be (or expands {DECODE_RATIO_LIMIT}x)"
                     )
                 fill._publish(chunk)
+                if tap is not None:
+                    tap(chunk)
                 pending.append(chunk)
                 wake.set()
                 while fill._window_bytes > (
@@ -540,14 +634,16 @@ class Fills:
         self._metrics.store_failures.labels("write").inc()
         fill.disk_failed = True
 
-    async def _commit(self, key: ArtifactKey, temp: FillFile, meta: EntryMeta) -> None:
+    async def _commit(
+        self, key: ArtifactKey, temp: FillFile, meta: EntryMeta, publish: bool = True
+    ) -> None:
         try:
             stored = await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()
             return
-        if stored and self._publish is not None:  # off the hot path: readers are done
+        if stored and publish and self._publish is not None:  # off the hot path: readers done
             self._publish(key.cache_key, meta)
 
     def _remember_proof(self, fill: Fill) -> None:

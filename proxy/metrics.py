@@ -24,6 +24,12 @@ REDIS_ERRORS = ("unavailable", "rejected", "other")
 #: Copies of fills to Redis: stored, present (another replica stored it), too_large
 #: (shared_max_object_size), dropped (too many waiting), failed.
 REDIS_WRITES = ("stored", "present", "too_large", "dropped", "failed")
+#: Fleet single-flight (proxy/fleet.py), per fill that asked Redis for a lease: acquired (this
+#: replica fetches), taken_over (acquired after the holder stopped), followed (streamed another
+#: replica's fetch from Redis), stored (another replica finished meanwhile), fallback (Redis
+#: unavailable or too slow a holder: fetched on its own), unshared (the holder said it will not
+#: share, or the following failed and the clients got a failed transfer).
+LEASE_OUTCOMES = ("acquired", "taken_over", "followed", "stored", "fallback", "unshared")
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
 STORE_FAILURES = ("no_space", "write", "commit", "index", "too_large")
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
@@ -153,6 +159,15 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.leases = Counter(
+            "vlmrun_cache_fleet_leases",
+            "Fills that asked Redis who fetches for the fleet, by outcome: acquired, taken_over, "
+            "followed, stored, fallback, unshared.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in LEASE_OUTCOMES:
+            self.leases.labels(outcome)
         for kind in REDIS_ERRORS:
             self.redis_errors.labels(kind)
         for result in REDIS_WRITES:
