@@ -164,7 +164,9 @@ class Fill:
         assert fd is not None
         offset = 0
         while True:
-            available = self.written if self.done else self.written - 1
+            # The last byte only once the body is known good: a fill that read every byte and
+            # then failed its check (a follower's sha256) must not deliver a full-length body.
+            available = self.written if self.done and self.complete else self.written - 1
             if offset < available:
                 size = min(chunk_size, available - offset)
                 data = self._from_window(offset, size)
