@@ -25,7 +25,7 @@ from proxy.store.claims import Claims
 from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
 from proxy.store.memory import MemoryTier
 from proxy.store.redisclient import guarded
-from proxy.store.shared import Names, SharedTier
+from proxy.store.shared import SharedTier
 from proxy.upstream import Upstream
 
 #: The names the proxy keeps in its cache directory, and the type each must have. None of them
@@ -260,13 +260,10 @@ class Services:
         errors = self.metrics.redis_errors
         call = guarded(config, lambda kind: errors.labels(kind).inc())
         writes = self.metrics.redis_writes
-        return SharedTier(
+        return SharedTier.configured(
+            config,
+            secret,
             call,
-            Names(config.redis_prefix, secret),
-            chunk_size=config.chunk_size,
-            buffer_size=config.redis_buffer_size,
-            max_object_bytes=config.shared_max_object_size,
-            ttl=config.shared_ttl,
             on_reject=errors.labels("rejected").inc,
             on_write=lambda result: writes.labels(result).inc(),
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,10 +48,12 @@ class RedisServer:
     """One ``redis-server`` on 127.0.0.1; ``args`` are extra server options
     (``"--maxmemory", "2mb"``)."""
 
-    def __init__(self, directory: Path, *args: str, password: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, *args: str, password: str | None = None, port: int | None = None
+    ) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.args = list(args)
         self.password = password
         self.process: subprocess.Popen[bytes] | None = None
@@ -148,6 +151,24 @@ class RedisServer:
         self.start()
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher, so at most 55535) is free too."""
+    for _ in range(1000):
+        port = random.randint(20000, 55535)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisCluster:
     """``masters`` servers with ``--cluster-enabled yes``, joined by ``redis-cli --cluster
     create`` (no replicas); :attr:`url` names the first node (clients discover the rest)."""
@@ -162,6 +183,7 @@ class RedisCluster:
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "5000",
+                port=cluster_port(),
             )
             for i in range(masters)
         ]

@@ -145,6 +145,26 @@ def test_doctor_checks_redis_and_its_eviction_policy(
     assert line.startswith("problem") and "serve still starts" in line
 
 
+def _operated_replica(
+    start_replica: ProxyFactory,
+    redis_server: RedisServer,
+    secret_file: Path,
+    directory: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *artifacts: tuple[str, str, str],
+) -> ServerThread:
+    """A replica on ``directory`` that fetched ``artifacts`` (kind, scope id, object id) and
+    copied them to Redis; the operator's commands of this test then use that Redis."""
+    replica = start_replica(cache_dir=str(directory))
+    for kind, scope_id, object_id in artifacts:
+        assert fetch(replica, object_id, scope=kind, scope_id=scope_id).status_code == 200
+    stored = "vlmrun_cache_redis_writes_total"
+    assert wait_until(lambda: metric(replica, stored, result="stored") >= len(artifacts))
+    monkeypatch.setenv("VLMRUN_CACHE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("VLMRUN_CACHE_SECRET_FILE", str(secret_file))
+    return replica
+
+
 def test_stats_and_purge_cover_redis(
     standin: StandIn,
     start_replica: ProxyFactory,
@@ -157,13 +177,11 @@ def test_stats_and_purge_cover_redis(
     Redis too (else another replica's next miss would serve the purged bytes from Redis)."""
     standin.add("session", SESSION, "arr_p1", 3000)
     standin.add("execution", EXECUTION, "arr_p2", 3000)
-    a = start_replica(cache_dir=str(tmp_path / "a"))
+    artifacts = [("session", SESSION, "arr_p1"), ("execution", EXECUTION, "arr_p2")]
+    _operated_replica(
+        start_replica, redis_server, shared_secret_file, tmp_path / "a", monkeypatch, *artifacts
+    )
     b = start_replica()
-    assert fetch(a, "arr_p1").status_code == 200
-    assert fetch(a, "arr_p2", scope="execution", scope_id=EXECUTION).status_code == 200
-    assert wait_until(lambda: metric(a, "vlmrun_cache_redis_writes_total", result="stored") >= 2)
-    monkeypatch.setenv("VLMRUN_CACHE_REDIS_URL", redis_server.url)
-    monkeypatch.setenv("VLMRUN_CACHE_SECRET_FILE", str(shared_secret_file))
 
     stats = admin("stats", "--json", cache_dir=tmp_path / "a")
     assert stats.code == 0, stats.err
@@ -194,13 +212,16 @@ def test_revoke_names_the_key_with_the_shared_secret(
     """``revoke --key-file`` on a replica voids that key's proofs there, including the copy it
     would otherwise adopt again from Redis: its next request is checked with the API."""
     standin.add("session", SESSION, "arr_rv", 3000)
-    a = start_replica(cache_dir=str(tmp_path / "a"))
-    assert fetch(a, "arr_rv").status_code == 200
-    assert wait_until(lambda: metric(a, "vlmrun_cache_redis_writes_total", result="stored") >= 1)
+    a = _operated_replica(
+        start_replica,
+        redis_server,
+        shared_secret_file,
+        tmp_path / "a",
+        monkeypatch,
+        ("session", SESSION, "arr_rv"),
+    )
     key_file = tmp_path / "key"
     key_file.write_text(TOKEN)
-    monkeypatch.setenv("VLMRUN_CACHE_REDIS_URL", redis_server.url)
-    monkeypatch.setenv("VLMRUN_CACHE_SECRET_FILE", str(shared_secret_file))
     revoked = admin("revoke", "--key-file", str(key_file), cache_dir=tmp_path / "a")
     assert revoked.code == 0, revoked.err
     assert fetch(a, "arr_rv").status_code == 200

@@ -36,15 +36,7 @@ def _run(config: Config, work: Callable[[SharedTier], Awaitable[T]]) -> T:
         raise Failed("redis_url is set but no shared secret (secret_file or VLMRUN_CACHE_SECRET)")
 
     async def main() -> T:
-        call = guarded(config, timeout=ADMIN_TIMEOUT)
-        tier = SharedTier(
-            call,
-            Names(config.redis_prefix, secret),
-            chunk_size=config.chunk_size,
-            buffer_size=config.redis_buffer_size,
-            max_object_bytes=config.shared_max_object_size,
-            ttl=config.shared_ttl,
-        )
+        tier = SharedTier.configured(config, secret, guarded(config, timeout=ADMIN_TIMEOUT))
         try:
             return await work(tier)
         finally:

@@ -202,7 +202,7 @@ class DiskTier:
         """``hit`` (from a slower tier), arranged to be written to this disk on the way (unless
         the disk would not keep an entry that large)."""
         too_large = hit.meta.length > getattr(self.store, "max_object_bytes", hit.meta.length)
-        if self._backfills.locked() or too_large:
+        if self._backfills.locked() or len(self._tasks) >= BACKFILLS or too_large:
             return hit
         if hit.body is not None:
             body = hit.body

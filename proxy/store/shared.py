@@ -44,6 +44,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from proxy.config import Config
 from proxy.store import EntryMeta
 from proxy.store.chain import Corrupt, Hit
 from proxy.store.redisclient import Guarded, Unavailable
@@ -180,6 +181,27 @@ class SharedTier:
         self._writers = asyncio.Semaphore(WRITERS)
         self._pending = 0
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def configured(
+        cls,
+        config: Config,
+        secret: bytes,
+        call: Guarded,
+        on_reject: Callable[[], None] = lambda: None,
+        on_write: Callable[[str], None] = lambda _result: None,
+    ) -> SharedTier:
+        """The tier as ``config`` sets it up, over ``call``, sealing with ``secret``."""
+        return cls(
+            call,
+            Names(config.redis_prefix, secret),
+            chunk_size=config.chunk_size,
+            buffer_size=config.redis_buffer_size,
+            max_object_bytes=config.shared_max_object_size,
+            ttl=config.shared_ttl,
+            on_reject=on_reject,
+            on_write=on_write,
+        )
 
     # -- reads --------------------------------------------------------------------------------
 
