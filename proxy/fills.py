@@ -472,7 +472,10 @@ class Fills:
         Sets ``fill.from_store`` when another replica already stored it in Redis."""
         if self._fleet is None:
             return None
-        got = await self._fleet.claim(fill.key.cache_key, self._config.first_byte_timeout)
+        config = self._config
+        got = await self._fleet.claim(
+            fill.key.cache_key, config.first_byte_timeout, config.read_timeout
+        )
         if isinstance(got, Stored):
             fill.from_store = True
             return None

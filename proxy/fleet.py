@@ -67,6 +67,8 @@ class Broadcast:
         self._on_result = on_result
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        #: Bytes in the temporary key so far.
+        self._sent = 0
         self._wake = asyncio.Event()
         self._receiving = True
         self.stopped = False
@@ -142,14 +144,20 @@ class Broadcast:
                 size += len(chunk)
             data = b"".join(batch)
             try:
-                await self._append(data)
+                length = await self._append(data)
             except Unavailable as exc:
                 self._give_up(f"Redis failed ({exc})")
                 return
             self._pending_bytes -= size
+            self._sent += size
+            if length != self._sent:  # evicted (then APPEND starts a new key) or written to
+                self._give_up("the temporary key was evicted or changed")
+                return
 
-    async def _append(self, data: bytes) -> None:
-        await self.lease.call(lambda c: c.append(self.temp, data), bulk=True)
+    async def _append(self, data: bytes) -> int:
+        """APPEND ``data``; the key's length after it."""
+        length = await self.lease.call(lambda c: c.append(self.temp, data), bulk=True)
+        return int(length)
 
     async def _renew(self) -> None:
         every = self.lease.ttl_ms / 3000
@@ -295,9 +303,13 @@ class Fleet:
         self._on_lease = on_lease
         self._on_write = on_write
 
-    async def claim(self, cache_key: str, patience: float) -> Held | RemoteBody | Stored | None:
-        """A lease to fetch and share ``cache_key``; another replica's fetch to follow;
-        :data:`~proxy.store.lease.STORED`; or None: fetch on your own, unshared."""
+    async def claim(
+        self, cache_key: str, patience: float, silence: float
+    ) -> Held | RemoteBody | Stored | None:
+        """A lease to fetch and share ``cache_key`` (waiting at most ``patience`` seconds for
+        a holder to publish); another replica's fetch to follow (giving up after ``silence``
+        seconds without a new byte); :data:`~proxy.store.lease.STORED`; or None: fetch on your
+        own, unshared."""
         got = await lease.claim(self.call, self.names, cache_key, self.lease_ttl, patience)
         if isinstance(got, Held):
             self._on_lease("taken_over" if got.taken_over else "acquired")
@@ -312,7 +324,7 @@ class Fleet:
             self._on_lease("unshared")
             return None
         self._on_lease("followed")
-        return RemoteBody(self.call, Keys(self.names, cache_key), got, patience)
+        return RemoteBody(self.call, Keys(self.names, cache_key), got, silence)
 
     def shares(self, length: int | None) -> bool:
         """Whether a body of ``length`` bytes (None: unknown) goes to Redis as it arrives."""

@@ -18,7 +18,7 @@ import redis
 
 from proxy.store.lease import Keys, Record
 from proxy.store.shared import Names
-from tests.conftest import SESSION, ProxyFactory
+from tests.conftest import OTHER_TOKEN, SESSION, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, metric, wait_until
 from tests.redisserver import RedisServer
 from tests.servers import Daemon, ServerThread
@@ -290,3 +290,63 @@ def test_forged_record_or_temporary_bytes_never_reach_a_client(
         except httpx.HTTPError:
             answers.append(None)
     assert answers[-1] == body2 and answers[0] in (None, body2)
+
+
+@pytest.mark.parametrize("why", ["too_large", "no_length"])
+def test_a_body_that_will_not_go_to_redis_frees_the_waiters_at_once(
+    standin: StandIn, start_replica: ProxyFactory, why: str
+) -> None:
+    """Larger than shared_max_object_size, or without Content-Length: the holder says so as
+    soon as upstream's headers tell it, and B's clients fetch on their own while A's fetch is
+    still held: two upstream fetches, both exact."""
+    body = standin.add("session", SESSION, "vid_unshared", size=2 * HALF)
+    release = threading.Event()
+    standin.faults["vid_unshared"] = Fault(
+        hold_middle=release, hold_at=HALF, chunked=why == "no_length", times=1
+    )
+    limit = {"shared_max_object_size": "1MiB"} if why == "too_large" else {}
+    a, b = start_replica(**limit), start_replica(**limit)
+    leader = Client(artifact_url(a, "vid_unshared"))
+    try:
+        leader.start()
+        assert leader.early.wait(30)
+        own = fetch(b, "vid_unshared")  # whole, while A's upstream body is still held
+        assert not release.is_set()
+    finally:
+        release.set()
+    _join([leader])
+    assert own.status_code == 200 and own.content == body and leader.body == body
+    assert standin.hits("session", SESSION, "vid_unshared") == 2
+    assert metric(b, "vlmrun_cache_fleet_leases_total", outcome="unshared") == 1
+
+
+def test_another_credential_following_through_redis_is_checked(
+    standin: StandIn, start_replica: ProxyFactory
+) -> None:
+    """A client of B whose key may not read the scope gets the API's refusal and none of the
+    bytes A is fetching for the fleet; a key that may read it streams them after its check."""
+    body = standin.add("session", SESSION, "vid_checked", size=2 * HALF)
+    carol = "key-carol-0003"
+    standin.grant(carol, "session", SESSION)
+    release = threading.Event()
+    standin.faults["vid_checked"] = Fault(hold_middle=release, hold_at=HALF, times=1)
+    a, b = start_replica(), start_replica()
+    leader = Client(artifact_url(a, "vid_checked"))
+    try:
+        leader.start()
+        assert leader.early.wait(30)
+        refused = fetch(b, "vid_checked", token=OTHER_TOKEN)
+        with httpx.stream(
+            "GET", artifact_url(b, "vid_checked"), headers=auth(carol), timeout=30
+        ) as allowed:
+            assert allowed.headers["x-cache"] == "COALESCED"
+            release.set()
+            followed = allowed.read()
+    finally:
+        release.set()
+    _join([leader])
+    assert refused.status_code == 404 and body[:100] not in refused.content
+    assert followed == body and leader.body == body
+    assert metric(b, "vlmrun_cache_fleet_leases_total", outcome="followed") == 1
+    assert metric(b, "vlmrun_cache_access_checks_total", result="denied") == 1
+    assert metric(b, "vlmrun_cache_access_checks_total", result="granted") == 1

@@ -204,6 +204,10 @@ async def claim(
                 if await _stored(call, keys):
                     await held.release()
                     return STORED
+                note = keys.unseal(await call(lambda c: c.get(keys.record)))
+                if note is not None and not note.shared:  # the last holder could not share
+                    await held.release(unshared=True)
+                    return note
                 return held
             holder, value = await call(lambda c: c.mget(keys.lease, keys.record))
             record = keys.unseal(value)
