@@ -82,6 +82,8 @@ class Fill:
         self.filler = fingerprint or ""
         #: True when the bytes come from another process's fetch.
         self.following = False
+        #: True when that process is another replica, the bytes coming through Redis.
+        self.remote = False
         #: Set once the upstream's status is known (or the request failed).
         self.started = asyncio.Event()
         #: Before ``started``: the failure to reach upstream, if any.
@@ -508,6 +510,7 @@ class Fills:
             validators = Validators.from_dict(record.validators)
             fill.content_type, fill.expected_length = record.content_type, record.expected_length
             fill.validators, fill.filler, fill.following = validators, record.filler, True
+            fill.remote = True
             if claim is not None:
                 claim.announce(
                     Announcement(

@@ -119,6 +119,11 @@ def test_forty_first_requests_over_three_replicas_fetch_once(
     assert _leases(replicas, "acquired") == 1
     assert _leases(replicas, "followed") == 2
     assert sum(c.x_cache == "MISS" for c in clients) == 1
+    # The followers' clients got their bytes from Redis (bytes saved), the holder's from the API.
+    holder = [metric(r, "vlmrun_cache_fleet_leases_total", outcome="acquired") for r in replicas]
+    followers = [i for i in range(3) if not holder[i]]
+    shared = sum(metric(r, "vlmrun_cache_served_bytes_total", source="shared") for r in replicas)
+    assert shared == sum(len(clients[i::3]) for i in followers) * len(body)
     # Published once, by the holder; the followers kept what they streamed: every replica
     # now hits, still one upstream fetch.
     stored = "vlmrun_cache_redis_writes_total"
