@@ -42,7 +42,9 @@ MAX_LAG = 8 * 1024**2
 APPEND_BYTES = 1024**2
 #: First and longest pause of a waiter that finds no new bytes.
 POLL_FIRST = 0.002
-POLL_MOST = 0.05
+POLL_MOST = 0.02
+#: Tries of a follower's read before a Redis failure fails its transfer.
+RETRIES = 3
 
 
 class RemoteFailed(Exception):
@@ -243,8 +245,16 @@ class RemoteBody:
             await waiting.pause(lambda: self._alive(), "the holder published no entry")
 
     async def _range(self, name: str, first: int, last: int) -> bytes:
-        data: bytes = await self.call(lambda c: c.getrange(name, first, last), bulk=True)
-        return data
+        for attempt in range(1, RETRIES + 1):  # a moment's slowness must not fail a transfer
+            try:
+                data: bytes = await self.call(lambda c: c.getrange(name, first, last), bulk=True)
+            except Unavailable:
+                if attempt == RETRIES:
+                    raise
+                await anyio.sleep(POLL_MOST * attempt)
+            else:
+                return data
+        raise AssertionError("unreachable")
 
     async def _published(self) -> bool:
         """True once the entry is published; sets :attr:`meta` (None if forged or damaged)."""
@@ -259,7 +269,14 @@ class RemoteBody:
         return True
 
     async def _alive(self) -> bool:
-        return await holder_is(self.call, self.keys, self.record.token)
+        """True while the holder holds its lease, or once it has published. In that order: a
+        holder renames its key before it releases the lease, so no finish is missed."""
+        try:
+            return await holder_is(self.call, self.keys, self.record.token) or (
+                await self._published()
+            )
+        except Unavailable:  # not known: the reads decide, and silence bounds the wait
+            return True
 
 
 class _Backoff:

@@ -67,7 +67,7 @@ return 0
 
 #: First and longest pause between two looks at a lease whose holder has not published yet.
 POLL_FIRST = 0.002
-POLL_MOST = 0.05
+POLL_MOST = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
