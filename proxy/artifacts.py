@@ -32,6 +32,7 @@ from proxy.errors import (
 from proxy.fills import Fill, FillFailed, Reader
 from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
 from proxy.keys import ArtifactKey, parse_key
+from proxy.metrics import SOURCES
 from proxy.passthrough import relay
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.services import Services
@@ -60,6 +61,16 @@ class ArtifactRoute:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        metrics = services.metrics
+        # Labelled children bound once: a hit updates them without a label lookup.
+        self._outcomes = {
+            outcome: metrics.requests.labels(outcome)
+            for outcome in ("hit", "miss", "coalesced", "bypass", "error")
+        }
+        self._tiers = {tier: metrics.hits.labels(tier) for tier in _CACHE_STATUS}
+        #: Bytes served by the source a hit names (``cache``: this replica's, ``shared``: Redis).
+        self._served = {source: metrics.served_bytes.labels(source) for source in SOURCES}
+        self._proven = metrics.access_checks.labels("proof")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -95,7 +106,7 @@ class ArtifactRoute:
         await response(scope, receive, send)
 
     def _count(self, outcome: str) -> None:
-        self.s.metrics.requests.labels(outcome).inc()
+        self._outcomes[outcome].inc()
 
     # -- access -------------------------------------------------------------------------------
 
@@ -126,7 +137,7 @@ class ArtifactRoute:
             or await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed)
             or await self.s.shared_proof(fingerprint, needed)
         ):
-            checks.labels("proof").inc()
+            self._proven.inc()
             return None
         # A proof too old to trust online may still serve while the API cannot be reached.
         fallback = await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed, True)
@@ -196,7 +207,7 @@ class ArtifactRoute:
             hit.close()
             raise
         self._count(outcome)
-        self.s.metrics.hits.labels(hit.tier).inc()
+        self._tiers[hit.tier].inc()
         return response
 
     def _entry_response(
@@ -215,10 +226,10 @@ class ArtifactRoute:
             (b"X-Cache", outcome.upper().encode()),
             (b"Cache-Status", _CACHE_STATUS[hit.tier]),
         ]
-        headers = request.headers
+        headers = _conditions(request.scope)
         if "if-none-match" in headers and none_match(headers["if-none-match"], meta.etag):
             hit.close()
-            return _raw(Response(status_code=304), common)
+            return Whole(304, common)
         try:
             span = (
                 byte_range(headers["range"], headers.get("if-range"), meta.etag, meta.length)
@@ -243,9 +254,9 @@ class ArtifactRoute:
             status = 206
             raw.append((b"Content-Range", f"bytes {start}-{end - 1}/{meta.length}".encode()))
         if hit.body is not None:
-            self.s.metrics.served_bytes.labels(hit.source).inc(end - start)
+            self._served[hit.source].inc(end - start)
             body = hit.body[start:end] if span else hit.body
-            return _raw(Response(body, status_code=status), raw)
+            return Whole(status, raw, body)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
         response = StreamingResponse(
             self._stream_hit(key, hit, start, end, verify),
@@ -257,7 +268,7 @@ class ArtifactRoute:
     async def _stream_hit(
         self, key: ArtifactKey, hit: Hit, start: int, end: int, verify: bool
     ) -> AsyncIterator[bytes]:
-        served = self.s.metrics.served_bytes.labels(hit.source)
+        served = self._served[hit.source]
         try:
             async for data in hit.chunks(start, end, verify):
                 served.inc(len(data))
@@ -375,13 +386,29 @@ def _check_limits(request: Request, max_query_length: int) -> None:
     """Refuse what no artifact request needs: huge queries and request bodies."""
     if len(request.scope["query_string"]) > max_query_length:
         raise UriTooLong(f"Query string longer than {max_query_length} bytes")
-    length = request.headers.get("content-length", "0")
-    if (
-        "transfer-encoding" in request.headers
-        or not length.isdigit()
-        or int(length) > MAX_REQUEST_BODY
-    ):
+    headers = _conditions(request.scope)
+    length = headers.get("content-length", "0")
+    if "transfer-encoding" in headers or not length.isdigit() or int(length) > MAX_REQUEST_BODY:
         raise PayloadTooLarge("GET /v1/artifacts takes no request body")
+
+
+#: The request headers the route looks at (besides Authorization).
+_CONDITIONS = frozenset(
+    (b"if-none-match", b"range", b"if-range", b"content-length", b"transfer-encoding")
+)
+
+
+def _conditions(scope: Scope) -> dict[str, str]:
+    """The first value of each of :data:`_CONDITIONS` the request has, in one pass over its
+    headers, kept in the scope (cheaper than Starlette's ``Headers`` for five names)."""
+    found: dict[str, str] | None = scope.get("vlmrun_cache.conditions")
+    if found is None:
+        found = {}
+        for name, value in scope["headers"]:
+            if name in _CONDITIONS:
+                found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        scope["vlmrun_cache.conditions"] = found
+    return found
 
 
 def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:
@@ -392,6 +419,23 @@ def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:
     return headers
 
 
+class Whole(Response):
+    """A response whose headers (spelled as given) and body are all in hand: two ASGI messages,
+    without Starlette's header building, which a hit would only replace."""
+
+    def __init__(self, status: int, headers: RawHeaders, body: bytes = b"") -> None:
+        self.status_code = status
+        self.raw_headers = headers
+        self.body = body
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": self.body})
+
+
 def _raw(response: Response, headers: RawHeaders) -> Response:
     """Replace a response's headers with ``headers``, spelled exactly as given."""
     response.raw_headers = headers
@@ -399,4 +443,4 @@ def _raw(response: Response, headers: RawHeaders) -> Response:
 
 
 def _replay(answer: Answer) -> Response:
-    return _raw(Response(answer.body, status_code=answer.status), answer.headers)
+    return Whole(answer.status, answer.headers, answer.body)

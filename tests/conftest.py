@@ -74,9 +74,7 @@ def proxy(start_proxy: ProxyFactory) -> ServerThread:
     return start_proxy()
 
 
-# Two workers under `pytest -m slow` only: in full default runs on a loaded 2-core machine a
-# 2-worker server now and then resets a connection (under investigation; see the README).
-@pytest.fixture(params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["1-worker", "2-workers"])
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
 def live_server(
     request: pytest.FixtureRequest, upstream: ServerThread, cache_dir: Path
 ) -> Iterator[Daemon]:
@@ -92,21 +90,32 @@ def live_server(
         assert daemon.stop(), daemon.output
 
 
-@pytest.fixture
-def read_only_mount(tmp_path: Path) -> Iterator[Path]:
-    """An empty directory of ours (0700) on a read-only tmpfs (root ignores permission bits;
-    a read-only mount stops it too). Skips where mounting is not allowed."""
-    mount = tmp_path / "read-only"
+def _tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs of ours mounted at ``mount`` (created) for the test; skips where mounting is not
+    allowed. Unmounted lazily: the test process may still hold files open in worker threads."""
     mount.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,mode=0700,size=1m", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"{options},mode=0700", "tmpfs", str(mount)],
         capture_output=True,
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr!r}")
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {mounted.stderr!r}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory of ours (0700) on a read-only tmpfs (root ignores permission bits;
+    a read-only mount stops it too). Skips where mounting is not allowed."""
+    yield from _tmpfs(tmp_path / "read-only", "ro,size=1m")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs of ours (0700), to fill up. Skips where mounting is not allowed."""
+    yield from _tmpfs(tmp_path / "small-disk", "size=16m")
 
 
 @pytest.fixture

@@ -218,7 +218,7 @@ def test_an_unavailable_redis_is_a_quick_miss_and_opens_the_breaker(
             redis_server.resume()
     assert state == "open"
     assert max(took) < 0.5  # bounded by 2 x redis_timeout plus scheduling on a busy machine
-    assert max(took[3:]) < 0.005  # breaker open: no call at all
+    assert max(took[3:]) < 0.04  # breaker open: no call (a stopped Redis would take 50 ms)
 
 
 def test_breaker_closes_once_redis_is_back(redis_server: RedisServer) -> None:
