@@ -371,7 +371,7 @@ class ArtifactRoute:
 
     async def _stream_fill(self, reader: Reader) -> AsyncIterator[bytes]:
         # Another replica's fetch, streamed through Redis, was not fetched from the API here.
-        served = self.s.metrics.served_bytes.labels("shared" if reader.fill.remote else "upstream")
+        served = self._served["shared" if reader.fill.remote else "upstream"]
         try:
             async for data in reader.fill.chunks(self.s.config.chunk_size):
                 served.inc(len(data))

@@ -27,6 +27,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
+from functools import partial
 from typing import Any, BinaryIO
 
 import anyio
@@ -369,17 +370,7 @@ class Fills:
             if held is not None:
                 broadcast = await self._broadcast(fill, held)
                 held = None
-            if claim is not None:
-                claim.announce(
-                    Announcement(
-                        fill.key.cache_key,
-                        os.path.basename(temp.path),
-                        fill.content_type,
-                        fill.expected_length,
-                        validators.to_dict(),
-                        fill.filler,
-                    )
-                )
+            _announce(claim, fill, temp)
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
@@ -401,12 +392,15 @@ class Fills:
                 fill.fingerprint or "",
             )
             shared = broadcast is not None and not broadcast.stopped
-            if broadcast is not None:
-                broadcast.finish(meta)
-                broadcast = None
+            stored = False
             if not fill.disk_failed:
                 pending, temp = temp, None
-                await self._commit(fill.key, pending, meta, publish=not shared)
+                stored = await self._commit(fill.key, pending, meta, publish=not shared)
+            if broadcast is not None:  # if it fails now, the committed copy is uploaded
+                publish, key = self._publish, fill.key.cache_key
+                later = None if publish is None or not stored else partial(publish, key, meta)
+                broadcast.finish(meta, later)
+                broadcast = None
         except ProxyError as exc:
             self._metrics.upstream_errors.inc()
             fill.error = exc
@@ -511,17 +505,7 @@ class Fills:
             fill.content_type, fill.expected_length = record.content_type, record.expected_length
             fill.validators, fill.filler, fill.following = validators, record.filler, True
             fill.remote = True
-            if claim is not None:
-                claim.announce(
-                    Announcement(
-                        fill.key.cache_key,
-                        os.path.basename(temp.path),
-                        record.content_type,
-                        record.expected_length,
-                        record.validators,
-                        record.filler,
-                    )
-                )
+            _announce(claim, fill, temp)
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
             digests = await self._tee(fill, remote.chunks(), temp.file)
@@ -644,15 +628,18 @@ class Fills:
 
     async def _commit(
         self, key: ArtifactKey, temp: FillFile, meta: EntryMeta, publish: bool = True
-    ) -> None:
+    ) -> bool:
+        """Store the entry; True if it was stored (then copied to the shared tier with
+        ``publish``)."""
         try:
             stored = await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()
-            return
+            return False
         if stored and publish and self._publish is not None:  # off the hot path: readers done
             self._publish(key.cache_key, meta)
+        return bool(stored)
 
     def _remember_proof(self, fill: Fill) -> None:
         scope = fill.key.proof_scope(self._config.access_check == "object")
@@ -662,3 +649,19 @@ class Fills:
         )
         if self._share_proofs is not None:
             self._share_proofs(fill.fingerprint, scope)
+
+
+def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
+    """Tell this host's other workers which temporary file ``fill`` writes (they follow it)."""
+    if claim is None or fill.validators is None:
+        return
+    claim.announce(
+        Announcement(
+            fill.key.cache_key,
+            os.path.basename(temp.path),
+            fill.content_type,
+            fill.expected_length,
+            fill.validators.to_dict(),
+            fill.filler,
+        )
+    )

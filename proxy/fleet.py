@@ -75,6 +75,7 @@ class Broadcast:
         self._receiving = True
         self.stopped = False
         self._writer: asyncio.Task[None] | None = None
+        self._otherwise: Callable[[], None] | None = None
         self._renewer: asyncio.Task[None] | None = None
 
     async def start(
@@ -122,6 +123,9 @@ class Broadcast:
         self._wake.set()
         self._on_result("unshared")
         self._spawn(self._abandon())
+        otherwise, self._otherwise = self._otherwise, None
+        if otherwise is not None:
+            otherwise()
 
     async def _abandon(self) -> None:
         for task in (self._writer, self._renewer):
@@ -169,15 +173,17 @@ class Broadcast:
                 self._give_up("the lease was lost")
                 return
 
-    def finish(self, meta: EntryMeta | None) -> None:
+    def finish(self, meta: EntryMeta | None, otherwise: Callable[[], None] | None = None) -> None:
         """The fill ended: publish the entry (``meta``) once every byte is in, or give up
-        (None). Runs in the background; the lease is released either way."""
+        (None). Runs in the background; the lease is released either way. If sharing fails
+        from now on, ``otherwise`` is called (the usual upload of the committed entry)."""
         self._receiving = False
         self._wake.set()
         if meta is None:
             self._give_up("the fetch failed")
             return
         if not self.stopped:
+            self._otherwise = otherwise
             self._spawn(self._publish(meta))
 
     async def _publish(self, meta: EntryMeta) -> None:
