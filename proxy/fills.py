@@ -39,7 +39,7 @@ from proxy.capacity import PerKey, RateFloor
 from proxy.config import Config
 from proxy.decoding import DecodeError, decodable, decode
 from proxy.errors import ProxyError
-from proxy.fleet import Broadcast, Fleet, RemoteBody, RemoteFailed
+from proxy.fleet import Broadcast, Fleet, RemoteBody, RemoteFailed, resumable
 from proxy.follower import FollowFailed, follow
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
@@ -349,7 +349,7 @@ class Fills:
             if fill.from_store:
                 return
             if isinstance(fleet, RemoteBody):  # another replica is fetching it: follow Redis
-                await self._follow_remote(fill, fleet, claim)
+                await self._follow_remote(fill, fleet, claim, authorization)
                 return
             held = fleet
             request = self._upstream.artifact_request(fill.key, authorization)
@@ -463,6 +463,9 @@ class Fills:
         fill.from_store = True
         return None
 
+    def _on_lease(self, outcome: str) -> None:
+        self._metrics.leases.labels(outcome).inc()
+
     async def _fleet_claim(self, fill: Fill) -> Held | RemoteBody | None:
         """After the local claim: which replica of the fleet fetches (:mod:`proxy.fleet`).
         Sets ``fill.from_store`` when another replica already stored it in Redis."""
@@ -491,11 +494,14 @@ class Fills:
             return None
         return broadcast
 
-    async def _follow_remote(self, fill: Fill, remote: RemoteBody, claim: Lease | None) -> None:
+    async def _follow_remote(
+        self, fill: Fill, remote: RemoteBody, claim: Lease | None, authorization: str | None
+    ) -> None:
         """Stream another replica's fetch from Redis into this fill (and a local file, which
         other workers of this host may follow); complete only if the entry that replica
-        published has exactly the bytes streamed. Before the first byte a failure leaves the
-        fill unstarted: its clients then fetch on their own."""
+        published has exactly the bytes streamed. If that fetch stops half-way, the rest comes
+        from upstream (:func:`proxy.fleet.resumable`). Before the first byte a failure leaves
+        the fill unstarted: its clients then fetch on their own."""
         record = remote.record
         temp = await self._begin(record.expected_length)
         if temp is None:
@@ -508,15 +514,33 @@ class Fills:
             _announce(claim, fill, temp)
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
-            digests = await self._tee(fill, remote.chunks(), temp.file)
+
+            async def fetch() -> httpx.Response:
+                request = self._upstream.artifact_request(fill.key, authorization)
+                return await self._upstream.send(request, artifact=True)
+
+            digests = await self._tee(fill, resumable(remote, fetch), temp.file)
             meta = remote.meta
-            if meta is None or (meta.length, meta.sha256) != (fill.written, digests.sha256):
+            if remote.resumed:  # upstream vouches for the bytes: a fill of our own
+                self._on_lease("resumed")
+                if fill.written != record.expected_length:
+                    raise RemoteFailed(f"body ended at {fill.written} of {fill.expected_length}")
+                meta = EntryMeta(
+                    fill.content_type,
+                    fill.written,
+                    digests.sha256,
+                    time.time(),
+                    digests.xxh3,
+                    validators,
+                    fill.fingerprint or "",
+                )
+            elif meta is None or (meta.length, meta.sha256) != (fill.written, digests.sha256):
                 raise RemoteFailed("the published entry has other bytes than were streamed")
             fill.complete = True
             fill._notify()
             if not fill.disk_failed:
                 pending, temp = temp, None
-                await self._commit(fill.key, pending, meta, publish=False)
+                await self._commit(fill.key, pending, meta, publish=remote.resumed)
         finally:
             if temp is not None:
                 await anyio.to_thread.run_sync(self._store.discard, temp)

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
+import httpx
 
 from proxy.store import EntryMeta, lease
 from proxy.store.lease import Held, Keys, Record, Stored, holder_is
@@ -220,6 +222,8 @@ class RemoteBody:
         self.record = record
         self.patience = patience
         self.meta: EntryMeta | None = None
+        #: True once the rest of the body came from upstream (:func:`resumable`).
+        self.resumed = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -283,6 +287,49 @@ class RemoteBody:
             )
         except Unavailable:  # not known: the reads decide, and silence bounds the wait
             return True
+
+
+async def resumable(
+    remote: RemoteBody, fetch: Callable[[], Awaitable[httpx.Response]]
+) -> AsyncIterator[bytes]:
+    """``remote``'s bytes; if the followed fetch stops before the end (its holder died or gave
+    up, Redis failed), the rest from upstream through ``fetch()``: the same artifact, whose
+    first bytes must hash like those already relayed (else :class:`RemoteFailed`). Then
+    :attr:`RemoteBody.resumed` is True and upstream, not the holder, vouches for the body."""
+    relayed = hashlib.sha256()
+    offset = 0
+    try:
+        async for data in remote.chunks():
+            await anyio.to_thread.run_sync(relayed.update, data)
+            offset += len(data)
+            yield data
+        return
+    except RemoteFailed as exc:
+        log.info(
+            "following another replica stopped at byte %d (%s); resuming upstream", offset, exc
+        )
+    remote.resumed = True
+    response = await fetch()
+    try:
+        validators = Validators.of(response)
+        expected = (200, False, remote.record.expected_length)
+        if (response.status_code, bool(validators.encoding), validators.length) != expected:
+            raise RemoteFailed("upstream's answer differs from the followed fetch's")
+        check = hashlib.sha256()
+        seen = 0
+        async for chunk in response.aiter_raw():
+            if seen < offset:
+                head = chunk[: offset - seen]
+                check.update(head)
+                seen += len(head)
+                if seen == offset and check.digest() != relayed.digest():
+                    raise RemoteFailed("upstream's bytes differ from those already relayed")
+                chunk = chunk[len(head) :]
+            if chunk:
+                seen += len(chunk)
+                yield chunk
+    finally:
+        await response.aclose()
 
 
 class _Backoff:

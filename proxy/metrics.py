@@ -28,8 +28,17 @@ REDIS_WRITES = ("stored", "present", "too_large", "dropped", "failed")
 #: replica fetches), taken_over (acquired after the holder stopped), followed (streamed another
 #: replica's fetch from Redis), stored (another replica finished meanwhile), fallback (Redis
 #: unavailable or too slow a holder: fetched on its own), unshared (the holder said it will not
-#: share, or the following failed and the clients got a failed transfer).
-LEASE_OUTCOMES = ("acquired", "taken_over", "followed", "stored", "fallback", "unshared")
+#: share, or gave up sharing), resumed (a followed fetch stopped half-way: the rest came from
+#: upstream).
+LEASE_OUTCOMES = (
+    "acquired",
+    "taken_over",
+    "followed",
+    "stored",
+    "fallback",
+    "unshared",
+    "resumed",
+)
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
 STORE_FAILURES = ("no_space", "write", "commit", "index", "too_large")
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
@@ -162,7 +171,8 @@ class Metrics:
         self.leases = Counter(
             "vlmrun_cache_fleet_leases",
             "Fills that asked Redis who fetches for the fleet, by outcome: acquired, taken_over, "
-            "followed, stored, fallback, unshared.",
+            "followed, stored, fallback, unshared; resumed: a followed fetch that stopped "
+            "half-way and was completed from upstream.",
             ["outcome"],
             registry=r,
         )
