@@ -18,8 +18,8 @@ stickiness does). Reported per run: hit rate (hits and coalesced / requests, fro
 replica's ``/metrics``), upstream fetches per distinct artifact (fills from upstream plus
 pass-throughs), and the fleet's lease outcomes.
 
-Coalescing: for fresh 8 MiB artifacts, one request alone (a plain miss), then 30 concurrent
-first requests spread over the three ``fleet`` replicas; the ratio of their latencies to the
+Coalescing: for fresh 1 MiB and 8 MiB artifacts, one request alone (a plain miss), then concurrent
+first requests (``--waiters``, 10) on one ``fleet`` replica, then spread over all three; the ratio of their latencies to the
 lone miss's is what a waiter on another replica pays for not fetching.
 """
 
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--artifacts", type=int, default=80)
     parser.add_argument("--latency", type=float, default=0.1, help="stand-in, per request")
     parser.add_argument("--rounds", type=int, default=3, help="coalescing rounds")
-    parser.add_argument("--waiters", type=int, default=30, help="per coalescing round")
+    parser.add_argument("--waiters", type=int, default=10, help="per coalescing round")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--logs", help="keep the servers' logs and caches in this directory")
     args = parser.parse_args()
