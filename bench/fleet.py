@@ -18,9 +18,10 @@ stickiness does). Reported per run: hit rate (hits and coalesced / requests, fro
 replica's ``/metrics``), upstream fetches per distinct artifact (fills from upstream plus
 pass-throughs), and the fleet's lease outcomes.
 
-Coalescing: for fresh 1 MiB and 8 MiB artifacts, one request alone (a plain miss), then concurrent
-first requests (``--waiters``, 10) on one ``fleet`` replica, then spread over all three; the ratio of their latencies to the
-lone miss's is what a waiter on another replica pays for not fetching.
+Coalescing: for fresh 1 MiB and 8 MiB artifacts, one request alone (a plain miss), then
+``--waiters`` (10) concurrent first requests on one ``fleet`` replica (local single-flight), then
+spread over all three; the ratio of their latencies to the lone miss's is what a waiter pays for
+not fetching (the client is one process on the same 2 cores: more waiters measure it instead).
 """
 
 from __future__ import annotations
