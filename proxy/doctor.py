@@ -202,7 +202,15 @@ def check_redis(config: Config, timeout: float) -> Check:
         try:
             client.ping()
             ms = (time.monotonic() - began) * 1000
-            memory = client.config_get("maxmemory*")
+            try:
+                memory = client.config_get("maxmemory*")
+            except redis.exceptions.ResponseError:  # CONFIG disabled (managed services)
+                return Check(
+                    "redis",
+                    True,
+                    f"{shown} answers in {ms:.0f} ms; its maxmemory settings cannot be read "
+                    "here: make sure it runs with maxmemory and allkeys-lru",
+                )
         finally:
             client.close()
     except (redis.exceptions.RedisError, OSError) as exc:

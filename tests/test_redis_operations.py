@@ -230,3 +230,15 @@ def test_revoke_names_the_key_with_the_shared_secret(
     everyone = admin("revoke", "--all", cache_dir=tmp_path / "a")
     assert everyone.code == 0 and "proof records from Redis" in everyone.out
     assert redis_server.cli("--scan", "--pattern", "*proof:*").split() == []
+
+
+def test_doctor_on_a_redis_without_config(
+    upstream: ServerThread, tmp_path: Path, shared_secret_file: Path
+) -> None:
+    """A managed Redis that disables CONFIG: doctor says it answers, and what to make sure of."""
+    server = RedisServer(tmp_path / "managed", "--rename-command", "CONFIG", "").start()
+    try:
+        line = _doctor(upstream, tmp_path, shared_secret_file, server.url)
+    finally:
+        server.stop()
+    assert line.startswith("ok") and "make sure it runs with maxmemory and allkeys-lru" in line

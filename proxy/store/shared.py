@@ -63,6 +63,8 @@ WRITERS = 2
 MAX_PENDING_WRITES = 32
 #: Bytes one GETRANGE of a streamed hit asks for at least: fewer round trips than chunk_size.
 STREAM_READ = 1024 * 1024
+#: Bodies up to this size are hashed on the event loop (about 60 us at most).
+INLINE_HASH_LIMIT = 128 * 1024
 #: A temporary key lives this long unless renamed (an upload that died leaves nothing for long).
 TEMP_TTL_MS = 300_000
 
@@ -233,7 +235,12 @@ class SharedTier:
                 return None  # evicted between the two reads
             await self._reject(name)
             return None
-        if await anyio.to_thread.run_sync(_sha256, body) != meta.sha256:
+        digest = (
+            _sha256(body)  # a thread hop costs more than hashing a small body here
+            if len(body) <= INLINE_HASH_LIMIT
+            else await anyio.to_thread.run_sync(_sha256, body)
+        )
+        if digest != meta.sha256:
             await self._reject(name)
             return None
         return Hit(meta, self.name, body=body, source="shared")
