@@ -396,9 +396,11 @@ class Fills:
             if not fill.disk_failed:
                 pending, temp = temp, None
                 stored = await self._commit(fill.key, pending, meta, publish=not shared)
-            if broadcast is not None:  # if it fails now, the committed copy is uploaded
+            if broadcast is not None:  # if it fails (or failed), the committed copy is uploaded
                 publish, key = self._publish, fill.key.cache_key
-                later = None if publish is None or not stored else partial(publish, key, meta)
+                later = None
+                if shared and stored and publish is not None:
+                    later = partial(publish, key, meta)
                 broadcast.finish(meta, later)
                 broadcast = None
         except ProxyError as exc:

@@ -177,16 +177,20 @@ class Broadcast:
 
     def finish(self, meta: EntryMeta | None, otherwise: Callable[[], None] | None = None) -> None:
         """The fill ended: publish the entry (``meta``) once every byte is in, or give up
-        (None). Runs in the background; the lease is released either way. If sharing fails
-        from now on, ``otherwise`` is called (the usual upload of the committed entry)."""
+        (None). Runs in the background; the lease is released either way. If sharing failed
+        or fails from now on, ``otherwise`` is called (the usual upload of the committed
+        entry, which the caller skipped because this broadcast was running)."""
         self._receiving = False
         self._wake.set()
         if meta is None:
             self._give_up("the fetch failed")
             return
-        if not self.stopped:
-            self._otherwise = otherwise
-            self._spawn(self._publish(meta))
+        if self.stopped:
+            if otherwise is not None:
+                otherwise()
+            return
+        self._otherwise = otherwise
+        self._spawn(self._publish(meta))
 
     async def _publish(self, meta: EntryMeta) -> None:
         call = self.lease.call

@@ -20,7 +20,7 @@ from proxy.store.lease import Keys, Record
 from proxy.store.shared import Names
 from tests.conftest import OTHER_TOKEN, SESSION, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, metric, wait_until
-from tests.redisserver import RedisServer
+from tests.redisserver import RedisCluster, RedisServer
 from tests.servers import Daemon, ServerThread
 from tests.standin import Fault, StandIn
 
@@ -389,3 +389,36 @@ def test_another_credential_following_through_redis_is_checked(
     assert metric(b, "vlmrun_cache_fleet_leases_total", outcome="followed") == 1
     assert metric(b, "vlmrun_cache_access_checks_total", result="denied") == 1
     assert metric(b, "vlmrun_cache_access_checks_total", result="granted") == 1
+
+
+def test_a_fleet_on_a_redis_cluster(
+    standin: StandIn, start_replica: ProxyFactory, tmp_path: Path
+) -> None:
+    """On a real 3-master Redis Cluster the lease, its record and the growing key share the
+    artifact's slot: B follows A's fetch there, before it ends, and one fetch serves both."""
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    try:
+        settings = {"redis_url": cluster.url, "redis_cluster": "true"}
+        body = standin.add("session", SESSION, "vid_cluster", size=2 * HALF)
+        release = threading.Event()
+        standin.faults["vid_cluster"] = Fault(hold_middle=release, hold_at=HALF, times=1)
+        a, b = start_replica(**settings), start_replica(**settings)
+        leader, follower = (
+            Client(artifact_url(a, "vid_cluster")),
+            Client(artifact_url(b, "vid_cluster")),
+        )
+        try:
+            leader.start()
+            assert leader.early.wait(30)
+            follower.start()
+            assert follower.early.wait(30) and follower.got_early >= EARLY
+            assert not release.is_set()
+        finally:
+            release.set()
+        _join([leader, follower])
+        assert leader.body == body and follower.body == body
+        assert follower.x_cache == "COALESCED"
+        assert standin.hits("session", SESSION, "vid_cluster") == 1
+        assert metric(b, "vlmrun_cache_fleet_leases_total", outcome="followed") == 1
+    finally:
+        cluster.stop()
