@@ -35,8 +35,9 @@ from proxy.keys import ArtifactKey, parse_key
 from proxy.metrics import SOURCES
 from proxy.passthrough import relay
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
+from proxy.resume import rest_from_upstream
 from proxy.services import Services
-from proxy.store.chain import Corrupt, Hit
+from proxy.store.chain import Corrupt, Hit, Interrupted
 from proxy.upstream import Answer, read_answer
 from proxy.validators import Validators
 
@@ -202,7 +203,7 @@ class ArtifactRoute:
             if refusal is not None:
                 hit.close()
                 return refusal
-            response = self._entry_response(request, key, hit, outcome)
+            response = self._entry_response(request, key, hit, outcome, authorization)
         except BaseException:
             hit.close()
             raise
@@ -211,7 +212,12 @@ class ArtifactRoute:
         return response
 
     def _entry_response(
-        self, request: Request, key: ArtifactKey, hit: Hit, outcome: str
+        self,
+        request: Request,
+        key: ArtifactKey,
+        hit: Hit,
+        outcome: str,
+        authorization: str | None = None,
     ) -> Response:
         """The hit's response: whole, a single range, 304 or 416.
 
@@ -259,19 +265,32 @@ class ArtifactRoute:
             return Whole(status, raw, body)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
         response = StreamingResponse(
-            self._stream_hit(key, hit, start, end, verify),
+            self._stream_hit(key, hit, start, end, verify, authorization),
             status_code=status,
             background=BackgroundTask(hit.close),
         )
         return _raw(response, raw)
 
     async def _stream_hit(
-        self, key: ArtifactKey, hit: Hit, start: int, end: int, verify: bool
+        self,
+        key: ArtifactKey,
+        hit: Hit,
+        start: int,
+        end: int,
+        verify: bool,
+        authorization: str | None = None,
     ) -> AsyncIterator[bytes]:
         served = self._served[hit.source]
         try:
             async for data in hit.chunks(start, end, verify):
                 served.inc(len(data))
+                yield data
+        except Interrupted as cut:  # the tier failed mid-body: the rest comes from upstream
+            rest = rest_from_upstream(
+                self.s.upstream, key, authorization, hit.meta, cut.offset, cut.digest
+            )
+            async for data in rest:
+                self._served["upstream"].inc(len(data))
                 yield data
         except Corrupt:
             self.s.chain.memory.drop(key.cache_key)

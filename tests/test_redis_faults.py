@@ -110,11 +110,17 @@ def test_a_stopped_redis_costs_a_request_little_and_once_per_breaker_period(
     assert max(times) < 2.0  # each paid at most a couple of redis_timeouts
 
 
-def test_keys_evicted_mid_read_never_give_wrong_or_short_bytes(
-    standin: StandIn, start_replica: ProxyFactory, tmp_path: Path, shared_secret_file: Path
+@pytest.mark.parametrize("fault", ["evicted", "killed"])
+def test_a_large_redis_hit_cut_mid_read_is_finished_from_upstream(
+    standin: StandIn,
+    start_replica: ProxyFactory,
+    tmp_path: Path,
+    shared_secret_file: Path,
+    fault: str,
 ) -> None:
-    """Redis with a tiny maxmemory and allkeys-lru: an artifact evicted while a replica streams
-    it ends that transfer as a failure (never a short 200); the next request gets exact bytes."""
+    """Redis with a tiny maxmemory and allkeys-lru evicts an artifact while a replica streams
+    it (or Redis is killed then): the replica fetches the rest from upstream, checks the whole
+    sha256, and the client gets every byte exact (zero short or wrong 200s)."""
     server = RedisServer(tmp_path / "lru", "--maxmemory", "48mb", *ALLKEYS_LRU)
     server.start()
     try:
@@ -130,18 +136,19 @@ def test_keys_evicted_mid_read_never_give_wrong_or_short_bytes(
             assert r.headers["cache-status"].endswith("detail=redis")
             pieces = r.iter_raw(64 * 1024)
             received = next(pieces)
-            filler = _client(server)
-            for i in range(60):  # push it out: allkeys-lru evicts the artifact's one key
-                filler.set(f"junk:{i}", b"x" * 1024 * 1024)
-            assert filler.exists(_entry_name(shared_secret_file, "vid_evicted")) == 0
-            filler.close()
-            with pytest.raises(httpx.HTTPError):
-                for piece in pieces:
-                    received += piece
-        assert len(received) < size
-
-        again = fetch(b, "vid_evicted")
-        assert again.status_code == 200 and again.content == body
+            if fault == "killed":
+                server.kill()
+            else:
+                filler = _client(server)
+                for i in range(60):  # push it out: allkeys-lru evicts the artifact's one key
+                    filler.set(f"junk:{i}", b"x" * 1024 * 1024)
+                assert filler.exists(_entry_name(shared_secret_file, "vid_evicted")) == 0
+                filler.close()
+            for piece in pieces:
+                received += piece
+        assert received == body
+        assert standin.hits("session", SESSION, "vid_evicted") == 2  # the fill, then the rest
+        assert metric(b, "vlmrun_cache_served_bytes_total", source="upstream") > 0
     finally:
         server.stop()
 
@@ -230,3 +237,27 @@ def test_a_body_altered_in_redis_fails_the_transfer_never_completes_it(
     assert len(received) < len(big)
     again = fetch(b, "vid_altered")
     assert again.status_code == 200 and again.content == big
+
+
+def test_a_rest_from_upstream_that_differs_fails_the_transfer(
+    standin: StandIn, start_replica: ProxyFactory, redis_server: RedisServer
+) -> None:
+    """If the bytes upstream gives for the rest do not complete the sealed sha256 (the API
+    changed an "immutable" artifact), the transfer fails before its last byte."""
+    size = 32 * 1024 * 1024
+    standin.add("session", SESSION, "vid_changed", size)
+    a, b = start_replica(), start_replica(chunk_size="64KiB")
+    assert fetch(a, "vid_changed").status_code == 200 and stored(a)
+    _, content_type = standin.artifacts[("session", SESSION, "vid_changed")]
+    standin.artifacts[("session", SESSION, "vid_changed")] = (b"Z" * size, content_type)
+    received = b""
+    with (
+        pytest.raises(httpx.HTTPError),
+        httpx.stream("GET", artifact_url(b, "vid_changed"), headers=auth(), timeout=20) as r,
+    ):
+        pieces = r.iter_raw(64 * 1024)
+        received = next(pieces)
+        redis_server.kill()
+        for piece in pieces:
+            received += piece
+    assert len(received) < size

@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
@@ -51,6 +51,19 @@ INLINE_READ_LIMIT = 64 * 1024
 
 class Corrupt(Exception):
     """A stored entry's bytes do not match its metadata (it has been evicted)."""
+
+
+class Interrupted(Corrupt):
+    """A tier stopped answering in the middle of a whole body (not a digest mismatch).
+
+    ``offset`` bytes were sent; ``digest`` (sha256) covers exactly them. The bytes are
+    immutable, so the caller may fetch the rest elsewhere, go on hashing, and send the last
+    piece only if the whole body matches the entry's sha256 (:mod:`proxy.resume`)."""
+
+    def __init__(self, offset: int, digest: Any) -> None:
+        super().__init__(f"interrupted after {offset} bytes")
+        self.offset = offset
+        self.digest = digest
 
 
 class Hit:

@@ -46,7 +46,7 @@ import anyio.to_thread
 
 from proxy.config import Config
 from proxy.store import EntryMeta
-from proxy.store.chain import Corrupt, Hit
+from proxy.store.chain import Corrupt, Hit, Interrupted
 from proxy.store.redisclient import Guarded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -252,25 +252,30 @@ class SharedTier:
             # Always the whole body, hashed: Redis is not trusted with a range either. The
             # last piece of the span is held back until the digest matched.
             digest = hashlib.sha256()
+            sent = digest.copy()  # of the bytes yielded so far (a whole body's are all read)
             held = b""
             position = 0
             step = max(self.chunk_size, STREAM_READ)
+            whole = start == 0 and end == meta.length
             while position < meta.length:
                 size = min(step, meta.length - position)
                 first = position
                 try:
                     data = await self._range(name, first, size)
                 except Unavailable:
-                    raise Corrupt(name) from None
-                if len(data) != size:  # evicted or replaced meanwhile
+                    data = b""
+                if len(data) != size:  # Redis failed, or the key was evicted or replaced
+                    if whole:  # what was sent is known exactly: the rest may come elsewhere
+                        raise Interrupted(first - len(held), sent)
                     raise Corrupt(name)
+                before = digest.copy()
                 await anyio.to_thread.run_sync(digest.update, data)  # off the event loop
                 position += size
                 piece = data[max(start - first, 0) : max(end - first, 0)]
                 if piece:
                     if held:
                         yield held
-                    held = piece
+                    held, sent = piece, before  # for a whole body, piece is all of data
             if digest.hexdigest() != meta.sha256:
                 await self._reject(name)
                 raise Corrupt(name)
