@@ -70,6 +70,8 @@ def create_app(config: Config | None = None) -> Front:
     access_log = (
         AccessLogWriter(config.log_format, shared=config.workers > 1) if config.access_log else None
     )
+    if access_log is not None:
+        services.access_log = access_log.put
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

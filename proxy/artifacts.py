@@ -209,6 +209,8 @@ class ArtifactRoute:
             raise
         self._count(outcome)
         self._tiers[hit.tier].inc()
+        if hit.meta.prefetched:
+            self.s.prefetcher.first_read(key.cache_key, hit.meta)
         return response
 
     def _entry_response(
@@ -321,9 +323,14 @@ class ArtifactRoute:
             fills.waiters.acquire(fingerprint)  # 429 when this credential holds its share
             on_close = functools.partial(fills.waiters.release, fingerprint)
             outcome = b"COALESCED"
+            if fills.adopt(fill):  # a prefetch this client came for: now its own fill
+                self.s.metrics.prefetch_hits.inc()
         reader = fill.join(on_close)  # before any await: keeps the fill's file open for us
         try:
             await fill.started.wait()
+            if fill.prefetch and (fill.error or fill.abandoned or fill.status not in (None, 200)):
+                reader.close()  # a prefetch that did not get the bytes: go on our own
+                return await self._bypass(request)
             if fill.error is not None:
                 raise fill.error
             if fill.from_store:  # another worker process fetched it meanwhile

@@ -95,6 +95,12 @@ _HELP = {
     "shared_ttl": "how long an artifact stays in Redis (default 7d)",
     "redis_buffer_size": "Redis hits up to this size are read whole before answering (1MiB)",
     "redis_lease_ttl": "life of a fleet fetch lease, renewed while it runs (default 10s)",
+    "prefetch": "fetch the artifacts an answer names before the client asks: true or false "
+    "(default true)",
+    "prefetch_max_object_size": "larger artifacts are not prefetched (default 64MiB)",
+    "prefetch_concurrency": "prefetches at once, besides the clients' fills (default 4)",
+    "prefetch_per_key": "prefetches one API key may run at once (default 2)",
+    "prefetch_scan_limit": "bytes of one answer read for artifact references (default 1MiB)",
 }
 
 

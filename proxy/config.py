@@ -246,6 +246,17 @@ class Config:
     #: Life of a replica's lease on an artifact it fetches for the fleet (renewed every third of
     #: it while the fetch runs): how long others wait for a holder that died before taking over.
     redis_lease_ttl: float = 10.0
+    #: Fetch the artifacts a completion or execution names before the client asks (see
+    #: :mod:`proxy.prefetch`), with the requester's own credential.
+    prefetch: bool = True
+    #: A prefetch of a larger artifact is abandoned (unless a client has joined it).
+    prefetch_max_object_size: int = 64 * 1024**2
+    #: Prefetches running at once, on top of the ``max_fills`` room kept for clients.
+    prefetch_concurrency: int = 4
+    #: Prefetches one credential may run at once.
+    prefetch_per_key: int = 2
+    #: Decoded bytes of one answer read for artifact references at most.
+    prefetch_scan_limit: int = 1024**2
 
     @property
     def object_size_limit(self) -> int:
@@ -315,6 +326,11 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "shared_ttl": parse_duration,
     "redis_buffer_size": parse_size,
     "redis_lease_ttl": parse_duration,
+    "prefetch": _parse_bool,
+    "prefetch_max_object_size": parse_size,
+    "prefetch_concurrency": _parse_int,
+    "prefetch_per_key": _parse_int,
+    "prefetch_scan_limit": parse_size,
 }
 KEYS = tuple(_PARSERS)
 
@@ -441,6 +457,8 @@ def _validate(config: Config, sources: Mapping[str, str], has_secret: bool = Fal
         "max_fills_per_key",
         "max_passthrough_per_key",
         "max_waiters_per_key",
+        "prefetch_concurrency",
+        "prefetch_per_key",
     ):
         if getattr(config, key) < 1:
             fail(key, "must be at least 1")
@@ -460,6 +478,8 @@ def _validate(config: Config, sources: Mapping[str, str], has_secret: bool = Fal
         fail("header_timeout", "must be larger than zero")
     if not 4096 <= config.chunk_size <= 16 * 1024**2:
         fail("chunk_size", "must be between 4KiB and 16MiB")
+    if config.prefetch_scan_limit < 4096:
+        fail("prefetch_scan_limit", "must be at least 4KiB")
     if not 1 <= config.workers <= 64:
         fail("workers", "must be between 1 and 64")
     if config.http not in ("auto", "h11", "httptools"):

@@ -21,6 +21,7 @@ fails half-way, the window stops shrinking and keeps the rest of the body (up to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -71,11 +72,27 @@ class TooLarge(FillFailed):
     """A body of unknown size grew past what may be stored (or a coded one exploded)."""
 
 
+class PrefetchTooLarge(FillFailed):
+    """A prefetch nobody joined passed ``prefetch_max_object_size``: not worth the bytes."""
+
+
 class Fill:
     """The shared state of one running fetch. All attributes change on the event loop only."""
 
-    def __init__(self, key: ArtifactKey, fingerprint: str | None) -> None:
+    def __init__(self, key: ArtifactKey, fingerprint: str | None, prefetch: bool = False) -> None:
         self.key = key
+        #: Started by the proxy for a reference it saw (:mod:`proxy.prefetch`), not by a client.
+        #: Until a client joins, it is abandoned past ``prefetch_max_object_size``; a client
+        #: that joins it is never handed its non-200 answer (it fetches on its own instead).
+        self.prefetch = prefetch
+        #: True once a client joined this prefetch (:meth:`Fills.adopt`): from then on it is
+        #: that client's fill, no longer counted as a prefetch.
+        self.adopted = False
+        #: Called once on adoption (the prefetcher frees the slot it held for this fill).
+        self.on_adopt: Callable[[], None] | None = None
+        #: Why a prefetch stopped short of storing the body ("too_large", or "not_stored" for
+        #: no room or a coding we do not undo), if it did.
+        self.abandoned: str | None = None
         #: HMAC of the credential of the client that started the fill.
         self.fingerprint = fingerprint
         #: HMAC of the credential upstream is asked with: ``fingerprint``, or the credential of
@@ -91,6 +108,8 @@ class Fill:
         self.error: ProxyError | None = None
         #: A non-200 answer, replayable to the same credential.
         self.answer: Answer | None = None
+        #: The upstream's status, once known.
+        self.status: int | None = None
         #: A 200 response nobody tees: the first reader to :meth:`take_direct` streams it.
         self._direct: httpx.Response | None = None
         self.content_type = "application/octet-stream"
@@ -266,7 +285,7 @@ class Fills:
         self._fleet = fleet
         self._coordinator = coordinator
         #: Called after a commit: copies the entry to the shared tier (in the background).
-        self._publish = publish
+        self._share_entry = publish
         #: Called with each proof a fill records: shares it with the other replicas.
         self._share_proofs = share_proofs
         self._upstream = upstream
@@ -277,6 +296,8 @@ class Fills:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Keys whose bodies proved too large to store, until when (time.monotonic()).
         self._uncacheable: dict[ArtifactKey, float] = {}
+        #: Running fills that are prefetches: they do not count against clients' ``max_fills``.
+        self._prefetching = 0
         #: Fills each credential runs (``max_fills_per_key``).
         self._per_key = PerKey(config.max_fills_per_key, "artifact fetches")
         #: Clients each credential has following fills (``max_waiters_per_key``).
@@ -299,14 +320,33 @@ class Fills:
     def full(self, fingerprint: str | None) -> bool:
         """True when no fill may start for this credential: every slot is taken, or it holds
         its share of them."""
-        return len(self._running) >= self._config.max_fills or self._per_key.full(fingerprint)
+        clients = len(self._running) - self._prefetching
+        return clients >= self._config.max_fills or self._per_key.full(fingerprint)
 
-    def start(self, key: ArtifactKey, authorization: str | None, fingerprint: str | None) -> Fill:
+    def start(
+        self,
+        key: ArtifactKey,
+        authorization: str | None,
+        fingerprint: str | None,
+        *,
+        prefetch: bool = False,
+        on_done: Callable[[Fill], None] | None = None,
+    ) -> Fill:
+        """Start the fill of ``key`` with ``authorization`` (kept in this task's memory only).
+
+        A ``prefetch`` counts against neither ``max_fills`` nor the credential's
+        ``max_fills_per_key`` (:mod:`proxy.prefetch` bounds its own), makes one attempt, and
+        is abandoned past ``prefetch_max_object_size`` unless a client joined it. ``on_done``
+        is called with the fill once it is over, before any reader learns that it is.
+        """
         assert key not in self._running
-        fill = Fill(key, fingerprint)
+        fill = Fill(key, fingerprint, prefetch)
         self._running[key] = fill
-        self._per_key.acquire(fingerprint)
-        self._spawn(self._run(fill, authorization), f"fill {key.object_id}")
+        if prefetch:
+            self._prefetching += 1
+        else:
+            self._per_key.acquire(fingerprint)
+        self._spawn(self._run(fill, authorization, on_done), f"fill {key.object_id}")
         return fill
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
@@ -329,7 +369,30 @@ class Fills:
 
     # -- the fill task ------------------------------------------------------------------------
 
-    async def _run(self, fill: Fill, authorization: str | None) -> None:
+    def adopt(self, fill: Fill) -> bool:
+        """A client joins the prefetch ``fill``: it becomes a client's fill (the prefetch's slot
+        is freed for the next one). True the first time, for counting."""
+        if not fill.prefetch or fill.adopted:
+            return False
+        fill.adopted = True
+        if not fill.done:
+            self._prefetching -= 1
+        if fill.on_adopt is not None:
+            callback, fill.on_adopt = fill.on_adopt, None
+            callback()
+        return True
+
+    def _abandon_prefetch(self, fill: Fill, length: int | None) -> bool:
+        """True if ``fill`` is a prefetch nobody joined whose body is over its cap."""
+        limit = self._config.prefetch_max_object_size
+        if fill.prefetch and fill.readers == 0 and length is not None and length > limit:
+            fill.abandoned = "too_large"
+            return True
+        return False
+
+    async def _run(
+        self, fill: Fill, authorization: str | None, on_done: Callable[[Fill], None] | None
+    ) -> None:
         started_at = time.monotonic()
         temp: FillFile | None = None
         response: httpx.Response | None = None
@@ -353,7 +416,8 @@ class Fills:
                 return
             held = fleet
             request = self._upstream.artifact_request(fill.key, authorization)
-            response = await self._upstream.send(request, artifact=True)
+            response = await self._upstream.send(request, artifact=True, retry=not fill.prefetch)
+            fill.status = response.status_code
             if response.status_code != 200:
                 fill.answer = await read_answer(response)
                 return
@@ -362,8 +426,14 @@ class Fills:
             fill.content_type = validators.content_type
             encoding = validators.encoding
             fill.expected_length = None if encoding else validators.length
+            if self._abandon_prefetch(fill, validators.length):
+                return
             if not encoding or decodable(encoding):
                 temp = await self._begin(fill.expected_length or validators.length)
+            if temp is None and fill.prefetch and fill.readers == 0:  # nobody to relay it to
+                large = (validators.length or 0) > self._config.object_size_limit
+                fill.abandoned = "too_large" if large else "not_stored"
+                return
             if temp is None:  # no room, too large, or a coding we do not undo: relay it as is
                 fill._direct, response = response, None  # the reader that takes it closes it
                 return  # and other processes waiting for the key fetch on their own
@@ -390,6 +460,7 @@ class Fills:
                 digests.xxh3,
                 validators.with_length(fill.written),
                 fill.fingerprint or "",
+                prefetched=fill.prefetch and fill.readers == 0,
             )
             shared = broadcast is not None and not broadcast.stopped
             stored = False
@@ -397,7 +468,7 @@ class Fills:
                 pending, temp = temp, None
                 stored = await self._commit(fill.key, pending, meta, publish=not shared)
             if broadcast is not None:  # if it fails (or failed), the committed copy is uploaded
-                publish, key = self._publish, fill.key.cache_key
+                publish, key = self._share_entry, fill.key.cache_key
                 later = None
                 if shared and stored and publish is not None:
                     later = partial(publish, key, meta)
@@ -406,6 +477,8 @@ class Fills:
         except ProxyError as exc:
             self._metrics.upstream_errors.inc()
             fill.error = exc
+        except PrefetchTooLarge:
+            fill.abandoned = "too_large"
         except TooLarge as exc:
             self._uncacheable[fill.key] = time.monotonic() + UNCACHEABLE_SECONDS
             self._metrics.store_failures.labels("too_large").inc()
@@ -431,7 +504,16 @@ class Fills:
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
-            self._per_key.release(fill.fingerprint)
+            if fill.prefetch:
+                if not fill.adopted:
+                    self._prefetching -= 1
+            else:
+                self._per_key.release(fill.fingerprint)
+            if on_done is not None:
+                try:
+                    on_done(fill)
+                except Exception:
+                    log.exception("after the fill of %s", fill.key.object_id)
             fill._release()
             fill._notify()
 
@@ -505,6 +587,8 @@ class Fills:
         from upstream (:func:`proxy.fleet.resumable`). Before the first byte a failure leaves
         the fill unstarted: its clients then fetch on their own."""
         record = remote.record
+        if self._abandon_prefetch(fill, record.expected_length):
+            return
         temp = await self._begin(record.expected_length)
         if temp is None:
             raise RemoteFailed("no room on disk to follow another replica's fetch")
@@ -519,7 +603,7 @@ class Fills:
 
             async def fetch() -> httpx.Response:
                 request = self._upstream.artifact_request(fill.key, authorization)
-                return await self._upstream.send(request, artifact=True)
+                return await self._upstream.send(request, artifact=True, retry=not fill.prefetch)
 
             digests = await self._tee(fill, resumable(remote, fetch), temp.file)
             meta = remote.meta
@@ -538,6 +622,8 @@ class Fills:
                 )
             elif meta is None or (meta.length, meta.sha256) != (fill.written, digests.sha256):
                 raise RemoteFailed("the published entry has other bytes than were streamed")
+            # Unread here only if this is a prefetch nobody joined (whatever the holder's was).
+            meta = dataclasses.replace(meta, prefetched=fill.prefetch and fill.readers == 0)
             fill.complete = True
             fill._notify()
             if not fill.disk_failed:
@@ -623,6 +709,8 @@ class Fills:
                     raise TooLarge(
                         f"larger than an entry may be (or expands {DECODE_RATIO_LIMIT}x)"
                     )
+                if self._abandon_prefetch(fill, fill.written + len(chunk)):
+                    raise PrefetchTooLarge("prefetch past prefetch_max_object_size")
                 fill._publish(chunk)
                 if tap is not None:
                     tap(chunk)
@@ -663,8 +751,8 @@ class Fills:
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()
             return False
-        if stored and publish and self._publish is not None:  # off the hot path: readers done
-            self._publish(key.cache_key, meta)
+        if stored and publish and self._share_entry is not None:  # off the hot path
+            self._share_entry(key.cache_key, meta)
         return bool(stored)
 
     def _remember_proof(self, fill: Fill) -> None:

@@ -41,6 +41,15 @@ LEASE_OUTCOMES = (
 )
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
 STORE_FAILURES = ("no_space", "write", "commit", "index", "too_large")
+PREFETCH_RESULTS = (
+    "fetched",
+    "already_cached",
+    "refused",
+    "too_large",
+    "dropped",
+    "rate_limited",
+    "error",
+)
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -182,6 +191,27 @@ class Metrics:
             self.redis_errors.labels(kind)
         for result in REDIS_WRITES:
             self.redis_writes.labels(result)
+        self.prefetches = Counter(
+            "vlmrun_cache_prefetches",
+            "Artifacts named by a passed-through answer, by what their prefetch came to: fetched, "
+            "already_cached (stored or being fetched), refused (the API said 401/403/404 to the "
+            "requester's key, now or in the last 10 minutes), too_large, dropped (queue full, "
+            "upstream down), rate_limited (429, or the key is waiting out a Retry-After), error.",
+            ["result"],
+            registry=r,
+        )
+        self.prefetch_hits = Counter(
+            "vlmrun_cache_prefetch_hits",
+            "First client reads of a prefetched artifact (joining its running prefetch, or a hit).",
+            registry=r,
+        )
+        self.prefetch_evicted_unread_bytes = Counter(
+            "vlmrun_cache_prefetch_evicted_unread_bytes",
+            "Bytes of prefetched entries evicted before any client read them.",
+            registry=r,
+        )
+        for result in PREFETCH_RESULTS:
+            self.prefetches.labels(result)
         for reason in STORE_FAILURES:
             self.store_failures.labels(reason)
         for outcome in OUTCOMES:

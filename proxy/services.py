@@ -19,6 +19,8 @@ from proxy.fills import Fills
 from proxy.fleet import Fleet
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
+from proxy.prefetch import Prefetcher
+from proxy.prefetch.scheduler import LogRecord
 from proxy.store import Store
 from proxy.store.chain import Chain, DiskTier
 from proxy.store.claims import Claims
@@ -198,12 +200,15 @@ class Services:
     access: AccessProofs
     upstream: Upstream
     fills: Fills
+    prefetcher: Prefetcher
     passthrough: Passthrough
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
         self.serving = False
+        #: Where prefetches are logged (the access log's ``put``), if it is on.
+        self.access_log: LogRecord | None = None
 
     async def open(self) -> None:
         config = self.config
@@ -215,6 +220,7 @@ class Services:
                 max_object_bytes=config.object_size_limit,
                 on_evict=self.metrics.evicted,
                 on_reset=self.metrics.store_failures.labels("index").inc,
+                on_evict_unread=self.metrics.prefetch_evicted_unread_bytes.inc,
             )
         )
         # Once per server start; fills running in other processes hold locks and are spared.
@@ -245,7 +251,17 @@ class Services:
             self.share_proofs,
             self._fleet(),
         )
-        self.passthrough = Passthrough(self.upstream, self.metrics, self.access, config)
+        self.prefetcher = Prefetcher(
+            config, self.fills, self.store, self.access, self.upstream, self.metrics
+        )
+        self.prefetcher.access_log = self.access_log
+        self.passthrough = Passthrough(
+            self.upstream,
+            self.metrics,
+            self.access,
+            config,
+            self.prefetcher if config.prefetch else None,
+        )
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         # After start-up, not during it: the scan is proportional to the number of entries.
         self._sweep = asyncio.create_task(self._sweep_once())
@@ -324,6 +340,7 @@ class Services:
         self.serving = False
         self._housekeeping.cancel()
         self._sweep.cancel()
+        self.prefetcher.close()
         await self.fills.aclose()
         await self.chain.aclose()
         await self.upstream.aclose()

@@ -377,6 +377,13 @@ class Answer:
         self.headers = headers
         self.body = body
 
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lowercase), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
 
 async def read_answer(response: httpx.Response) -> Answer | None:
     """Read a whole (error) answer; ``None`` if its body exceeds :data:`ERROR_BODY_LIMIT`."""

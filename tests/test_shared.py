@@ -258,3 +258,27 @@ def test_names_keep_an_artifact_in_one_slot_and_a_scope_findable(tmp_path: Path)
     assert fnmatch.fnmatchcase(entry, obj) and fnmatch.fnmatchcase(other_scope, obj)
     assert fnmatch.fnmatchcase(own_copy, obj) and fnmatch.fnmatchcase(temp, obj)
     assert not fnmatch.fnmatchcase(other_object, obj)
+
+
+def test_metadata_travels_sealed_with_its_validators_filler_and_prefetch_flag(
+    redis_server: RedisServer,
+) -> None:
+    """What the security and prefetch work record about an entry reaches the other replicas."""
+    import dataclasses
+
+    from proxy.validators import Validators
+
+    body = pattern("meta", 4000)
+    validators = Validators("image/png", 4000, "", (("etag", '"abc"'),))
+    meta = dataclasses.replace(_meta(body), validators=validators, filler="fp", prefetched=True)
+
+    async def work(tier: SharedTier) -> Hit | None:
+        async def read(offset: int, size: int) -> bytes:
+            return body[offset : offset + size]
+
+        tier.publish(KEY, meta, read)
+        await asyncio.gather(*tier._tasks)
+        return await tier.lookup(KEY)
+
+    hit = _run(redis_server, work)
+    assert hit is not None and hit.meta == meta

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -217,9 +218,10 @@ class DiskTier:
         too_large = hit.meta.length > getattr(self.store, "max_object_bytes", hit.meta.length)
         if self._backfills.locked() or len(self._tasks) >= BACKFILLS or too_large:
             return hit
+        meta = dataclasses.replace(hit.meta, prefetched=False)  # a client is reading it
         if hit.body is not None:
             body = hit.body
-            task = asyncio.create_task(self._write_whole(key, hit.meta, body))
+            task = asyncio.create_task(self._write_whole(key, meta, body))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return hit
@@ -239,7 +241,7 @@ class DiskTier:
                         yield data
                     if fill is not None:  # every byte arrived and the digest matched
                         pending, fill = fill, None
-                        await anyio.to_thread.run_sync(self._commit, key, pending, hit.meta)
+                        await anyio.to_thread.run_sync(self._commit, key, pending, meta)
                 finally:
                     if fill is not None:
                         with anyio.CancelScope(shield=True):

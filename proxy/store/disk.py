@@ -24,6 +24,7 @@ the operator's commands use too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -118,12 +119,14 @@ class DiskStore:
         max_object_bytes: int,
         on_evict: Callable[[int], None] = lambda _size: None,
         on_reset: Callable[[], None] = lambda: None,
+        on_evict_unread: Callable[[int], None] = lambda _size: None,
     ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.max_object_bytes = max_object_bytes
         self._on_evict = on_evict
         self._on_reset = on_reset
+        self._on_evict_unread = on_evict_unread
         self._tmp = self.directory / "tmp"
         self._commit_lock_path = self.directory / "locks" / "commit.lock"
         self._entries_dir = self.directory / ENTRIES_DIR
@@ -331,6 +334,8 @@ class DiskStore:
                     self.evict(key)
                     self._make_room(meta.length)
                     cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
+                    if meta.prefetched:  # unread: the first to go, until a client reads it
+                        self._index.record_access_times({key: 0.0})
             except sqlite3.DatabaseError as exc:
                 self._damaged(cache, exc)
                 return False
@@ -355,6 +360,23 @@ class DiskStore:
             fill.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fill.path)
+
+    def first_read(self, key: str, meta: EntryMeta) -> bool:
+        """Mark a prefetched entry read (see :mod:`proxy.store`): True for the one caller, in
+        any process, whose call changed its recorded metadata."""
+        if not meta.prefetched:
+            return False
+        read = dataclasses.replace(meta, prefetched=False)
+        try:
+            changed = self._index.replace_tag(key, meta.to_json(), read.to_json())
+        except sqlite3.Error as exc:  # a counter and the LRU position are at stake, no bytes
+            log.warning("could not mark a prefetched entry read: %s", exc)
+            return False
+        with self._memo_lock:
+            known = self._memo.get(key)
+            if known is not None and known[1] == meta:
+                self._memo[key] = (known[0], read)
+        return changed
 
     # -- eviction ----------------------------------------------------------------------------
 
@@ -381,16 +403,18 @@ class DiskStore:
             if not victims:
                 return
             chosen = []
-            for key, size in victims:
-                chosen.append((key, size))
+            for key, size, unread in victims:
+                chosen.append((key, size, unread))
                 excess -= size
                 if excess <= 0:
                     break
             with self._cache.transact():
-                for key, size in chosen:
+                for key, size, unread in chosen:
                     self._forget(key)
                     if self._cache.delete(key):
                         self._on_evict(size)
+                        if unread:
+                            self._on_evict_unread(size)
             excess = self._bytes() + incoming - self.max_bytes
 
     def _bytes(self) -> int:

@@ -105,12 +105,15 @@ class Index:
                 return
             after = int(rows[-1][0])
 
-    def least_recently_used(self, limit: int) -> list[tuple[str, int]]:
-        """Up to ``limit`` (key, size) pairs, least recently used first."""
+    def least_recently_used(self, limit: int) -> list[tuple[str, int, bool]]:
+        """Up to ``limit`` (key, size, prefetched and unread) triples, least recently used
+        first. (A JSON string value cannot contain the unescaped ``"prefetched":true``.)"""
         rows = self.query(
-            "SELECT key, size FROM Cache WHERE raw = 1 ORDER BY access_time LIMIT ?", (limit,)
+            "SELECT key, size, instr(tag, '\"prefetched\":true') > 0 FROM Cache WHERE raw = 1"
+            " ORDER BY access_time LIMIT ?",
+            (limit,),
         )
-        return [(str(key), int(size)) for key, size in rows]
+        return [(str(key), int(size), bool(unread)) for key, size, unread in rows]
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -121,6 +124,15 @@ class Index:
                 "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1",
                 [(when, key) for key, when in touched.items()],
             )
+
+    def replace_tag(self, key: str, old: str, new: str) -> bool:
+        """Change the entry's metadata from ``old`` to ``new``; False if it was not ``old``
+        (changed by another process, or gone). Atomic across processes."""
+        with contextlib.closing(sqlite3.connect(self.db_path, timeout=5)) as db, db:
+            changed = db.execute(
+                "UPDATE Cache SET tag = ? WHERE key = ? AND raw = 1 AND tag = ?", (new, key, old)
+            )
+            return changed.rowcount == 1
 
     def remove(self, entries: Iterable[IndexedEntry]) -> list[IndexedEntry]:
         """Remove the entries that are still as listed, in one transaction; returns those.

@@ -298,7 +298,10 @@ class SharedTier:
 
     async def _reject(self, name: str) -> None:
         """A value that is not what it claims (damaged, or written without the secret)."""
-        log.warning("rejected a Redis entry that failed its HMAC or digest; deleting it")
+        log.warning(
+            "rejected a Redis entry that failed its HMAC or digest (damaged, written without "
+            "the secret, or by a replica with another secret); deleting it"
+        )
         self._on_reject()
         with contextlib.suppress(Unavailable):
             await self.call(lambda c: c.delete(name))
