@@ -452,16 +452,7 @@ class Fills:
                 raise FillFailed(f"body ended at {sent} of {validators.length} bytes")
             fill.complete = True
             fill._notify()
-            meta = EntryMeta(
-                fill.content_type,
-                fill.written,
-                digests.sha256,
-                time.time(),
-                digests.xxh3,
-                validators.with_length(fill.written),
-                fill.fingerprint or "",
-                prefetched=fill.prefetch and fill.readers == 0,
-            )
+            meta = _entry_meta(fill, digests, validators)
             shared = broadcast is not None and not broadcast.stopped
             stored = False
             if not fill.disk_failed:
@@ -611,15 +602,7 @@ class Fills:
                 self._on_lease("resumed")
                 if fill.written != record.expected_length:
                     raise RemoteFailed(f"body ended at {fill.written} of {fill.expected_length}")
-                meta = EntryMeta(
-                    fill.content_type,
-                    fill.written,
-                    digests.sha256,
-                    time.time(),
-                    digests.xxh3,
-                    validators,
-                    fill.fingerprint or "",
-                )
+                meta = _entry_meta(fill, digests, validators)
             elif meta is None or (meta.length, meta.sha256) != (fill.written, digests.sha256):
                 raise RemoteFailed("the published entry has other bytes than were streamed")
             # Unread here only if this is a prefetch nobody joined (whatever the holder's was).
@@ -763,6 +746,20 @@ class Fills:
         )
         if self._share_proofs is not None:
             self._share_proofs(fill.fingerprint, scope)
+
+
+def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> EntryMeta:
+    """The entry of a body ``fill`` fetched from upstream itself (``fill.written`` bytes)."""
+    return EntryMeta(
+        fill.content_type,
+        fill.written,
+        digests.sha256,
+        time.time(),
+        digests.xxh3,
+        validators.with_length(fill.written),
+        fill.fingerprint or "",
+        prefetched=fill.prefetch and fill.readers == 0,
+    )
 
 
 def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
