@@ -137,7 +137,6 @@ class HeadMeter:
                 self.limits.check_fields(self.lines - 1)
             self.limits.check_size(self.size)
 
-
     def _whole(self, data: bytes) -> bool:
         """The common case at C speed: a whole head in one piece, CRLF line ends, within every
         limit. False (nothing counted) sends ``data`` through the line-by-line meter, which
