@@ -10,6 +10,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import errno
 import http.client
 import ipaddress
 import json
@@ -308,6 +309,20 @@ def check_health(cache_dir: str | Path, timeout: float = 2.0) -> str:
     return url
 
 
+def listen_problem(config: Config) -> str | None:
+    """Why ``serve`` could not listen where it is told, in one line that says what to change;
+    None if it can. Asked before the banner and ``serve.json``: a second ``serve`` on a taken
+    port must neither announce an address it never gets nor overwrite the running server's
+    record, and uvicorn's own message (errno 98, exit 3) does not say what to do."""
+    error = doctor.bind_error(config)
+    if error is None:
+        return None
+    if error.errno == errno.EADDRINUSE and doctor.proxy_answers(config):
+        why = "a proxy already answers there (vlmrun-cache stats shows it)"
+        return doctor.cannot_listen(config, error, why)
+    return doctor.cannot_listen(config, error)
+
+
 def serve(config: Config) -> None:
     configure_logging(config.log_level)
     warn_if_clear_text(config)
@@ -385,8 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     checking = args.command == "healthcheck"
     try:
         config = _load(args)
-        # Before uvicorn starts, so that an unsafe directory is one clean line, not a traceback.
-        prepare_directory(config.cache_dir)
+        if not checking:  # a health check only reads serve.json: it creates nothing
+            if problem := listen_problem(config):
+                print(f"vlmrun-cache: {problem}", file=sys.stderr)
+                return 2
+            # Before uvicorn starts: an unsafe directory is one clean line, not a traceback.
+            prepare_directory(config.cache_dir)
     except ConfigError as exc:
         print(f"vlmrun-cache: invalid setting {exc}", file=sys.stderr)
         return 1 if checking else 2  # a health check exits 0 or 1 (Docker reserves 2)

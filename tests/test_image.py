@@ -244,6 +244,15 @@ def test_healthcheck_fails_without_an_address_or_a_valid_setting(tmp_path: Path)
     assert result.returncode == 1 and "invalid setting port:" in result.stderr
 
 
+def test_healthcheck_creates_nothing(tmp_path: Path) -> None:
+    """Asked about a cache directory that does not exist, the health check says so (exit 1)
+    and leaves it missing: it reads serve.json and dials, nothing more."""
+    missing = tmp_path / "never-served"
+    result = healthcheck("--cache-dir", str(missing))
+    assert result.returncode == 1 and "the proxy has not started here" in result.stderr
+    assert not missing.exists()
+
+
 def test_wildcard_address_is_dialled_on_loopback(start_proxy: ProxyFactory, tmp_path: Path) -> None:
     """A server listening on 0.0.0.0 is checked at 127.0.0.1 (and :: at ::1)."""
     proxy = start_proxy()
