@@ -388,6 +388,18 @@ def _sources(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # here, so that a reader gone early is caught below
+        return code
+    except BrokenPipeError:
+        # `vlmrun-cache ls --json | head`: the reader has what it wanted; no traceback. stdout
+        # now points at /dev/null, so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:  # a first try: lead to serve rather than fail with a usage error

@@ -153,14 +153,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vlmrun-cache: invalid setting {exc}", file=sys.stderr)
         return 2
     try:
-        code = _COMMANDS[args.command](args, config)
-        sys.stdout.flush()  # here, so that a reader gone early is caught below
-        return code
+        return _COMMANDS[args.command](args, config)
     except Failed as exc:
         print(f"vlmrun-cache {args.command}: {exc}", file=sys.stderr)
         return exc.code
-    except BrokenPipeError:
-        # `ls --json | head`: the reader has what it wanted; no traceback. stdout now points
-        # at /dev/null, so that the interpreter's last flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
