@@ -33,7 +33,7 @@ from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, env_name, f
 from proxy.guards import Limits
 from proxy.metrics import MULTIPROC_ENV
 from proxy.protocols import GuardedHTTP
-from proxy.services import prepare_directory
+from proxy.services import inspect_directory, prepare_directory
 
 log = logging.getLogger(__name__)
 
@@ -412,11 +412,12 @@ def _run(argv: Sequence[str] | None) -> int:
     checking = args.command == "healthcheck"
     try:
         config = _load(args)
-        if not checking:  # a health check only reads serve.json: it creates nothing
-            if problem := listen_problem(config):
-                print(f"vlmrun-cache: {problem}", file=sys.stderr)
-                return 2
-            # Before uvicorn starts: an unsafe directory is one clean line, not a traceback.
+        if checking:  # the same rules for the directory, but a health check creates nothing
+            inspect_directory(config.cache_dir)
+        elif problem := listen_problem(config):
+            print(f"vlmrun-cache: {problem}", file=sys.stderr)
+            return 2
+        else:  # before uvicorn starts: an unsafe directory is one clean line, not a traceback
             prepare_directory(config.cache_dir)
     except ConfigError as exc:
         print(f"vlmrun-cache: invalid setting {exc}", file=sys.stderr)
