@@ -4,9 +4,12 @@ PY := $(VENV)/bin/python
 
 .PHONY: serve test check bench bench-quick load lock clean
 
-$(VENV)/.installed: pyproject.toml
+# The pinned set CI tests (requirements-test.lock), then the checkers on top.
+$(VENV)/.installed: pyproject.toml requirements-test.lock
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --require-hashes -r requirements-test.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
+	$(VENV)/bin/pip install -q 'ruff>=0.6' 'mypy>=1.11'
 	touch $@
 
 serve: $(VENV)/.installed

@@ -400,9 +400,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _unrecognized(command: str | None, unknown: list[str]) -> str:
+    """argparse's message, and for a setting given to an operator command, where it goes."""
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    flags = {flag_name(key): key for key in KEYS}
+    settings = [flags[arg.split("=", 1)[0]] for arg in unknown if arg.split("=", 1)[0] in flags]
+    if command in admin.COMMANDS and settings:
+        key = settings[0]
+        message += (
+            f"\n`{command}` takes settings from --config FILE and the environment only: set "
+            f"{env_name(key)}, or `{key} = ...` in the file, as for the server it works beside"
+        )
+    return message
+
+
 def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(_unrecognized(args.command, unknown))
     if args.command is None:  # a first try: lead to serve rather than fail with a usage error
         parser.print_help()
         return 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import SESSION, TOKEN
 from tests.helpers import fetch
-from tests.operators import misses_then_hits
+from tests.operators import admin, misses_then_hits
 from tests.servers import ServerThread
 from tests.standin import StandIn
 
@@ -138,3 +138,13 @@ def test_a_reader_that_stops_early_gets_no_traceback(
         finally:
             os.close(writer)
         assert (ended.returncode, ended.stderr) == (1, ""), args
+
+
+def test_a_setting_flag_given_to_a_command_says_where_settings_go(tmp_path: Path) -> None:
+    """``purge --redis-url ...`` (as the server takes it) is refused with where the setting goes
+    instead, so that a purge never runs without the Redis the server uses."""
+    ran = admin("purge", "--all", "--yes", "--redis-url", "redis://127.0.0.1:1/0")
+    assert ran.code == 2
+    assert "unrecognized arguments: --redis-url" in ran.err
+    assert "VLMRUN_CACHE_REDIS_URL" in ran.err and "redis_url = ..." in ran.err
+    assert "VLMRUN_CACHE" not in admin("stats", "--bogus").err  # not a setting: argparse's words
