@@ -62,21 +62,33 @@ class _Decoder:
 
     def __init__(self, encoding: str) -> None:
         coding = encoding.strip().lower()
-        if coding in ("", "identity"):
-            self._zlib = None
-        elif coding in ("gzip", "x-gzip"):
-            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._wbits = 0
+        if coding in ("gzip", "x-gzip"):
+            self._wbits = 16 + zlib.MAX_WBITS
         elif coding == "deflate":
-            self._zlib = zlib.decompressobj(zlib.MAX_WBITS)
-        else:  # br, zstd, several codings: not ours to read
+            self._wbits = zlib.MAX_WBITS
+        elif coding not in ("", "identity"):  # br, zstd, several codings: not ours to read
             raise _Stop(f"cannot decode {coding!r}")
+        self._zlib = zlib.decompressobj(self._wbits) if self._wbits else None
 
     def decode(self, data: bytes, budget: int) -> bytes:
-        """Up to ``budget`` decoded bytes of ``data`` (the rest of the answer is not read)."""
+        """Up to ``budget`` decoded bytes of ``data`` (the rest of the answer is not read).
+
+        A gzip body may be several members back to back: each ending member's ``unused_data``
+        starts the next one. (Left in a finished decompressor, every later byte would pile up
+        in its ``unused_data``: an endless stream of members would grow without bound.)
+        """
         if self._zlib is None:
             return data[:budget]
+        out = b""
         try:
-            out = self._zlib.decompress(data, budget)
+            while data and len(out) < budget:
+                if self._zlib.eof:
+                    if self._wbits != 16 + zlib.MAX_WBITS:  # one zlib stream, then nothing
+                        raise _Stop("data after the end of the deflate stream")
+                    self._zlib = zlib.decompressobj(self._wbits)
+                out += self._zlib.decompress(data, budget - len(out))
+                data = self._zlib.unused_data if self._zlib.eof else b""
         except zlib.error as exc:
             raise _Stop(str(exc)) from None
         return out
