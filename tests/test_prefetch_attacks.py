@@ -3,12 +3,21 @@ timing can do to the limits that protect the other keys, and what a run leaves b
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import json
 import threading
-from typing import Any
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import httpx
+import pytest
 
 from proxy.keys import ArtifactKey
-from tests.conftest import SESSION
+from proxy.prefetch.watch import Watch
+from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
 from tests.helpers import fetch, metric
 from tests.standin import Fault, StandIn
 from tests.test_prefetch import _complete, _eventually
@@ -50,3 +59,94 @@ def test_joining_its_own_prefetches_does_not_lift_a_keys_fill_limit(
     assert metric(proxy, "vlmrun_cache_prefetch_hits_total") == 2
     _eventually(lambda: metric(proxy, "vlmrun_cache_prefetches_total", result="fetched") == 2)
     assert [standin.hits("session", SESSION, name) for name in names] == [1, 1]
+
+
+def test_no_credential_reaches_the_logs_metrics_or_disk(
+    standin: StandIn,
+    start_proxy: Any,
+    cache_dir: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Prefetches that are fetched, refused and rate limited, with the access log on and debug
+    logging: neither key appears in anything the proxy printed, served as metrics, or left in
+    its cache directory (entries, index, proofs, claims)."""
+    proxy = start_proxy(log_level="debug")
+    standin.chat_session = SESSION
+    standin.add("session", SESSION, "arr_5ec001")
+    standin.add("session", SESSION, "arr_5ec002")
+    standin.faults["arr_5ec002"] = Fault(status=429, times=1)
+    standin.chat_content = "arr_5ec001 arr_5ec002"
+    _complete(proxy)
+    _complete(proxy, OTHER_TOKEN)  # B names A's artifacts: refused with B's key
+    _eventually(lambda: metric(proxy, "vlmrun_cache_prefetches_total", result="refused") >= 1)
+    _eventually(lambda: metric(proxy, "vlmrun_cache_prefetches_total", result="fetched") == 1)
+    assert metric(proxy, "vlmrun_cache_prefetches_total", result="rate_limited") == 1
+    assert fetch(proxy, "arr_5ec001").headers["x-cache"] == "HIT"
+    metrics = httpx.get(f"{proxy.url}/metrics", timeout=20).text
+    proxy.stop()
+    printed = capfd.readouterr()
+    assert "PREFETCH" in printed.out + printed.err
+    files = [path for path in cache_dir.rglob("*") if path.is_file()]
+    assert files
+    for token in (TOKEN, OTHER_TOKEN):
+        assert token not in printed.out + printed.err + metrics
+        for path in files:
+            assert token.encode() not in path.read_bytes(), path
+
+
+class _Submitted:
+    """What a watch hands the prefetcher: the references it submits, and the scan limiter."""
+
+    def __init__(self) -> None:
+        self.scan_limiter = anyio.CapacityLimiter(1)
+        self.refs: list[tuple[str, ...]] = []
+
+    def submit(self, *job: str) -> None:
+        self.refs.append(job)
+
+
+def test_a_large_json_answer_is_parsed_off_the_event_loop() -> None:
+    """An execution answer of a megabyte of small JSON values (its shape is the user's to
+    choose, through the agent's output) costs tens of milliseconds to parse: the event loop
+    keeps serving others meanwhile, and the reference is still submitted before the answer's
+    last byte goes out."""
+    body = json.dumps(
+        {"id": "exec_1", "status": "completed", "response": [[]] * 200_000, "a": "arr_0a0b0c"}
+    ).encode()
+    chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+
+    async def run() -> tuple[int, list[tuple[str, ...]]]:
+        prefetcher = _Submitted()
+        watch = Watch("execution", "json", "", 2 * 1024**2, cast(Any, prefetcher), "Bearer k", "fp")
+        watch.length = len(body)
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        async def upstream() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        task = asyncio.create_task(ticker())
+        relayed = []
+        during = 0
+        async for chunk in watch.around(upstream()):
+            if len(relayed) == len(chunks) - 2:
+                before = ticks  # the next chunk is the last: scanned and parsed before it goes
+            relayed.append(chunk)
+            if len(relayed) == len(chunks):
+                during = ticks - before
+                submitted = list(prefetcher.refs)
+        stop.set()
+        await task
+        assert b"".join(relayed) == body
+        return during, submitted
+
+    during, submitted = asyncio.run(run())
+    assert submitted == [("Bearer k", "fp", "execution", "exec_1", "arr_0a0b0c")]
+    assert during > 1  # the loop ran other tasks while the body was parsed

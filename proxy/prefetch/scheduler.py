@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import anyio
 import anyio.to_thread
 
 from proxy.access import AccessProofs
@@ -124,6 +125,9 @@ class Prefetcher:
         self._paused = _Expiring()
         self._counted_reads: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Large JSON answers are parsed in a worker thread, one at a time: a flood of them
+        #: takes neither the threads that disk reads need nor more than one core.
+        self.scan_limiter = anyio.CapacityLimiter(1)
         #: Set by the app when the access log is on.
         self.access_log: LogRecord | None = None
         self._closed = False

@@ -19,13 +19,16 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 import httpx
 
-from proxy.prefetch.scan import Format, Kind, Scanner
+from proxy.prefetch.scan import Format, Kind, Scanner, parse_json
 from proxy.prefetch.scheduler import Prefetcher
 
 _SLASHES = re.compile(rb"/{2,}")
 _EXECUTION = re.compile(rb"/v1/agent/executions/[^/]+")
+#: A JSON answer up to this size is parsed on the event loop (well under a millisecond).
+INLINE_JSON = 64 * 1024
 
 
 def watched(method: str, raw_path: bytes) -> Kind | None:
@@ -79,11 +82,28 @@ class Watch:
             received += len(chunk)
             if self.length is not None and received >= self.length:  # the last one
                 self.scanner.feed(chunk)
-                self.scanner.finish()
+                await self._finish()
                 yield chunk
                 continue
             yield chunk
             self.scanner.feed(chunk)  # after the chunk went out: never delays it
+        await self._finish()
+
+    async def _finish(self) -> None:
+        """Scan what waited for the end. A JSON body larger than :data:`INLINE_JSON` is parsed
+        in a worker thread, one at a time: parsing a megabyte of small values takes tens of
+        milliseconds, which on the event loop would stall every other client, at the will of
+        whoever polls a large answer."""
+        body = self.scanner.take_json()
+        if body is not None:
+            kind = self.scanner.kind
+            if len(body) <= INLINE_JSON:
+                parsed = parse_json(kind, body)
+            else:
+                parsed = await anyio.to_thread.run_sync(
+                    parse_json, kind, body, limiter=self._prefetcher.scan_limiter
+                )
+            self.scanner.parsed(parsed)
         self.scanner.finish()
 
 
