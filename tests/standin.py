@@ -236,7 +236,9 @@ class StandIn:
             self._requests_changed.notify_all()
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope["query_string"].decode(), keep_blank_values=True))
-        token = headers.get("authorization", "").removeprefix("Bearer ")
+        # As FastAPI's HTTPBearer reads it: the scheme in any case, the token after one space.
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        token = token if scheme.lower() == "bearer" else ""
         method = scope["method"]
         if path == "/_standin/hits":
             return await self._json(

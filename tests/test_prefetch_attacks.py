@@ -19,8 +19,9 @@ from proxy.keys import ArtifactKey
 from proxy.prefetch.watch import Watch
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
 from tests.helpers import fetch, metric
+from tests.servers import ServerThread
 from tests.standin import Fault, StandIn
-from tests.test_prefetch import _complete, _eventually
+from tests.test_prefetch import COMPLETIONS, _complete, _eventually
 
 
 def test_joining_its_own_prefetches_does_not_lift_a_keys_fill_limit(
@@ -150,3 +151,37 @@ def test_a_large_json_answer_is_parsed_off_the_event_loop() -> None:
     during, submitted = asyncio.run(run())
     assert submitted == [("Bearer k", "fp", "execution", "exec_1", "arr_0a0b0c")]
     assert during > 1  # the loop ran other tasks while the body was parsed
+
+
+def test_spelling_the_scheme_differently_is_still_one_key(
+    standin: StandIn, proxy: ServerThread
+) -> None:
+    """The API reads the ``Bearer`` scheme in any case (HTTPBearer), so ``bearer K`` and
+    ``BEARER K`` are the same key as ``Bearer K``: one key's completions sent with three
+    spellings still run at most ``prefetch_per_key`` (2) prefetches at once, not two per
+    spelling (64 spellings would take every prefetch slot and queue of the proxy)."""
+    gate = threading.Event()
+    standin.chat_session = SESSION
+    names = [f"arr_5c{n:04x}" for n in range(6)]
+    for name in names:
+        standin.add("session", SESSION, name, size=1_000)
+        standin.faults[name] = Fault(hold_start=gate)
+    request = {"model": "m", "messages": []}
+    try:
+        for n, scheme in enumerate(("Bearer", "bearer", "BEARER")):
+            standin.chat_content = " ".join(names[2 * n : 2 * n + 2])
+            answer = httpx.post(
+                f"{proxy.url}{COMPLETIONS}",
+                json=request,
+                headers={"Authorization": f"{scheme} {TOKEN}"},
+                timeout=20,
+            )
+            assert answer.status_code == 200
+        # Each completion's references were queued before its answer's last byte went out.
+        prefetcher = proxy.app.state.services.prefetcher
+        assert (prefetcher._running, len(prefetcher._queue)) == (2, 4)
+        assert standin.wait_for_requests("/v1/artifacts", 2)
+    finally:
+        gate.set()
+    _eventually(lambda: metric(proxy, "vlmrun_cache_prefetches_total", result="fetched") == 6)
+    assert standin.max_in_flight == 2
