@@ -208,12 +208,13 @@ def test_a_client_following_a_prefetch_from_another_worker_gets_the_whole_body(
     standin.faults["vid_f0110e"] = Fault(chunked=True, hold_middle=gate, hold_at=32 * 1024)
     standin.chat_session = SESSION
     standin.chat_content = "vid_f0110e"
-    _complete(first)
-    assert standin.wait_for_requests("/v1/artifacts", 1)
+    assert httpx.get(f"{second.url}/metrics", timeout=20).status_code == 200  # started
     fills = second.app.state.services.fills
     key = ArtifactKey("session", SESSION, "vid_f0110e")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
+            _complete(first)
+            assert standin.wait_for_requests("/v1/artifacts", 1)
             client = pool.submit(fetch, second, "vid_f0110e")
             _eventually(lambda: fills.get(key) is not None and fills.get(key).following)
         finally:
@@ -223,3 +224,38 @@ def test_a_client_following_a_prefetch_from_another_worker_gets_the_whole_body(
         except httpx.HTTPError as exc:  # the transfer broke off
             pytest.fail(f"the client of worker 2 got a broken transfer: {exc!r}")
     assert got.status_code == 200 and got.content == body
+
+
+def test_a_large_json_answer_never_waits_behind_another_ones_parse() -> None:
+    """While another answer's large body is being parsed (the scan limiter is taken, as by a
+    user flooding large execution answers), a large answer goes out whole at once, unscanned:
+    its last chunk does not queue behind someone else's parses."""
+    body = json.dumps({"id": "exec_1", "status": "completed", "a": "arr_0a0b0c" * 10_000})
+
+    async def run() -> tuple[bytes, list[tuple[str, ...]]]:
+        prefetcher = _Submitted()
+        watch = Watch("execution", "json", "", 2**20, cast(Any, prefetcher), "Bearer k", "fp")
+        watch.length = len(body)
+
+        async def upstream() -> AsyncIterator[bytes]:
+            yield body.encode()
+
+        held, done = asyncio.Event(), asyncio.Event()
+
+        async def other_parse() -> None:
+            async with prefetcher.scan_limiter:
+                held.set()
+                await done.wait()
+
+        other = asyncio.create_task(other_parse())
+        await held.wait()
+        try:
+            with anyio.fail_after(5):
+                relayed = b"".join([chunk async for chunk in watch.around(upstream())])
+        finally:
+            done.set()
+            await other
+        return relayed, prefetcher.refs
+
+    relayed, submitted = asyncio.run(run())
+    assert relayed == body.encode() and submitted == []

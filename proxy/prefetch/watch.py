@@ -93,17 +93,17 @@ class Watch:
         """Scan what waited for the end. A JSON body larger than :data:`INLINE_JSON` is parsed
         in a worker thread, one at a time: parsing a megabyte of small values takes tens of
         milliseconds, which on the event loop would stall every other client, at the will of
-        whoever polls a large answer."""
+        whoever polls a large answer. While another answer is being parsed, this one is not
+        scanned at all: its last chunk must not wait behind someone else's answers."""
         body = self.scanner.take_json()
         if body is not None:
             kind = self.scanner.kind
+            limiter = self._prefetcher.scan_limiter
             if len(body) <= INLINE_JSON:
-                parsed = parse_json(kind, body)
-            else:
-                parsed = await anyio.to_thread.run_sync(
-                    parse_json, kind, body, limiter=self._prefetcher.scan_limiter
-                )
-            self.scanner.parsed(parsed)
+                self.scanner.parsed(parse_json(kind, body))
+            elif limiter.available_tokens >= 1:
+                parsed = await anyio.to_thread.run_sync(parse_json, kind, body, limiter=limiter)
+                self.scanner.parsed(parsed)
         self.scanner.finish()
 
 
