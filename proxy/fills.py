@@ -270,9 +270,15 @@ class Fills:
         access: AccessProofs,
         metrics: Metrics,
         coordinator: Coordinator | None = None,
+        publish: Callable[[str, EntryMeta], None] | None = None,
+        share_proofs: Callable[[str | None, tuple[str, ...]], None] | None = None,
     ) -> None:
         self._config = config
         self._coordinator = coordinator
+        #: Called after a commit: copies the entry to the shared tier (in the background).
+        self._share_entry = publish
+        #: Called with each proof a fill records: shares it with the other replicas.
+        self._share_proofs = share_proofs
         self._upstream = upstream
         self._store = store
         self._access = access
@@ -628,10 +634,13 @@ class Fills:
 
     async def _commit(self, key: ArtifactKey, temp: FillFile, meta: EntryMeta) -> None:
         try:
-            await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
+            stored = await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()
+            return
+        if stored and self._share_entry is not None:  # off the hot path: readers are done
+            self._share_entry(key.cache_key, meta)
 
     def _remember_proof(self, fill: Fill) -> None:
         scope = fill.key.proof_scope(self._config.access_check == "object")
@@ -639,3 +648,5 @@ class Fills:
             anyio.to_thread.run_sync(self._access.record, fill.fingerprint, scope),
             "record proof",
         )
+        if self._share_proofs is not None:
+            self._share_proofs(fill.fingerprint, scope)
