@@ -18,7 +18,7 @@ import pytest
 from proxy.keys import ArtifactKey
 from proxy.prefetch.watch import Watch
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
-from tests.helpers import fetch, metric
+from tests.helpers import auth, fetch, metric
 from tests.servers import ServerThread
 from tests.standin import Fault, StandIn
 from tests.test_prefetch import COMPLETIONS, _complete, _eventually
@@ -259,3 +259,30 @@ def test_a_large_json_answer_never_waits_behind_another_ones_parse() -> None:
 
     relayed, submitted = asyncio.run(run())
     assert relayed == body.encode() and submitted == []
+
+
+def test_an_execution_answer_about_another_execution_prefetches_nothing(
+    standin: StandIn, proxy: ServerThread
+) -> None:
+    """``GET /v1/agent/executions/exec_asked`` answered with the record of another execution (a
+    misrouted or stale answer): nothing is prefetched for that other execution. The id as the
+    API decodes it counts: ``exec%5Fok`` is ``exec_ok``, whose answer is prefetched."""
+    record = {"status": "completed", "response": {"array": {"id": "arr_0e0e0e"}}}
+    for execution in ("exec_asked", "exec_other", "exec_ok"):
+        standin.grant(TOKEN, "execution", execution)
+    standin.executions["exec_asked"] = {**record, "id": "exec_other"}
+    standin.add("execution", "exec_other", "arr_0e0e0e")
+    answer = httpx.get(f"{proxy.url}/v1/agent/executions/exec_asked", headers=auth(), timeout=20)
+    assert answer.status_code == 200 and answer.json()["id"] == "exec_other"
+    # A prefetch would have been queued or started before the answer's last byte went out.
+    services = proxy.app.state.services
+    assert services.fills.get(ArtifactKey("execution", "exec_other", "arr_0e0e0e")) is None
+    assert not services.prefetcher._queue
+    assert standin.hits("execution", "exec_other", "arr_0e0e0e") == 0
+
+    standin.executions["exec_ok"] = {**record, "id": "exec_ok"}
+    standin.add("execution", "exec_ok", "arr_0e0e0e")
+    answer = httpx.get(f"{proxy.url}/v1/agent/executions/exec%5Fok", headers=auth(), timeout=20)
+    assert answer.status_code == 200
+    assert standin.wait_for_requests("/v1/artifacts", 1)
+    assert standin.hits("execution", "exec_ok", "arr_0e0e0e") == 1

@@ -99,8 +99,19 @@ class _Decoder:
 class Scanner:
     """Scans one answer; see the module docstring. ``feed`` and ``finish`` never raise."""
 
-    def __init__(self, kind: Kind, form: Format, encoding: str, limit: int, found: Found) -> None:
+    def __init__(
+        self,
+        kind: Kind,
+        form: Format,
+        encoding: str,
+        limit: int,
+        found: Found,
+        execution: str | None = None,
+    ) -> None:
         self.kind = kind
+        #: The execution id the request named (``GET /v1/agent/executions/{id}``), if any: an
+        #: answer about another execution is not scanned.
+        self.execution = execution
         self.form = form
         self._found = found
         self._left = limit
@@ -168,7 +179,7 @@ class Scanner:
         try:
             body = self.take_json()
             if body is not None:
-                self.parsed(parse_json(self.kind, body))
+                self.parsed(parse_json(self.kind, body, self.execution))
             else:
                 for text in list(self._tails):
                     self._text(text, "", final=True)
@@ -305,11 +316,12 @@ class Scanner:
             self._found(kind, scope_id, object_id)
 
 
-def parse_json(kind: Kind, body: bytes) -> Parsed:
+def parse_json(kind: Kind, body: bytes, execution: str | None = None) -> Parsed:
     """The scope and the references (unique, in order, at most :data:`MAX_REFS`) of a JSON
     answer: for a completion its ``session_id``; for an execution its ``id``, and only when its
-    ``status`` is ``completed``. A pure function that never raises: parsing a large body costs
-    tens of milliseconds, so :class:`proxy.prefetch.watch.Watch` runs it off the event loop."""
+    ``status`` is ``completed`` (and the id is ``execution``, the one the request named, if
+    any). A pure function that never raises: parsing a large body costs tens of milliseconds,
+    so :class:`proxy.prefetch.watch.Watch` runs it off the event loop."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
@@ -322,7 +334,7 @@ def parse_json(kind: Kind, body: bytes) -> Parsed:
         kind_id = ("execution", document.get("id"))
     else:
         return None, []
-    if not _valid_id(kind_id[1]):
+    if not _valid_id(kind_id[1]) or (execution is not None and kind_id[1] != execution):
         return None, []
     scope = (kind_id[0], str(kind_id[1]))
     refs: list[str] = []

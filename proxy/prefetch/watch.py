@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import anyio.to_thread
 import httpx
@@ -26,7 +27,7 @@ from proxy.prefetch.scan import Format, Kind, Scanner, parse_json
 from proxy.prefetch.scheduler import Prefetcher
 
 _SLASHES = re.compile(rb"/{2,}")
-_EXECUTION = re.compile(rb"/v1/agent/executions/[^/]+")
+_EXECUTION = re.compile(rb"/v1/agent/executions/([^/]+)")
 #: A JSON answer up to this size is parsed on the event loop (well under a millisecond).
 INLINE_JSON = 64 * 1024
 
@@ -41,6 +42,17 @@ def watched(method: str, raw_path: bytes) -> Kind | None:
     ):
         return "execution"
     return None
+
+
+def requested_execution(method: str, raw_path: bytes) -> str | None:
+    """The execution id a ``GET /v1/agent/executions/{id}`` names (as the API decodes it): its
+    answer is scanned only if it is about that execution. An upstream answering another one
+    (a misrouted or stale answer) prefetches nothing."""
+    path = _SLASHES.sub(b"/", raw_path.split(b"?", 1)[0])
+    match = _EXECUTION.fullmatch(path) if method == "GET" else None
+    if match is None:
+        return None
+    return unquote(match.group(1).decode("latin-1"), errors="replace")
 
 
 def _format(content_type: str) -> Format | None:
@@ -100,9 +112,11 @@ class Watch:
             kind = self.scanner.kind
             limiter = self._prefetcher.scan_limiter
             if len(body) <= INLINE_JSON:
-                self.scanner.parsed(parse_json(kind, body))
+                self.scanner.parsed(parse_json(kind, body, self.scanner.execution))
             elif limiter.available_tokens >= 1:
-                parsed = await anyio.to_thread.run_sync(parse_json, kind, body, limiter=limiter)
+                parsed = await anyio.to_thread.run_sync(
+                    parse_json, kind, body, self.scanner.execution, limiter=limiter
+                )
                 self.scanner.parsed(parsed)
         self.scanner.finish()
 
@@ -129,6 +143,7 @@ def observe(
         return None
     encoding = response.headers.get("content-encoding", "")
     watch = Watch(kind, form, encoding, limit, prefetcher, authorization, fingerprint)
+    watch.scanner.execution = requested_execution(method, raw_path)
     length = response.headers.get("content-length", "")
     watch.length = int(length) if length.isdigit() else None
     return watch
