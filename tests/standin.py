@@ -313,7 +313,10 @@ class StandIn:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(self._name(k), v.encode()) for k, v in headers],
+                "headers": [
+                    (self._name(k), v.encode("latin-1") if k == "Retry-After" else v.encode())
+                    for k, v in headers
+                ],
             }
         )
 

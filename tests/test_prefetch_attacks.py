@@ -286,3 +286,24 @@ def test_an_execution_answer_about_another_execution_prefetches_nothing(
     assert answer.status_code == 200
     assert standin.wait_for_requests("/v1/artifacts", 1)
     assert standin.hits("execution", "exec_ok", "arr_0e0e0e") == 1
+
+
+def test_an_odd_retry_after_never_holds_a_prefetch_slot(standin: StandIn, start_proxy: Any) -> None:
+    """A 429 whose ``Retry-After`` is ``²`` (a byte ``str.isdigit`` calls a digit, ``float``
+    refuses) once raised in the prefetcher's bookkeeping: the slot of that prefetch was never
+    given back. With ``prefetch_concurrency = 1`` one such answer stopped every key's
+    prefetches for good; now it pauses that key for the default time, and others go on."""
+    proxy = start_proxy(prefetch_concurrency=1)
+    standin.chat_session = SESSION
+    standin.add("session", SESSION, "arr_2e2e01")
+    standin.faults["arr_2e2e01"] = Fault(status=429, times=1)
+    standin.retry_after = "\xb2"
+    standin.chat_content = "arr_2e2e01"
+    _complete(proxy)
+    _eventually(lambda: metric(proxy, "vlmrun_cache_prefetches_total", result="rate_limited") == 1)
+    standin.grant(OTHER_TOKEN, "session", "sess_other")
+    standin.add("session", "sess_other", "arr_2e2e02")
+    standin.chat_session = "sess_other"
+    standin.chat_content = "arr_2e2e02"
+    _complete(proxy, OTHER_TOKEN)
+    _eventually(lambda: metric(proxy, "vlmrun_cache_prefetches_total", result="fetched") == 1)
