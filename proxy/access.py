@@ -130,7 +130,18 @@ def fingerprint_with(secret: bytes, authorization: str | None) -> str | None:
 
 
 def _hmac(secret: bytes, authorization: str) -> str:
-    return hmac.new(secret, authorization.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(secret, _canonical(authorization).encode(), hashlib.sha256).hexdigest()
+
+
+def _canonical(authorization: str) -> str:
+    """The credential as the API reads it. Its ``HTTPBearer`` takes the scheme in any case, so
+    ``bearer K`` is the key of ``Bearer K``: it must have the same fingerprint, or one key could
+    spell its scheme 64 ways and hold 64 shares of every per-key limit. (The token, after the
+    first space, is taken verbatim, as the API takes it.)"""
+    scheme, space, token = authorization.partition(" ")
+    if space and scheme != "Bearer" and scheme.lower() == "bearer":
+        return "Bearer " + token
+    return authorization
 
 
 def credential(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.access import REVOCATIONS_FILE, AccessProofs, Revocations
+from proxy.access import (
+    REVOCATIONS_FILE,
+    AccessProofs,
+    Revocations,
+    existing_secret,
+    fingerprint_with,
+)
 from proxy.store import RECHECK_SECONDS
 
 
@@ -118,3 +124,29 @@ def test_an_unreadable_revocation_file_voids_every_proof(tmp_path: Path) -> None
     assert not proofs.has_proof(fingerprint, ("session", "s"))
     (tmp_path / REVOCATIONS_FILE).rmdir()
     assert proofs.has_proof(fingerprint, ("session", "s"))
+
+
+def test_revoking_a_key_revokes_every_spelling_of_its_scheme(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API reads ``bearer K`` and ``BEARER K`` as ``Bearer K`` (HTTPBearer). A holder of a
+    leaked key who used another spelling before ``revoke --key-file`` (which names ``Bearer
+    K``) must not keep its proofs: every spelling is one credential. The token itself is not
+    folded: ``Bearer k`` is another key."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=600)
+    spelt = proofs.fingerprint("bEaReR Key-1")
+    assert spelt is not None
+    proofs.record(spelt, ("session", "s"))
+    now[0] += 1
+    Revocations.append(
+        tmp_path, fingerprint_with(existing_secret(tmp_path) or b"", "Bearer Key-1"), now[0]
+    )
+    time.sleep(RECHECK_SECONDS)
+    for spelling in ("bEaReR Key-1", "bearer Key-1", "BEARER Key-1", "Bearer Key-1"):
+        assert proofs.fingerprint(spelling) == spelt
+        assert not proofs.has_proof(proofs.fingerprint(spelling), ("session", "s"))
+    assert proofs.fingerprint("Bearer key-1") != spelt
+    assert proofs.fingerprint("Bearer  Key-1") != spelt  # a token with a space: not the key
+    proofs.close()
