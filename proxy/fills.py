@@ -772,8 +772,14 @@ def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> Ent
 
 
 def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
-    """Tell this host's other workers which temporary file ``fill`` writes (they follow it)."""
+    """Tell this host's other workers which temporary file ``fill`` writes (they follow it).
+
+    Not a prefetch of unannounced size: it is abandoned at ``prefetch_max_object_size`` unless
+    a client of its own process joins, which would break a follower's transfer; other workers
+    wait for its claim instead, and fetch themselves if it is abandoned."""
     if claim is None or fill.validators is None:
+        return
+    if fill.prefetch and fill.expected_length is None:
         return
     claim.announce(
         Announcement(

@@ -187,20 +187,15 @@ def test_spelling_the_scheme_differently_is_still_one_key(
     assert standin.max_in_flight == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a prefetch of unannounced size is abandoned at prefetch_max_object_size although "
-    "another worker's client follows its file; the fix (tell followers apart, or not announce "
-    "such a prefetch) is a design choice for the lead",
-)
 def test_a_client_following_a_prefetch_from_another_worker_gets_the_whole_body(
     standin: StandIn, start_proxy: Any
 ) -> None:
     """Two workers on one cache (two proxies on one directory, as ``--workers 2``): worker 1
     prefetches an artifact sent without a Content-Length; a client of worker 2 asks for it
-    meanwhile and follows worker 1's file. Worker 1 has no reader of its own, so once the bytes
-    pass prefetch_max_object_size it abandons the prefetch, and the client of worker 2, which
-    without prefetch would have got the artifact, gets a broken transfer."""
+    meanwhile. Worker 1 has no reader of its own, so once the bytes pass
+    prefetch_max_object_size it abandons the prefetch: such a prefetch is not announced to other
+    workers (a follower's transfer would break there), so the client of worker 2 waits for the
+    claim and then fetches the whole artifact itself."""
     first = start_proxy(prefetch_max_object_size="64KiB")
     second = start_proxy(prefetch=False)
     gate = threading.Event()
@@ -216,7 +211,7 @@ def test_a_client_following_a_prefetch_from_another_worker_gets_the_whole_body(
             _complete(first)
             assert standin.wait_for_requests("/v1/artifacts", 1)
             client = pool.submit(fetch, second, "vid_f0110e")
-            _eventually(lambda: fills.get(key) is not None and fills.get(key).following)
+            _eventually(lambda: fills.get(key) is not None)  # waiting for worker 1's claim
         finally:
             gate.set()
         try:
