@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ import diskcache
 from diskcache.core import MODE_BINARY
 
 from proxy.store import Entry, EntryMeta, FillFile, StoreStats
-from proxy.store.index import ENTRIES_DIR, INDEX_FILE, Index
+from proxy.store.index import ENTRIES_DIR, INDEX_FILE, Index, Readers
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,13 @@ class DiskStore:
         self._memo: OrderedDict[str, tuple[str, EntryMeta]] = OrderedDict()
         self._touched: dict[str, float] = {}
         self._memo_lock = threading.Lock()
+        #: Set by :meth:`close`: a running orphan sweep stops at its next pause.
+        self._closing = threading.Event()
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._commit_lock_path.parent.mkdir(exist_ok=True, mode=0o700)
         self._db_path = self._entries_dir / INDEX_FILE
-        #: Per-thread read-only index connections, and the index's generation (bumped on reset).
-        self._local = threading.local()
-        self._generation = 0
+        #: The read-only index connections lookups share.
+        self._readers = Readers(self._db_path)
         try:
             self._cache = self._open()
         except sqlite3.DatabaseError as exc:
@@ -171,7 +172,7 @@ class DiskStore:
                 return
             cache.close()
             self._quarantine(exc)
-            self._generation += 1
+            self._readers.reset()
             with self._memo_lock:
                 self._memo.clear()
                 self._touched.clear()
@@ -236,11 +237,10 @@ class DiskStore:
         transaction per hit (recency goes through :meth:`_touch` and the batched flush)."""
         cache = self._cache
         try:
-            row = (
-                self._reader()
-                .execute("SELECT filename, tag FROM Cache WHERE key = ? AND raw = 1", (key,))
-                .fetchone()
-            )
+            with self._readers.connection() as db:
+                row = db.execute(
+                    "SELECT filename, tag FROM Cache WHERE key = ? AND raw = 1", (key,)
+                ).fetchone()
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
             return None
@@ -263,19 +263,6 @@ class DiskStore:
         self.touch(key)
         return Entry(meta=meta, file=handle)
 
-    def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection to the index (reopened after a reset)."""
-        local = self._local
-        if getattr(local, "generation", None) != self._generation:
-            if getattr(local, "db", None) is not None:
-                local.db.close()
-            local.db = sqlite3.connect(
-                f"file:{self._db_path}?mode=ro", uri=True, timeout=5, check_same_thread=False
-            )
-            local.generation = self._generation
-        db: sqlite3.Connection = local.db
-        return db
-
     # -- fills -------------------------------------------------------------------------------
 
     def begin_fill(self) -> FillFile:
@@ -295,9 +282,7 @@ class DiskStore:
                 return False
             cache = self._cache
             try:
-                with self._exclusive():
-                    self.evict(key)
-                    self._make_room(meta.length)
+                with self._room(meta.length, replacing=key):
                     cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
             except sqlite3.DatabaseError as exc:
                 self._damaged(cache, exc)
@@ -305,6 +290,42 @@ class DiskStore:
             return True
         finally:
             self.discard(fill)
+
+    def load(self, items: Iterable[tuple[str, bytes, EntryMeta]], batch: int = 1000) -> int:
+        """Store many entries at once (benchmarks, imports); returns how many were stored.
+
+        Each batch's files are written without an fsync each and indexed in one transaction
+        under the commit lock, making room first as :meth:`commit` does; one ``sync`` at the
+        end makes them durable. About 50x faster than a :meth:`commit` per entry, which pays an
+        fsync and a transaction each: not for the serving path, where each fill must be durable
+        on its own. Entries over ``max_object_bytes`` are skipped.
+        """
+        stored = 0
+        pending: list[tuple[str, str, EntryMeta]] = []
+        for key, body, meta in items:
+            if meta.length > self.max_object_bytes:
+                continue
+            path = self._tmp / f"{os.urandom(12).hex()}{_TMP_SUFFIX}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(body)
+            pending.append((key, str(path), meta))
+            if len(pending) >= batch:
+                stored += self._index_batch(pending)
+                pending = []
+        stored += self._index_batch(pending)
+        os.sync()
+        return stored
+
+    def _index_batch(self, pending: list[tuple[str, str, EntryMeta]]) -> int:
+        if not pending:
+            return 0
+        cache = self._cache
+        with self._room(sum(meta.length for _, _, meta in pending)), cache.transact():
+            for key, path, meta in pending:
+                self._forget(key)
+                cache.set(key, _Adopt(path), read=True, tag=meta.to_json())
+        return len(pending)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -334,32 +355,35 @@ class DiskStore:
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
 
-    def _make_room(self, incoming: int) -> None:
-        """Evict least recently used entries until ``incoming`` more bytes fit. Holds the lock.
+    @contextlib.contextmanager
+    def _room(self, incoming: int, replacing: str | None = None) -> Iterator[None]:
+        """Hold the commit lock (:meth:`_exclusive`) with ``incoming`` more bytes fitting under
+        ``max_bytes``, after evicting ``replacing`` (the key about to be stored again).
 
-        Victims are deleted in batches, one transaction each: making room for one large object
-        among many small ones must not cost a transaction per small one.
+        Least recently used entries are evicted in batches of at most :data:`_EVICT_BATCH`:
+        a batch's rows go in one short transaction under the lock, and its files are unlinked
+        after the lock is released. So making room for one large object among many small ones
+        never holds the lock for more than one batch; the room is checked again under the lock
+        each time, which is what keeps the bound when another process commits in between.
         """
-        excess = self._bytes() + incoming - self.max_bytes
-        if excess <= 0:
-            return
-        self.flush_touches()
-        while excess > 0:
-            victims = self._index.least_recently_used(_EVICT_BATCH)
-            if not victims:
-                return
-            chosen = []
-            for key, size in victims:
-                chosen.append((key, size))
-                excess -= size
-                if excess <= 0:
-                    break
-            with self._cache.transact():
-                for key, size in chosen:
-                    self._forget(key)
-                    if self._cache.delete(key):
-                        self._on_evict(size)
-            excess = self._bytes() + incoming - self.max_bytes
+        if self._bytes() + incoming > self.max_bytes:
+            self.flush_touches()  # recency, as of now, decides the victims
+        while True:
+            with self._exclusive():
+                if replacing is not None:
+                    self.evict(replacing)
+                    replacing = None
+                excess = self._bytes() + incoming - self.max_bytes
+                victims = []
+                if excess > 0:
+                    victims = self._index.remove_least_recent(excess, _EVICT_BATCH)
+                    for victim in victims:
+                        self._forget(victim.key)
+                        self._on_evict(victim.size)
+                if excess <= 0 or not victims:
+                    yield
+                    return
+            self._index.unlink(victims)
 
     def _bytes(self) -> int:
         return int(self._cache.reset("size"))
@@ -413,7 +437,7 @@ class DiskStore:
         the server. Only one process sweeps per start (see :meth:`claim_sweep`).
         """
         cache = self._cache
-        removed = 0
+        started = time.monotonic()
         try:
             with contextlib.closing(
                 sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=5)
@@ -421,15 +445,23 @@ class DiskStore:
                 names = db.execute(
                     "SELECT filename FROM Cache WHERE filename IS NOT NULL ORDER BY filename"
                 )
-                removed = self._merge_sweep(names, min_age)
+                seen, removed = self._merge_sweep(names, min_age)
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
             return 0
         if removed:
             log.warning("removed %d cache file(s) missing from the index", removed)
+        log.info(
+            "orphan sweep: %d files checked in %.1f s, %d removed%s",
+            seen,
+            time.monotonic() - started,
+            removed,
+            " (stopped: the store closed)" if self._closing.is_set() else "",
+        )
         return removed
 
-    def _merge_sweep(self, names: Iterator[tuple[str]], min_age: float) -> int:
+    def _merge_sweep(self, names: Iterator[tuple[str]], min_age: float) -> tuple[int, int]:
+        """(files seen, files removed); stops early when the store closes."""
         now = time.time()
         removed = seen = 0
         indexed = next(names, None)
@@ -454,9 +486,10 @@ class DiskStore:
                         os.unlink(name, dir_fd=folder_fd)
                         removed += 1
                 seen += 1
-                if seen % SWEEP_STEP == 0:
-                    time.sleep(SWEEP_PAUSE)  # a worker thread: yields the GIL and the disk
-        return removed
+                # The pause yields the GIL and the disk to the server.
+                if seen % SWEEP_STEP == 0 and self._closing.wait(SWEEP_PAUSE):
+                    return seen, removed
+        return seen, removed
 
     def claim_sweep(self) -> bool:
         """True for the first process of a start to ask (it holds ``locks/sweep.lock`` until
@@ -493,5 +526,7 @@ class DiskStore:
         return shutil.disk_usage(self.directory).free > 0
 
     def close(self) -> None:
+        self._closing.set()
         self.flush_touches()
+        self._readers.reset()
         self._cache.close()

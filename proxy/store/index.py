@@ -26,6 +26,7 @@ import dataclasses
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ _FILENAME = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]+\.val")
 _PAGE = 2000
 #: Seconds to wait for a writer holding the database (another process committing).
 _BUSY_TIMEOUT = 10.0
+#: Read-only connections the disk tier's lookups share (see :class:`Readers`).
+READERS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,58 @@ class IndexedEntry:
     access_time: float
     #: Our metadata as JSON (see proxy.store.EntryMeta), or None.
     tag: str | None
+
+
+class Readers:
+    """At most ``size`` read-only connections to the index, shared by any number of threads.
+
+    A connection per worker thread cost about 1.9 MiB each (SQLite's page cache and
+    statements), times anyio's 40 threads; a lookup takes well under a millisecond, so a few
+    connections serve them all and a thread rarely waits. :meth:`reset` (after the index was
+    moved aside) closes them: the next lookups open the new index.
+    """
+
+    def __init__(self, db_path: Path, size: int = READERS) -> None:
+        self.db_path = db_path
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._generation = 0
+        #: Connections opened so far (for tests and the benchmark).
+        self.opened = 0
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection for this block; blocks while ``size`` others are in use."""
+        with self._slots:
+            with self._lock:
+                db = self._idle.pop() if self._idle else None
+                generation = self._generation
+            if db is None:
+                db = sqlite3.connect(
+                    f"file:{self.db_path}?mode=ro",
+                    uri=True,
+                    timeout=5,
+                    check_same_thread=False,
+                )
+                self.opened += 1
+            try:
+                yield db
+            finally:
+                with self._lock:
+                    keep = generation == self._generation
+                    if keep:
+                        self._idle.append(db)
+                if not keep:
+                    db.close()
+
+    def reset(self) -> None:
+        """Close every connection (those in use, when they are given back)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._generation += 1
+        for db in idle:
+            db.close()
 
 
 class Index:
@@ -105,13 +160,6 @@ class Index:
                 return
             after = int(rows[-1][0])
 
-    def least_recently_used(self, limit: int) -> list[tuple[str, int]]:
-        """Up to ``limit`` (key, size) pairs, least recently used first."""
-        rows = self.query(
-            "SELECT key, size FROM Cache WHERE raw = 1 ORDER BY access_time LIMIT ?", (limit,)
-        )
-        return [(str(key), int(size)) for key, size in rows]
-
     # -- writes -------------------------------------------------------------------------------
 
     def record_access_times(self, touched: Mapping[str, float]) -> None:
@@ -121,6 +169,57 @@ class Index:
                 "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1",
                 [(when, key) for key, when in touched.items()],
             )
+
+    def remove_least_recent(self, excess: int, limit: int) -> list[IndexedEntry]:
+        """Remove least recently used entries until ``excess`` bytes are gone, at most
+        ``limit`` of them, in one short transaction; returns them, files not yet unlinked.
+
+        One ``DELETE`` for the lot (diskcache's ``delete`` costs a query and a statement per
+        key). The caller unlinks the files with :meth:`unlink`, after its own lock is released:
+        with the rows gone no process can find them, and an unlink is the slow part.
+        """
+        with contextlib.closing(
+            sqlite3.connect(self.db_path, timeout=_BUSY_TIMEOUT, isolation_level=None)
+        ) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                chosen: list[IndexedEntry] = []
+                rows = db.execute(
+                    "SELECT rowid, key, filename, size, access_time FROM Cache WHERE raw = 1"
+                    " ORDER BY access_time LIMIT ?",
+                    (limit,),
+                )
+                for rowid, key, filename, size, access_time in rows:
+                    chosen.append(
+                        IndexedEntry(
+                            key=str(key),
+                            rowid=int(rowid),
+                            filename=None if filename is None else str(filename),
+                            size=int(size or 0),
+                            access_time=float(access_time or 0.0),
+                            tag=None,
+                        )
+                    )
+                    excess -= int(size or 0)
+                    if excess <= 0:
+                        break
+                if chosen:
+                    rowids = ",".join(str(entry.rowid) for entry in chosen)
+                    db.execute(f"DELETE FROM Cache WHERE rowid IN ({rowids})")  # noqa: S608
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return chosen
+
+    def unlink(self, entries: Iterable[IndexedEntry]) -> None:
+        """Delete the files of entries whose rows are gone (directories are kept: a commit
+        may be renaming into one)."""
+        for entry in entries:
+            path = self.path(entry)
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def remove(self, entries: Iterable[IndexedEntry]) -> list[IndexedEntry]:
         """Remove the entries that are still as listed, in one transaction; returns those.
@@ -147,9 +246,5 @@ class Index:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        for entry in removed:
-            path = self.path(entry)
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        self.unlink(removed)
         return removed
