@@ -222,15 +222,25 @@ def _wait_healthy(base: str, process: subprocess.Popen[bytes]) -> None:
 
 
 def _settle(pid: int, timeout: float = 300) -> None:
-    """Wait until the server is idle (under 5% of a core for 0.5 s): its sweep is over."""
+    """Wait until the server is idle for a second: under 5% of a core and under 200 read
+    system calls (the sweep walks directories, which costs calls more than CPU). The only way
+    to see the end of the sweep of a revision that does not log it."""
     deadline = time.monotonic() + timeout
-    used = cpu_seconds(pid)
+    used, calls = cpu_seconds(pid), _read_calls(pid)
     while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = cpu_seconds(pid)
-        if now - used < 0.025:
+        time.sleep(1.0)
+        now, now_calls = cpu_seconds(pid), _read_calls(pid)
+        if now - used < 0.05 and now_calls - calls < 200:
             return
-        used = now
+        used, calls = now, now_calls
+
+
+def _read_calls(pid: int) -> int:
+    """Read system calls of ``pid`` so far (``syscr`` in /proc/PID/io), its threads included."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _sweep_seconds(log: Path) -> float | None:

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.services import sweep_at_low_priority
 from proxy.store import EntryMeta
-from proxy.store.disk import SWEEP_STEP, DiskStore
+from proxy.store.disk import SWEEP_PAUSE, SWEEP_STEP, DiskStore
 from proxy.store.index import READERS, Index
 
 
@@ -405,6 +405,21 @@ def test_the_orphan_sweep_stops_when_the_store_closes(
         assert store.sweep_orphans(min_age=0) == SWEEP_STEP
     assert f"orphan sweep: {SWEEP_STEP} files checked" in caplog.text
     assert "stopped: the store closed" in caplog.text
+
+
+def test_the_orphan_sweep_paces_itself_over_indexed_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep pauses every SWEEP_STEP files it walks, indexed ones included (a full cache
+    is nearly all indexed files), and reports how many it checked."""
+    pauses: list[float] = []
+    store = DiskStore(tmp_path, 10_000_000, 400_000)
+    store.load((f"k{i}", b"x", _meta(b"x")) for i in range(2 * SWEEP_STEP + 5))
+    monkeypatch.setattr(store._closing, "wait", lambda seconds: bool(pauses.append(seconds)))
+    with caplog.at_level("INFO", logger="proxy.store.disk"):
+        assert store.sweep_orphans(min_age=0) == 0
+    assert pauses == [SWEEP_PAUSE, SWEEP_PAUSE]
+    assert f"orphan sweep: {2 * SWEEP_STEP + 5} files checked" in caplog.text
 
 
 def test_the_orphan_sweep_runs_at_the_lowest_priority_in_a_thread_of_its_own() -> None:
