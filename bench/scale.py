@@ -301,6 +301,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", action="append", default=[], help="also this revision")
     parser.add_argument("--no-probes", action="store_true", help="skip the store-level probes")
+    parser.add_argument(
+        "--no-tree", action="store_true", help="only the --before revisions, not this tree"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/scale-latest.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -317,7 +320,7 @@ def main() -> int:
         made = "reused" if rate is None else f"filled at {rate:,.0f} entries/s (DiskStore.load)"
         print(f"{count:,} entries in {directory}: {made}", flush=True)
         report.append(f"- {count:,} entries in `{directory}`: {made}")
-    labels = ["this tree", *args.before]
+    labels = [*([] if args.no_tree else ["this tree"]), *args.before]
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     logs = Path(tempfile.mkdtemp(prefix="scale-logs-"))
     with contextlib.ExitStack() as stack:
