@@ -438,3 +438,17 @@ def test_the_orphan_sweep_runs_at_the_lowest_priority_in_a_thread_of_its_own() -
     sweeper.join(timeout=30)
     assert seen == [19]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
+
+
+def test_load_stores_many_entries_in_batches(tmp_path: Path) -> None:
+    """DiskStore.load indexes entries a batch per transaction: each reads back, one over
+    max_object_bytes is skipped, the bound holds, and no temporary file is left."""
+    store = DiskStore(tmp_path, max_bytes=10_000, max_object_bytes=1_000)
+    items = [(f"k{i}", b"%04d" % i * 25, _meta(b"%04d" % i * 25)) for i in range(120)]
+    items.insert(7, ("big", b"b" * 1_001, _meta(b"b" * 1_001)))
+    assert store.load(items, batch=16) == 120
+    assert store.stats().bytes <= 10_000 and store.get("big") is None
+    newest = store.get("k119")
+    assert newest is not None and newest.file.read() == b"0119" * 25
+    newest.close()
+    assert list((tmp_path / "tmp").iterdir()) == []
