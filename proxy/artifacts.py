@@ -60,6 +60,15 @@ class ArtifactRoute:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        metrics = services.metrics
+        # Labelled children bound once: a hit updates them without a label lookup.
+        self._outcomes = {
+            outcome: metrics.requests.labels(outcome)
+            for outcome in ("hit", "miss", "coalesced", "bypass", "error")
+        }
+        self._tiers = {tier: metrics.hits.labels(tier) for tier in _CACHE_STATUS}
+        self._served_cache = metrics.served_bytes.labels("cache")
+        self._proven = metrics.access_checks.labels("proof")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -95,7 +104,7 @@ class ArtifactRoute:
         await response(scope, receive, send)
 
     def _count(self, outcome: str) -> None:
-        self.s.metrics.requests.labels(outcome).inc()
+        self._outcomes[outcome].inc()
 
     # -- access -------------------------------------------------------------------------------
 
@@ -124,7 +133,7 @@ class ArtifactRoute:
         if access.remembered(fingerprint, needed) or (
             await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed)
         ):
-            checks.labels("proof").inc()
+            self._proven.inc()
             return None
         # A proof too old to trust online may still serve while the API cannot be reached.
         fallback = await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed, True)
@@ -193,7 +202,7 @@ class ArtifactRoute:
             hit.close()
             raise
         self._count(outcome)
-        self.s.metrics.hits.labels(hit.tier).inc()
+        self._tiers[hit.tier].inc()
         return response
 
     def _entry_response(
@@ -212,10 +221,10 @@ class ArtifactRoute:
             (b"X-Cache", outcome.upper().encode()),
             (b"Cache-Status", _CACHE_STATUS[hit.tier]),
         ]
-        headers = request.headers
+        headers = _conditions(request.scope)
         if "if-none-match" in headers and none_match(headers["if-none-match"], meta.etag):
             hit.close()
-            return _raw(Response(status_code=304), common)
+            return Whole(304, common)
         try:
             span = (
                 byte_range(headers["range"], headers.get("if-range"), meta.etag, meta.length)
@@ -240,9 +249,9 @@ class ArtifactRoute:
             status = 206
             raw.append((b"Content-Range", f"bytes {start}-{end - 1}/{meta.length}".encode()))
         if hit.body is not None:
-            self.s.metrics.served_bytes.labels("cache").inc(end - start)
+            self._served_cache.inc(end - start)
             body = hit.body[start:end] if span else hit.body
-            return _raw(Response(body, status_code=status), raw)
+            return Whole(status, raw, body)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
         response = StreamingResponse(
             self._stream_hit(key, hit, start, end, verify),
@@ -254,7 +263,7 @@ class ArtifactRoute:
     async def _stream_hit(
         self, key: ArtifactKey, hit: Hit, start: int, end: int, verify: bool
     ) -> AsyncIterator[bytes]:
-        served = self.s.metrics.served_bytes.labels("cache")
+        served = self._served_cache
         try:
             async for data in hit.chunks(start, end, verify):
                 served.inc(len(data))
@@ -306,14 +315,11 @@ class ArtifactRoute:
             if not fill.streaming and not fill.has_direct:
                 reader.close()  # refused for someone else, or no room: go on our own
                 return await self._bypass(request)
-            if fingerprint is None or fingerprint != fill.fingerprint:
+            if fill.following:  # another worker process is fetching it
+                outcome = b"COALESCED"
+            if fingerprint is None or fingerprint != fill.filler:
                 refusal = await self._authorize(
-                    request,
-                    key,
-                    authorization,
-                    fingerprint,
-                    fill.fingerprint or "",
-                    fill.validators,
+                    request, key, authorization, fingerprint, fill.filler, fill.validators
                 )
                 if refusal is not None:
                     reader.close()
@@ -374,13 +380,29 @@ def _check_limits(request: Request, max_query_length: int) -> None:
     """Refuse what no artifact request needs: huge queries and request bodies."""
     if len(request.scope["query_string"]) > max_query_length:
         raise UriTooLong(f"Query string longer than {max_query_length} bytes")
-    length = request.headers.get("content-length", "0")
-    if (
-        "transfer-encoding" in request.headers
-        or not length.isdigit()
-        or int(length) > MAX_REQUEST_BODY
-    ):
+    headers = _conditions(request.scope)
+    length = headers.get("content-length", "0")
+    if "transfer-encoding" in headers or not length.isdigit() or int(length) > MAX_REQUEST_BODY:
         raise PayloadTooLarge("GET /v1/artifacts takes no request body")
+
+
+#: The request headers the route looks at (besides Authorization).
+_CONDITIONS = frozenset(
+    (b"if-none-match", b"range", b"if-range", b"content-length", b"transfer-encoding")
+)
+
+
+def _conditions(scope: Scope) -> dict[str, str]:
+    """The first value of each of :data:`_CONDITIONS` the request has, in one pass over its
+    headers, kept in the scope (cheaper than Starlette's ``Headers`` for five names)."""
+    found: dict[str, str] | None = scope.get("vlmrun_cache.conditions")
+    if found is None:
+        found = {}
+        for name, value in scope["headers"]:
+            if name in _CONDITIONS:
+                found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        scope["vlmrun_cache.conditions"] = found
+    return found
 
 
 def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:
@@ -391,6 +413,23 @@ def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:
     return headers
 
 
+class Whole(Response):
+    """A response whose headers (spelled as given) and body are all in hand: two ASGI messages,
+    without Starlette's header building, which a hit would only replace."""
+
+    def __init__(self, status: int, headers: RawHeaders, body: bytes = b"") -> None:
+        self.status_code = status
+        self.raw_headers = headers
+        self.body = body
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": self.body})
+
+
 def _raw(response: Response, headers: RawHeaders) -> Response:
     """Replace a response's headers with ``headers``, spelled exactly as given."""
     response.raw_headers = headers
@@ -398,4 +437,4 @@ def _raw(response: Response, headers: RawHeaders) -> Response:
 
 
 def _replay(answer: Answer) -> Response:
-    return _raw(Response(answer.body, status_code=answer.status), answer.headers)
+    return Whole(answer.status, answer.headers, answer.body)

@@ -38,11 +38,12 @@ from proxy.capacity import PerKey, RateFloor
 from proxy.config import Config
 from proxy.decoding import DecodeError, decodable, decode
 from proxy.errors import ProxyError
+from proxy.follower import FollowFailed, follow
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
-from proxy.store.claims import Coordinator, Lease
+from proxy.store.claims import POLL_SECONDS, Announcement, Coordinator, Lease
 from proxy.upstream import Answer, Upstream, read_answer, translate
 from proxy.validators import Validators
 
@@ -72,8 +73,13 @@ class Fill:
 
     def __init__(self, key: ArtifactKey, fingerprint: str | None) -> None:
         self.key = key
-        #: HMAC of the credential upstream is being asked with.
+        #: HMAC of the credential of the client that started the fill.
         self.fingerprint = fingerprint
+        #: HMAC of the credential upstream is asked with: ``fingerprint``, or the credential of
+        #: another process's fetch this fill follows (:mod:`proxy.follower`).
+        self.filler = fingerprint or ""
+        #: True when the bytes come from another process's fetch.
+        self.following = False
         #: Set once the upstream's status is known (or the request failed).
         self.started = asyncio.Event()
         #: Before ``started``: the failure to reach upstream, if any.
@@ -189,6 +195,23 @@ class Fill:
         self.written += len(chunk)
         self._notify()
 
+    def attach(
+        self,
+        fd: int,
+        filler: str,
+        content_type: str,
+        expected_length: int | None,
+        validators: Validators,
+    ) -> None:
+        self._fd, self.filler, self.following = fd, filler, True
+        self.content_type, self.expected_length = content_type, expected_length
+        self.validators = validators
+        self.started.set()
+
+    def append_durable(self, data: bytes) -> None:
+        self._publish(data)
+        self._made_durable(len(data))
+
     def _made_durable(self, size: int) -> None:
         """``size`` more bytes are in the file: trim the window down to its budget."""
         self.durable += size
@@ -296,9 +319,14 @@ class Fills:
         response: httpx.Response | None = None
         claim: Lease | None = None
         try:
-            claim = await self._claim(fill)
+            got = await self._claim(fill)
             if fill.from_store:
                 return
+            if isinstance(got, tuple):  # another process is fetching it: follow its file
+                await follow(fill, *got, self._store, self._config.fill_timeout)
+                fill.complete = True
+                return
+            claim = got
             request = self._upstream.artifact_request(fill.key, authorization)
             response = await self._upstream.send(request, artifact=True)
             if response.status_code != 200:
@@ -313,7 +341,18 @@ class Fills:
                 temp = await self._begin(fill.expected_length or validators.length)
             if temp is None:  # no room, too large, or a coding we do not undo: relay it as is
                 fill._direct, response = response, None  # the reader that takes it closes it
-                return
+                return  # and other processes waiting for the key fetch on their own
+            if claim is not None:
+                claim.announce(
+                    Announcement(
+                        fill.key.cache_key,
+                        os.path.basename(temp.path),
+                        fill.content_type,
+                        fill.expected_length,
+                        validators.to_dict(),
+                        fill.filler,
+                    )
+                )
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
@@ -346,6 +385,8 @@ class Fills:
         except FillFailed as exc:
             self._metrics.upstream_errors.inc()
             log.warning("fill of %s failed: %s", fill.key.object_id, exc)
+        except FollowFailed as exc:
+            log.warning("following the fill of %s failed: %s", fill.key.object_id, exc)
         except Exception:
             log.exception("fill of %s failed unexpectedly", fill.key.object_id)
         finally:
@@ -362,24 +403,33 @@ class Fills:
             fill._release()
             fill._notify()
 
-    async def _claim(self, fill: Fill) -> Lease | None:
+    async def _claim(self, fill: Fill) -> Lease | tuple[int, Announcement] | None:
         """Make sure no other process is fetching this key (see :mod:`proxy.store.claims`).
 
-        Returns the lease, or None when there is no coordinator, when another process stored
-        the key meanwhile (``fill.from_store``), or after waiting ``first_byte_timeout`` for a
-        holder that is slow (then we fetch regardless).
+        Returns the lease; or, when another process is fetching the key and announced its file,
+        that file (open) and the announcement, to follow; or None when there is no coordinator,
+        when another process stored the key meanwhile (``fill.from_store``), or after waiting
+        ``first_byte_timeout`` for a holder that is slow (then we fetch regardless).
         """
         if self._coordinator is None:
             return None
         key = fill.key.cache_key
-        lease = await self._coordinator.claim(key, self._config.first_byte_timeout)
-        if lease is None:
+        give_up = time.monotonic() + self._config.first_byte_timeout
+        while True:
+            got = await self._coordinator.claim(key, max(0.0, give_up - time.monotonic()))
+            if not isinstance(got, Announcement):
+                break
+            fd = await anyio.to_thread.run_sync(self._store.open_fill, got.name)
+            if fd is not None:
+                return fd, got
+            await anyio.sleep(POLL_SECONDS)  # it just ended: its lock goes next
+        if got is None:
             return None
         entry = await anyio.to_thread.run_sync(self._store.get, key)
         if entry is None:
-            return lease
+            return got
         entry.close()
-        lease.release()
+        got.release()
         fill.from_store = True
         return None
 

@@ -7,7 +7,9 @@ Python SDK puts ``object_id`` first, the Node SDK the scope first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 from typing import Literal
 from urllib.parse import parse_qsl
 
@@ -16,6 +18,10 @@ from proxy.errors import InvalidRequest
 ScopeKind = Literal["session", "execution"]
 #: Longest id we accept; real ids are a few dozen characters.
 MAX_ID_LENGTH = 512
+#: Query strings whose parse is remembered (a repeated hit skips parsing; a flood of distinct
+#: queries only churns this bounded memo).
+PARSED_QUERIES = 4096
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 #: Version of the key layout; entries stored under an older one are never read.
@@ -33,7 +39,7 @@ class ArtifactKey:
     #: copy this key names; None where entries are shared by every credential with access.
     owner: str | None = None
 
-    @property
+    @functools.cached_property
     def cache_key(self) -> str:
         """An unambiguous string for the store (ids may contain any character)."""
         parts = [KEY_VERSION, self.scope_kind, self.scope_id, self.object_id]
@@ -81,11 +87,13 @@ def _query_error(name: str, msg: str, kind: str, value: object = None) -> Invali
     return InvalidRequest(["query", name], msg, kind, value)
 
 
+@functools.lru_cache(maxsize=PARSED_QUERIES)
 def parse_key(query_string: bytes) -> ArtifactKey | None:
     """The key a ``GET /v1/artifacts`` names; ``None`` when it uses ``filename=`` (uncacheable).
 
     Raises :class:`InvalidRequest` for requests the API would reject with 422: a missing
-    ``object_id``, both or neither of ``session_id``/``execution_id``, repeated or empty values.
+    ``object_id``, both or neither of ``session_id``/``execution_id``, repeated or empty values
+    (refusals are not remembered; keys are immutable, so one may be shared).
     """
     try:
         pairs = parse_qsl(
@@ -114,7 +122,7 @@ def parse_key(query_string: bytes) -> ArtifactKey | None:
             raise _query_error(
                 name, f"{name} is longer than {MAX_ID_LENGTH} characters", "string_too_long"
             )
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if _CONTROL.search(value):
             raise _query_error(name, f"{name} contains control characters", "value_error")
         return value
 

@@ -73,9 +73,7 @@ def proxy(start_proxy: ProxyFactory) -> ServerThread:
     return start_proxy()
 
 
-# Two workers under `pytest -m slow` only: in full default runs on a loaded 2-core machine a
-# 2-worker server now and then resets a connection (under investigation; see the README).
-@pytest.fixture(params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["1-worker", "2-workers"])
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
 def live_server(
     request: pytest.FixtureRequest, upstream: ServerThread, cache_dir: Path
 ) -> Iterator[Daemon]:
@@ -85,6 +83,8 @@ def live_server(
     )
     assert daemon.started(), daemon.output
     yield daemon
+    # Shown by pytest only when the test fails: what the server said meanwhile.
+    print(f"--- vlmrun-cache serve --workers {request.param} ---\n{daemon.output}")
     if daemon.process.poll() is None:
         assert daemon.stop(), daemon.output
 

@@ -76,7 +76,8 @@ class Fault:
 
     #: Send this status with a JSON body instead of the artifact.
     status: int | None = None
-    #: Declare the full Content-Length, send this many bytes, then drop the connection.
+    #: Declare the full Content-Length, send this many bytes, then drop the connection (with
+    #: ``hold_middle`` and ``hold_at``: send ``hold_at`` bytes and hold first).
     cut_at: int | None = None
     #: Hold the response (before the status line) until set.
     hold_start: threading.Event | None = None
@@ -328,8 +329,17 @@ class StandIn:
             headers.append(("Content-Length", str(len(body))))
         await self._start(send, 200, headers)
         if fault and fault.cut_at is not None:
+            sent = 0
+            if fault.hold_middle and fault.hold_at is not None:  # hold, then cut
+                sent = fault.hold_at
+                await send({"type": "http.response.body", "body": body[:sent], "more_body": True})
+                await _wait(fault.hold_middle)
             await send(
-                {"type": "http.response.body", "body": body[: fault.cut_at], "more_body": True}
+                {
+                    "type": "http.response.body",
+                    "body": body[sent : fault.cut_at],
+                    "more_body": True,
+                }
             )
             raise ConnectionAbortedError("stand-in cut the body on purpose")
         if fault and fault.drip is not None:

@@ -21,6 +21,7 @@ from proxy.admin.cache import Cache, Failed, Stored, open_cache, server_figures
 from proxy.admin.output import Progress, confirm, human_size, local_time, rfc3339, table
 from proxy.config import Config
 from proxy.integrity import BodyDigests
+from proxy.store.memory import RECHECK_SECONDS
 
 #: Bytes read at a time while verifying.
 _READ_SIZE = 1024 * 1024
@@ -182,6 +183,8 @@ def purge(args: argparse.Namespace, config: Config) -> int:
             print("nothing removed")
             return 1
     removed = cache.remove(selected)
+    if removed:  # until then a worker may still serve a memory copy it checked just before
+        time.sleep(RECHECK_SECONDS)
     freed = sum(s.row.size for s in removed)
     print(f"removed {_entries(len(removed))}, {freed} bytes ({human_size(freed)})")
     if len(removed) < len(selected):

@@ -5,21 +5,31 @@
 one host with ``flock``, and a shared tier may implement it with a lease.
 
 With ``--workers N`` every worker shares the disk cache. Before fetching a key from upstream, a
-worker takes an exclusive ``flock`` on one of :data:`SLOTS` lock files chosen by the key's hash;
-a worker that finds it taken waits for the holder to finish, then serves the committed entry from
-disk instead of fetching it again. Locks die with their process, so a crashed worker never
-leaves a key stuck. Two keys sharing a slot only wait for each other; they never share bytes.
+worker takes an exclusive ``flock`` on one of :data:`SLOTS` lock files chosen by the key's hash.
+Locks die with their process, so a crashed worker never leaves a key stuck. Two keys sharing a
+slot only wait for each other; they never share bytes.
+
+The holder, once it knows the body will be stored, *announces* its fill (:meth:`Lease.announce`):
+a small JSON record next to the lock file naming the key, the temporary file it is writing and
+what upstream said about the body. A worker that finds the lock taken and an announcement for
+its key gets that :class:`Announcement` back instead of waiting, and follows the file as it
+grows (:mod:`proxy.fills`); without one (the holder has not begun writing yet, or will not
+store the body) it waits as before and then reads the committed entry from disk. An announcement
+is removed before its lock is released, and is only believed while the lock is held, so one left
+by a crashed worker is never followed (the follower also checks the file's own lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -29,16 +39,61 @@ import anyio.to_thread
 POLL_SECONDS = 0.005
 
 
+@dataclasses.dataclass(frozen=True)
+class Announcement:
+    """A running fill another process announced: enough for a follower to stream it."""
+
+    key: str
+    #: The temporary file's name in the store's ``tmp/`` (a name, never a path).
+    name: str
+    content_type: str
+    #: The body's length as stored, when known in advance.
+    expected_length: int | None
+    #: :meth:`proxy.validators.Validators.to_dict` of the upstream's 200.
+    validators: dict[str, Any]
+    #: Fingerprint of the credential the holder fetches with.
+    filler: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Announcement | None:
+        """The record, or None if it is not one (torn, foreign, hand-edited)."""
+        try:
+            data = json.loads(text)
+            record = cls(
+                key=str(data["key"]),
+                name=str(data["name"]),
+                content_type=str(data["content_type"]),
+                expected_length=(
+                    None if data["expected_length"] is None else int(data["expected_length"])
+                ),
+                validators=dict(data["validators"]),
+                filler=str(data["filler"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+        if "/" in record.name or record.name.startswith("."):
+            return None
+        return record
+
+
 class Lease(Protocol):
     def release(self) -> None:
         """Give the key back (idempotent); others waiting for it may go on."""
 
+    def announce(self, announcement: Announcement) -> None:
+        """Tell other processes which temporary file this fill writes (best effort)."""
+
 
 class Coordinator(Protocol):
-    async def claim(self, key: str, patience: float) -> Lease | None:
-        """A lease to fetch ``key`` once no other process holds one; ``None`` if that took
-        longer than ``patience`` seconds (the caller then fetches regardless: a duplicate fetch
-        beats a timeout). After a wait the caller should look whether the key is now stored."""
+    async def claim(self, key: str, patience: float) -> Lease | Announcement | None:
+        """A lease to fetch ``key`` once no other process holds one, or the holder's
+        :class:`Announcement` as soon as it has made one (then follow its fill); ``None`` if
+        neither came within ``patience`` seconds (the caller then fetches regardless: a
+        duplicate fetch beats a timeout). After a wait the caller should look whether the key
+        is now stored."""
 
 
 #: Lock files at most (created on first use, empty).
@@ -46,11 +101,30 @@ SLOTS = 4096
 
 
 class _Held:
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, record: Path) -> None:
         self._fd: int | None = fd
+        self._record = record
+        self._announced = False
+
+    def announce(self, announcement: Announcement) -> None:
+        if self._fd is None:
+            return
+        temporary = self._record.with_name(f"{self._record.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(announcement.to_json())
+            os.replace(temporary, self._record)
+            self._announced = True
+        except OSError:  # followers then wait for the commit instead
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
     def release(self) -> None:
         if self._fd is not None:
+            if self._announced:  # before the lock goes: nobody may follow a finished fill
+                with contextlib.suppress(OSError):
+                    os.unlink(self._record)
             Claims.release(self._fd)
             self._fd = None
 
@@ -65,6 +139,28 @@ class Claims:
     def _path(self, key: str) -> Path:
         slot = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % SLOTS
         return self.directory / f"{slot:04x}.lock"
+
+    def _record(self, key: str) -> Path:
+        return self._path(key).with_suffix(".fill")
+
+    def announced(self, key: str) -> Announcement | None:
+        """The announcement of the running fill of ``key`` in another process, if any.
+
+        Only meaningful while that process holds the key's lock (the caller just failed to
+        take it); the follower still checks that the file's writer is alive."""
+        try:
+            fd = os.open(self._record(key), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd) as record:
+            try:
+                text = record.read(64 * 1024)
+            except (OSError, UnicodeDecodeError):
+                return None
+        announcement = Announcement.from_json(text)
+        if announcement is None or announcement.key != key:  # another key of the slot
+            return None
+        return announcement
 
     def try_claim(self, key: str) -> int | None:
         """A held lock (its descriptor) if no other process is fetching ``key``, else None."""
@@ -82,12 +178,18 @@ class Claims:
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
-    async def claim(self, key: str, patience: float) -> Lease | None:
+    def _attempt(self, key: str) -> Lease | Announcement | None:
+        fd = self.try_claim(key)
+        if fd is not None:
+            return _Held(fd, self._record(key))
+        return self.announced(key)
+
+    async def claim(self, key: str, patience: float) -> Lease | Announcement | None:
         give_up = time.monotonic() + patience
         while True:
-            fd = await anyio.to_thread.run_sync(self.try_claim, key)
-            if fd is not None:
-                return _Held(fd)
+            got = await anyio.to_thread.run_sync(self._attempt, key)
+            if got is not None:
+                return got
             if time.monotonic() > give_up:
                 return None
             await anyio.sleep(POLL_SECONDS)

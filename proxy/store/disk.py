@@ -58,6 +58,17 @@ SWEEP_PAUSE = 0.002
 MEMO_ENTRIES = 100_000
 
 
+def fill_finished(fd: int) -> bool:
+    """True once no process writes the fill file open as ``fd``: its writer holds an exclusive
+    ``flock`` from creation until it closes the file (committed, discarded or crashed)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
 def peek_stats(directory: str | Path, max_bytes: int) -> StoreStats:
     """Entries and bytes of the disk tier in ``directory``, read from its index read-only.
 
@@ -272,6 +283,27 @@ class DiskStore:
         fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return FillFile(path=str(fd_path), file=os.fdopen(fd, "wb"))
+
+    def open_fill(self, name: str) -> int | None:
+        """A read-only descriptor of the running fill file ``name`` (another process's, see
+        :mod:`proxy.store.claims`), or None if it is gone or its writer has finished. The caller
+        closes it. ``name`` is resolved inside ``tmp/`` only, without following links."""
+        if not name.endswith(_TMP_SUFFIX) or "/" in name or name.startswith("."):
+            return None
+        try:
+            tmp = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=tmp)
+        except OSError:
+            return None
+        finally:
+            os.close(tmp)
+        if fill_finished(fd):
+            os.close(fd)
+            return None
+        return fd
 
     def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool:
         try:
