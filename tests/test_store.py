@@ -16,8 +16,9 @@ import pytest
 
 from proxy.services import sweep_at_low_priority
 from proxy.store import EntryMeta
-from proxy.store.disk import SWEEP_PAUSE, SWEEP_STEP, DiskStore
+from proxy.store.disk import DiskStore
 from proxy.store.index import READERS, Index
+from proxy.store.sweeps import SWEEP_PAUSE, SWEEP_STEP
 
 
 def _meta(body: bytes) -> EntryMeta:
@@ -401,7 +402,7 @@ def test_the_orphan_sweep_stops_when_the_store_closes(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"orphan")
     store.close()
-    with caplog.at_level("INFO", logger="proxy.store.disk"):
+    with caplog.at_level("INFO", logger="proxy.store.sweeps"):
         assert store.sweep_orphans(min_age=0) == SWEEP_STEP
     assert f"orphan sweep: {SWEEP_STEP} files checked" in caplog.text
     assert "stopped: the store closed" in caplog.text
@@ -416,7 +417,7 @@ def test_the_orphan_sweep_paces_itself_over_indexed_files(
     store = DiskStore(tmp_path, 10_000_000, 400_000)
     store.load((f"k{i}", b"x", _meta(b"x")) for i in range(2 * SWEEP_STEP + 5))
     monkeypatch.setattr(store._closing, "wait", lambda seconds: bool(pauses.append(seconds)))
-    with caplog.at_level("INFO", logger="proxy.store.disk"):
+    with caplog.at_level("INFO", logger="proxy.store.sweeps"):
         assert store.sweep_orphans(min_age=0) == 0
     assert pauses == [SWEEP_PAUSE, SWEEP_PAUSE]
     assert f"orphan sweep: {2 * SWEEP_STEP + 5} files checked" in caplog.text

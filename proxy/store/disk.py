@@ -6,7 +6,8 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
   column: nothing is ever pickled, so a writable cache directory cannot run code;
 * a finished fill is *renamed* into place (:class:`_AdoptingDisk`), not copied, after an fsync;
 * diskcache's own culling is off (it overshoots); :meth:`DiskStore.commit` evicts least recently
-  used entries until the new object fits, so the artifact bytes never exceed ``max_bytes``;
+  used entries until the new object fits, so the artifact bytes never exceed ``max_bytes``, under
+  a lock every process shares, a batch at a time (see :meth:`DiskStore._room`);
 * a damaged index ("database disk image is malformed", a garbage ``cache.db``), found at start-up
   or later, is moved aside and deleted, and the store starts cold instead of failing requests;
 * hits skip SQLite: a bounded in-memory index maps keys to (file, metadata). diskcache's LRU
@@ -18,7 +19,7 @@ diskcache keeps the index (SQLite) and the files; we add what it lacks (see docs
   once written, and their names are never reused.
 
 Access times and eviction victims are written and read through :mod:`proxy.store.index`, which
-the operator's commands use too.
+the operator's commands use too; what a crash leaves behind is swept by :mod:`proxy.store.sweeps`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -40,7 +40,7 @@ from typing import Any
 import diskcache
 from diskcache.core import MODE_BINARY
 
-from proxy.store import Entry, EntryMeta, FillFile, StoreStats
+from proxy.store import Entry, EntryMeta, FillFile, StoreStats, sweeps
 from proxy.store.index import ENTRIES_DIR, INDEX_FILE, Index, Readers
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,6 @@ _TMP_SUFFIX = ".fill"
 _EVICT_BATCH = 1024
 #: Longest time access times stay only in memory before they are written to the index.
 TOUCH_FLUSH_SECONDS = 1.0
-#: Unindexed entry files younger than this (by ctime, which a rename sets) are left alone.
-ORPHAN_MIN_AGE = 600.0
-#: The orphan sweep pauses for SWEEP_PAUSE seconds every SWEEP_STEP files.
-SWEEP_STEP = 512
-SWEEP_PAUSE = 0.002
 #: Entries remembered by the in-memory index.
 MEMO_ENTRIES = 100_000
 
@@ -426,121 +421,27 @@ class DiskStore:
     def _bytes(self) -> int:
         return int(self._cache.reset("size"))
 
-    # -- housekeeping ------------------------------------------------------------------------
+    # -- housekeeping (proxy.store.sweeps) ---------------------------------------------------
 
     def sweep_temporary(self) -> int:
-        """Remove temporary files left by fills that a crash interrupted; returns how many.
+        """Remove temporary files of fills that a crash interrupted; live fills of any process
+        are spared. Returns how many were removed."""
+        return sweeps.sweep_temporary(self._tmp, _TMP_SUFFIX)
 
-        A file whose ``flock`` is held belongs to a live fill (of this or another process) and
-        is left alone, so any process may sweep at any time. Names are unlinked relative to a
-        descriptor of ``tmp/`` opened without following a symbolic link, so the sweep cannot
-        delete anything outside it (a symlinked ``tmp/`` raises ``OSError`` instead)."""
-        swept = 0
-        tmp = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            for name in os.listdir(tmp):
-                if name.endswith(_TMP_SUFFIX) and self._abandoned(name, tmp):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=tmp)
-                        swept += 1
-        finally:
-            os.close(tmp)
-        if swept:
-            log.info("removed %d unfinished fill(s) from a previous run", swept)
-        return swept
-
-    @staticmethod
-    def _abandoned(name: str, directory: int) -> bool:
-        """True if no process holds the fill file's lock (its fill crashed or ended)."""
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)  # also drops the lock we may have taken
-        return True
-
-    def sweep_orphans(self, min_age: float = ORPHAN_MIN_AGE) -> int:
-        """Delete entry files the index does not know (a crash between a fill's rename and its
-        index insert leaves one). Files renamed less than ``min_age`` seconds ago are spared: a
-        commit in another process may be between its two steps. Returns the number removed.
-
-        Incremental and bounded in memory: the index's file names, sorted by SQLite, are
-        merged with a sorted walk of the directories, so nothing is held but a cursor. It
-        pauses briefly every :data:`SWEEP_STEP` files so that it runs at low priority beside
-        the server. Only one process sweeps per start (see :meth:`claim_sweep`).
-        """
+    def sweep_orphans(self, min_age: float = sweeps.ORPHAN_MIN_AGE) -> int:
+        """Delete entry files the index does not know (see :func:`sweeps.sweep_orphans`);
+        stops when the store closes. Returns how many were removed."""
         cache = self._cache
-        started = time.monotonic()
         try:
-            with contextlib.closing(
-                sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=5)
-            ) as db:
-                names = db.execute(
-                    "SELECT filename FROM Cache WHERE filename IS NOT NULL ORDER BY filename"
-                )
-                seen, removed = self._merge_sweep(names, min_age)
+            return sweeps.sweep_orphans(self._entries_dir, self._db_path, min_age, self._closing)
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
             return 0
-        if removed:
-            log.warning("removed %d cache file(s) missing from the index", removed)
-        log.info(
-            "orphan sweep: %d files checked in %.1f s, %d removed%s",
-            seen,
-            time.monotonic() - started,
-            removed,
-            " (stopped: the store closed)" if self._closing.is_set() else "",
-        )
-        return removed
-
-    def _merge_sweep(self, names: Iterator[tuple[str]], min_age: float) -> tuple[int, int]:
-        """(files seen, files removed); stops early when the store closes."""
-        now = time.time()
-        removed = seen = 0
-        indexed = next(names, None)
-        # fwalk with dir_fd: never descends through a symbolic link, and each unlink is relative
-        # to the directory walked, so nothing outside entries/ can be reached. Directories and
-        # files are visited sorted: diskcache's names (aa/bb/<hex>.val) then come in the
-        # index's order.
-        for folder, dirs, files, folder_fd in os.fwalk(self._entries_dir, follow_symlinks=False):
-            dirs.sort()
-            relative = os.path.relpath(folder, self._entries_dir)
-            for name in sorted(files):
-                if not name.endswith(".val"):
-                    continue
-                path = name if relative == "." else f"{relative}/{name}"
-                while indexed is not None and indexed[0] < path:
-                    indexed = next(names, None)
-                if indexed is None or indexed[0] != path:
-                    with contextlib.suppress(FileNotFoundError):
-                        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
-                        if stat.S_ISREG(info.st_mode) and now - info.st_ctime >= min_age:
-                            os.unlink(name, dir_fd=folder_fd)
-                            removed += 1
-                seen += 1
-                # The pause yields the GIL and the disk to the server. Every file counts:
-                # almost all are indexed, and counting only orphans never paused at all.
-                if seen % SWEEP_STEP == 0 and self._closing.wait(SWEEP_PAUSE):
-                    return seen, removed
-        return seen, removed
 
     def claim_sweep(self) -> bool:
-        """True for the first process of a start to ask (it holds ``locks/sweep.lock`` until
-        it exits): the other workers of the same server skip the orphan sweep."""
-        fd = os.open(
-            self._commit_lock_path.with_name("sweep.lock"),
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
-            0o600,
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        """True for the first process of a server start to ask (see :func:`sweeps.claim`)."""
+        fd = sweeps.claim(self._commit_lock_path.with_name("sweep.lock"))
+        if fd is None:
             return False
         self._sweep_lock = fd  # kept open (and locked) for the life of the process
         return True
