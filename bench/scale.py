@@ -12,9 +12,11 @@ the API. Then, in rounds, for each code revision and each directory, a real ``vl
 serve`` (no flags but the upstream, the directory and the port; pinned to core 0, wrk on core 1)
 is timed: start-up to the first 200 from ``/healthz``; resident memory when ready, and idle after
 the orphan sweep with its peak (``VmHWM``); the sweep's duration from its log line; hits/s at 32
-connections for one key, for a hot set of 1,000 keys, and for random keys over the whole cache
-(at 1M almost all outside the disk tier's in-memory index), the last also while the sweep runs.
-Each figure is the median over rounds. Store-level probes (bench/scaleprobes.py) follow.
+connections, with the server's CPU time per hit (steadier than hits/s on a busy machine), for
+one key, for a hot set of 1,000 keys, and for random keys over the whole cache (at 1M almost all
+outside the disk tier's in-memory index), the last also while the sweep runs. Each figure is
+the median over rounds. Store-level probes follow (bench/scalestore.py runs bench/scaleprobes.py
+for each revision).
 
 Writes bench/results/scale-latest.md and prints it. Not part of ``make bench``.
 """
