@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
 import re
 import sqlite3
 import threading
@@ -41,7 +42,7 @@ _PAGE = 2000
 #: Seconds to wait for a writer holding the database (another process committing).
 _BUSY_TIMEOUT = 10.0
 #: Read-only connections the disk tier's lookups share (see :class:`Readers`).
-READERS = 4
+READERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,51 +66,56 @@ class Readers:
 
     A connection per worker thread cost about 1.9 MiB each (SQLite's page cache and
     statements), times anyio's 40 threads; a lookup takes well under a millisecond, so a few
-    connections serve them all and a thread rarely waits. :meth:`reset` (after the index was
-    moved aside) closes them: the next lookups open the new index.
+    connections serve them all. A thread takes an idle one, or opens one while fewer than
+    ``size`` exist, or waits for one (a C-level queue: no Python lock on the way). After
+    :meth:`reset` (the index was moved aside) each is reopened when next taken.
     """
 
     def __init__(self, db_path: Path, size: int = READERS) -> None:
         self.db_path = db_path
-        self._slots = threading.BoundedSemaphore(size)
+        self.size = size
+        self._idle: queue.SimpleQueue[tuple[sqlite3.Connection, int]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._idle: list[sqlite3.Connection] = []
         self._generation = 0
-        #: Connections opened so far (for tests and the benchmark).
+        #: Connections that exist (at most ``size``; for tests and the benchmark).
         self.opened = 0
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
         """A connection for this block; blocks while ``size`` others are in use."""
-        with self._slots:
+        try:
+            db, generation = self._idle.get_nowait()
+        except queue.Empty:
             with self._lock:
-                db = self._idle.pop() if self._idle else None
-                generation = self._generation
-            if db is None:
-                db = sqlite3.connect(
-                    f"file:{self.db_path}?mode=ro",
-                    uri=True,
-                    timeout=5,
-                    check_same_thread=False,
-                )
-                self.opened += 1
-            try:
-                yield db
-            finally:
-                with self._lock:
-                    keep = generation == self._generation
-                    if keep:
-                        self._idle.append(db)
-                if not keep:
-                    db.close()
+                new = self.opened < self.size
+                self.opened += new
+            db, generation = (self._connect(), self._generation) if new else self._idle.get()
+        if generation != self._generation:
+            db.close()
+            db, generation = self._connect(), self._generation
+        try:
+            yield db
+        finally:
+            self._idle.put((db, generation))
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = f"file:{self.db_path}?mode=ro"
+        return sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False)
 
     def reset(self) -> None:
-        """Close every connection (those in use, when they are given back)."""
+        """Close the idle connections; those in use are reopened when next taken."""
         with self._lock:
-            idle, self._idle = self._idle, []
             self._generation += 1
-        for db in idle:
+        closed = 0
+        while True:
+            try:
+                db, _ = self._idle.get_nowait()
+            except queue.Empty:
+                break
             db.close()
+            closed += 1
+        with self._lock:
+            self.opened -= closed
 
 
 class Index:
