@@ -14,8 +14,9 @@ restarts, and in memory so that a hit needs no disk access.
 A proof is void once revoked (``vlmrun-cache revoke``): ``revocations.jsonl`` lists credentials
 (by fingerprint, or ``*`` for all) and a time; proofs recorded before it no longer count, in
 memory or on disk. Every lookup that would succeed checks the file's identity and size first (one
-``stat``, about a microsecond) and reloads it when it changed, so a revocation by any process
-holds from the very next request of every worker.
+``stat``, about a microsecond; at most every :data:`~proxy.store.RECHECK_SECONDS`) and reloads it
+when it changed; ``revoke`` waits that long before it returns, so a revocation by any process
+holds for every request of every worker once the command has returned.
 
 A scope is *split* once two credentials were answered differently for the same key (see
 :mod:`proxy.validators`): the same scope id then names different things for different accounts,
@@ -38,11 +39,14 @@ import secrets
 import sqlite3
 import stat
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import diskcache
 
+from proxy.config import SECRET_ENV, ConfigError
 from proxy.errors import BadRequest
+from proxy.store import RECHECK_SECONDS
 
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 #: Credentials whose fingerprints are remembered at most.
@@ -54,7 +58,8 @@ EXPIRE_BATCH = 2000
 #: A proof's scope: (kind, scope id), or (kind, scope id, object id) for per-object checks.
 ProofScope = tuple[str, ...]
 #: The proof kept for "the API accepted this credential for something".
-_ANY: ProofScope = ("*",)
+ANY_SCOPE: ProofScope = ("*",)
+_ANY = ANY_SCOPE
 _SPLITS_FILE = "splits.jsonl"
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
 _SECRET_FILE = "secret"  # noqa: S105 (a file name)
@@ -71,6 +76,29 @@ def _load_or_create_secret(directory: Path) -> bytes:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))
     return _read_secret(path, tighten=True)
+
+
+def shared_secret(secret_file: str, environ: Mapping[str, str]) -> bytes | None:
+    """The HMAC secret every replica shares (``VLMRUN_CACHE_SECRET``, else ``secret_file``),
+    or None to use the cache directory's own. Used as given (any text of 32 characters or
+    more); never stored anywhere by the proxy, Redis least of all."""
+    value = environ.get(SECRET_ENV, "").strip()
+    where = f"environment variable {SECRET_ENV}"
+    if not value and secret_file:
+        where = f"secret_file {secret_file}"
+        try:
+            fd = os.open(secret_file, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "r", encoding="utf-8") as source:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigError(f"secret_file: {secret_file} is not a regular file")
+                value = source.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"secret_file: cannot read {secret_file}: {exc}") from None
+    if not value:
+        return None
+    if len(value) < 32:
+        raise ConfigError(f"secret_file: the secret in {where} is shorter than 32 characters")
+    return value.encode()
 
 
 def existing_secret(directory: str | Path) -> bytes | None:
@@ -124,13 +152,20 @@ def credential(headers: list[tuple[bytes, bytes]]) -> str | None:
 class AccessProofs:
     """HMAC-keyed, TTL-bounded proofs of (credential, scope) access, stored on disk."""
 
-    def __init__(self, directory: str | Path, ttl: float, offline_ttl: float = 0.0) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        ttl: float,
+        offline_ttl: float = 0.0,
+        secret: bytes | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ttl = ttl
         #: How old a proof may be while the API cannot be reached (at least ``ttl``).
         self.offline_ttl = max(ttl, offline_ttl)
-        self._secret = _load_or_create_secret(self.directory)
+        #: The replicas' shared secret, or the directory's own (created on first use).
+        self._secret = secret or _load_or_create_secret(self.directory)
         # Ours, before diskcache would create it 0755.
         (self.directory / "access").mkdir(exist_ok=True, mode=0o700)
         self._proofs = diskcache.Cache(
@@ -223,6 +258,17 @@ class AccessProofs:
             )
             self._keep(fingerprint, scope, now)
 
+    def adopt(self, fingerprint: str, scope: ProofScope, proven: float) -> bool:
+        """Take over a proof another replica recorded at ``proven`` (via the shared tier),
+        unless it is too old or revoked here; True if it now counts."""
+        proven = min(proven, time.time())  # another replica's clock may run ahead
+        if time.time() - proven >= self.ttl or self.revocations.voids(fingerprint, proven):
+            return False
+        expire = self.offline_ttl - (time.time() - proven)
+        self._proofs.set(self._key(fingerprint, scope), int(proven * 1000), expire=expire)
+        self._keep(fingerprint, scope, proven)
+        return True
+
     def expire(self, limit: int = EXPIRE_BATCH) -> int:
         """Delete up to ``limit`` proofs too old to count even offline from disk, the oldest
         first, in one short transaction; returns how many. Blocks; call it every second or so:
@@ -299,11 +345,18 @@ class Revocations:
         self._all = 0.0
         #: Per fingerprint, proofs recorded before this are void.
         self._keys: dict[str, float] = {}
+        #: When (time.monotonic()) the file was last read or seen unchanged.
+        self._looked = float("-inf")
 
     def voids(self, fingerprint: str, proven: float) -> bool:
-        """True if a proof of ``fingerprint`` recorded at ``proven`` was revoked."""
-        if not self._current():
-            return True
+        """True if a proof of ``fingerprint`` recorded at ``proven`` was revoked. The file is
+        looked at again once :data:`~proxy.store.RECHECK_SECONDS` have passed since the last
+        good look (``revoke`` waits that long before it returns)."""
+        now = time.monotonic()
+        if now - self._looked >= RECHECK_SECONDS:
+            if not self._current():
+                return True
+            self._looked = now
         return proven < self._all or proven < self._keys.get(fingerprint, 0.0)
 
     def _current(self) -> bool:

@@ -76,7 +76,13 @@ FIELDS = (
 )
 ARTIFACT_ROUTE = "/v1/artifacts"
 OWN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
-_OUTCOMES = {b"HIT": "hit", b"MISS": "miss", b"COALESCED": "coalesced", b"OFFLINE": "offline"}
+_OUTCOMES = {
+    b"HIT": "hit",
+    b"MISS": "miss",
+    b"COALESCED": "coalesced",
+    b"OFFLINE": "offline",
+    b"PREFETCH": "prefetch",  # a fetch the proxy made itself (proxy/prefetch), method PREFETCH
+}
 #: Records waiting for the writer at most; more are dropped (and counted), not held.
 MAX_PENDING = 100_000
 #: Largest write that a pipe takes whole, so that workers' lines never interleave.

@@ -70,6 +70,8 @@ def create_app(config: Config | None = None) -> Front:
     access_log = (
         AccessLogWriter(config.log_format, shared=config.workers > 1) if config.access_log else None
     )
+    if access_log is not None:
+        services.access_log = access_log.put
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -97,6 +99,10 @@ def create_app(config: Config | None = None) -> Front:
         stats = await anyio.to_thread.run_sync(services.store.stats)
         services.metrics.circuit_open.set(services.upstream.breaker.state == "open")
         services.metrics.upstream_up.set(not services.upstream.offline)
+        shared = services.chain.shared
+        services.metrics.redis_circuit_open.set(
+            shared is not None and shared.call.breaker.state == "open"
+        )
         body = services.metrics.render(stats)
         response = Response(body)
         response.raw_headers = [

@@ -32,10 +32,12 @@ from proxy.errors import (
 from proxy.fills import Fill, FillFailed, Reader
 from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
 from proxy.keys import ArtifactKey, parse_key
+from proxy.metrics import SOURCES
 from proxy.passthrough import relay
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
+from proxy.resume import rest_from_upstream
 from proxy.services import Services
-from proxy.store.chain import Corrupt, Hit
+from proxy.store.chain import Corrupt, Hit, Interrupted
 from proxy.upstream import Answer, read_answer
 from proxy.validators import Validators
 
@@ -67,7 +69,8 @@ class ArtifactRoute:
             for outcome in ("hit", "miss", "coalesced", "bypass", "error")
         }
         self._tiers = {tier: metrics.hits.labels(tier) for tier in _CACHE_STATUS}
-        self._served_cache = metrics.served_bytes.labels("cache")
+        #: Bytes served by the source a hit names (``cache``: this replica's, ``shared``: Redis).
+        self._served = {source: metrics.served_bytes.labels(source) for source in SOURCES}
         self._proven = metrics.access_checks.labels("proof")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -130,8 +133,10 @@ class ArtifactRoute:
         scope = key.proof_scope(self.s.config.access_check == "object")
         own = (fingerprint or "") == filler
         needed = scope if own else key.proof_scope(self.s.config.access_check == "object", filler)
-        if access.remembered(fingerprint, needed) or (
-            await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed)
+        if (
+            access.remembered(fingerprint, needed)
+            or await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed)
+            or await self.s.shared_proof(fingerprint, needed)
         ):
             self._proven.inc()
             return None
@@ -147,6 +152,7 @@ class ArtifactRoute:
                 else:  # the status line is the proof; skip the body
                     proven = (scope,) if own else (scope, needed)
                     await anyio.to_thread.run_sync(access.record, fingerprint, *proven)
+                    self.s.share_proofs(fingerprint, *proven)
                     checks.labels("granted").inc()
                     return None
         except UpstreamUnreachable:
@@ -197,16 +203,23 @@ class ArtifactRoute:
             if refusal is not None:
                 hit.close()
                 return refusal
-            response = self._entry_response(request, key, hit, outcome)
+            response = self._entry_response(request, key, hit, outcome, authorization)
         except BaseException:
             hit.close()
             raise
         self._count(outcome)
         self._tiers[hit.tier].inc()
+        if hit.meta.prefetched:
+            self.s.prefetcher.first_read(key.cache_key, hit.meta)
         return response
 
     def _entry_response(
-        self, request: Request, key: ArtifactKey, hit: Hit, outcome: str
+        self,
+        request: Request,
+        key: ArtifactKey,
+        hit: Hit,
+        outcome: str,
+        authorization: str | None = None,
     ) -> Response:
         """The hit's response: whole, a single range, 304 or 416.
 
@@ -249,24 +262,37 @@ class ArtifactRoute:
             status = 206
             raw.append((b"Content-Range", f"bytes {start}-{end - 1}/{meta.length}".encode()))
         if hit.body is not None:
-            self._served_cache.inc(end - start)
+            self._served[hit.source].inc(end - start)
             body = hit.body[start:end] if span else hit.body
             return Whole(status, raw, body)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
         response = StreamingResponse(
-            self._stream_hit(key, hit, start, end, verify),
+            self._stream_hit(key, hit, start, end, verify, authorization),
             status_code=status,
             background=BackgroundTask(hit.close),
         )
         return _raw(response, raw)
 
     async def _stream_hit(
-        self, key: ArtifactKey, hit: Hit, start: int, end: int, verify: bool
+        self,
+        key: ArtifactKey,
+        hit: Hit,
+        start: int,
+        end: int,
+        verify: bool,
+        authorization: str | None = None,
     ) -> AsyncIterator[bytes]:
-        served = self._served_cache
+        served = self._served[hit.source]
         try:
             async for data in hit.chunks(start, end, verify):
                 served.inc(len(data))
+                yield data
+        except Interrupted as cut:  # the tier failed mid-body: the rest comes from upstream
+            rest = rest_from_upstream(
+                self.s.upstream, key, authorization, hit.meta, cut.offset, cut.digest
+            )
+            async for data in rest:
+                self._served["upstream"].inc(len(data))
                 yield data
         except Corrupt:
             self.s.chain.memory.drop(key.cache_key)
@@ -297,9 +323,14 @@ class ArtifactRoute:
             fills.waiters.acquire(fingerprint)  # 429 when this credential holds its share
             on_close = functools.partial(fills.waiters.release, fingerprint)
             outcome = b"COALESCED"
+            if fills.adopt(fill):  # a prefetch this client came for: now its own fill
+                self.s.metrics.prefetch_hits.inc()
         reader = fill.join(on_close)  # before any await: keeps the fill's file open for us
         try:
             await fill.started.wait()
+            if fill.prefetch and (fill.error or fill.abandoned or fill.status not in (None, 200)):
+                reader.close()  # a prefetch that did not get the bytes: go on our own
+                return await self._bypass(request)
             if fill.error is not None:
                 raise fill.error
             if fill.from_store:  # another worker process fetched it meanwhile

@@ -58,6 +58,14 @@ def announce(config: Config) -> threading.Thread:
     log.info("listening on %s", listen_url(config))
     log.info("cache %s", cache_line(config))
     log.info("upstream %s: checking %s in the background", upstream, HEALTH_PATH)
+    if config.redis_url:
+        kind = "Redis Cluster" if config.redis_cluster else "Redis"
+        log.info(
+            "shared tier: %s %s, keys %s* (connects on first use; serving never waits for it)",
+            kind,
+            display_url(config.redis_url),
+            config.redis_prefix,
+        )
     log.info("point clients here: export VLMRUN_BASE_URL=%s", client_base_url(config))
     thread = threading.Thread(
         target=_report_upstream, args=(config.upstream_origin,), name="upstream-check", daemon=True

@@ -83,6 +83,23 @@ _HELP = {
     "log_level": "critical, error, warning, info or debug (default info)",
     "log_format": "access log lines as text or json (default text)",
     "access_log": "one line per request on stdout: true or false (default true)",
+    "secret_file": "file with the HMAC secret every replica shares (or $VLMRUN_CACHE_SECRET)",
+    "redis_url": "shared tier: redis://host:6379/0, rediss:// (TLS) or unix:// (default: none)",
+    "redis_password_file": "file holding the Redis password (keeps it out of the URL)",
+    "redis_cluster": "redis_url names a node of a Redis Cluster: true or false (default false)",
+    "redis_prefix": "prefix of every Redis key (default vlmrun-cache:v1:)",
+    "redis_timeout": "longest one Redis call may take (default 50ms)",
+    "redis_breaker_threshold": "consecutive Redis failures that open its breaker (default 3)",
+    "redis_breaker_cooldown": "how long the open Redis breaker skips Redis (default 5s)",
+    "shared_max_object_size": "larger artifacts stay out of Redis (default 64MiB)",
+    "shared_ttl": "how long an artifact stays in Redis (default 7d)",
+    "redis_buffer_size": "Redis hits up to this size are read whole before answering (1MiB)",
+    "prefetch": "fetch the artifacts an answer names before the client asks: true or false "
+    "(default true)",
+    "prefetch_max_object_size": "larger artifacts are not prefetched (default 64MiB)",
+    "prefetch_concurrency": "prefetches at once, besides the clients' fills (default 4)",
+    "prefetch_per_key": "prefetches one API key may run at once (default 2)",
+    "prefetch_scan_limit": "bytes of one answer read for artifact references (default 1MiB)",
 }
 
 

@@ -23,6 +23,11 @@ from urllib.parse import urlsplit
 import platformdirs
 
 ENV_PREFIX = "VLMRUN_CACHE_"
+#: Holds the replicas' shared HMAC secret itself (not a setting: it never enters Config, which
+#: is passed to worker processes and shown by ``doctor``).
+SECRET_ENV = "VLMRUN_CACHE_SECRET"  # noqa: S105 (a variable's name)
+#: Largest value Redis stores in one string, less room for the metadata.
+REDIS_STRING_LIMIT = 512 * 1000**2 - 1024**2
 #: Names the base file. Two underscores: not a setting, so ``VLMRUN_CACHE_<KEY>`` never clashes.
 BASE_CONFIG_ENV = "VLMRUN_CACHE__BASE_CONFIG"
 
@@ -214,6 +219,41 @@ class Config:
     log_format: str = "text"
     #: One line per request on stdout, whatever ``log_level`` says.
     access_log: bool = True
+    #: A file holding the HMAC secret shared by every replica (``VLMRUN_CACHE_SECRET`` instead
+    #: gives the secret itself); empty: a secret created per cache directory. Needed with Redis.
+    secret_file: str = ""
+    #: The shared tier (see :mod:`proxy.store.shared`): ``redis://``, ``rediss://`` (TLS) or
+    #: ``unix://``; empty: no shared tier.
+    redis_url: str = ""
+    #: A file holding the Redis password (kept out of ``redis_url`` and so out of every display).
+    redis_password_file: str = ""
+    #: ``redis_url`` names a node of a Redis Cluster.
+    redis_cluster: bool = False
+    #: Starts every key; the ``v1`` is the layout version (old and new replicas can share Redis).
+    redis_prefix: str = "vlmrun-cache:v1:"
+    #: Longest one Redis call may take before it counts as a failure (no retries).
+    redis_timeout: float = 0.05
+    #: Consecutive Redis failures that open its breaker, and how long it stays open.
+    redis_breaker_threshold: int = 3
+    redis_breaker_cooldown: float = 5.0
+    #: Largest artifact stored in Redis (its strings stop at 512 MB).
+    shared_max_object_size: int = 64 * 1024**2
+    #: How long an artifact (and a proof, up to its own age limit) stays in Redis.
+    shared_ttl: float = 7 * 86400.0
+    #: Redis hits up to this size are read whole before the answer starts (a failure then
+    #: falls back to upstream unseen); larger ones stream.
+    redis_buffer_size: int = 1024**2
+    #: Fetch the artifacts a completion or execution names before the client asks (see
+    #: :mod:`proxy.prefetch`), with the requester's own credential.
+    prefetch: bool = True
+    #: A prefetch of a larger artifact is abandoned (unless a client has joined it).
+    prefetch_max_object_size: int = 64 * 1024**2
+    #: Prefetches running at once, on top of the ``max_fills`` room kept for clients.
+    prefetch_concurrency: int = 4
+    #: Prefetches one credential may run at once.
+    prefetch_per_key: int = 2
+    #: Decoded bytes of one answer read for artifact references at most.
+    prefetch_scan_limit: int = 1024**2
 
     @property
     def object_size_limit(self) -> int:
@@ -271,6 +311,22 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "log_level": _parse_str,
     "log_format": _parse_str,
     "access_log": _parse_bool,
+    "secret_file": _parse_str,
+    "redis_url": _parse_str,
+    "redis_password_file": _parse_str,
+    "redis_cluster": _parse_bool,
+    "redis_prefix": _parse_str,
+    "redis_timeout": parse_duration,
+    "redis_breaker_threshold": _parse_int,
+    "redis_breaker_cooldown": parse_duration,
+    "shared_max_object_size": parse_size,
+    "shared_ttl": parse_duration,
+    "redis_buffer_size": parse_size,
+    "prefetch": _parse_bool,
+    "prefetch_max_object_size": parse_size,
+    "prefetch_concurrency": _parse_int,
+    "prefetch_per_key": _parse_int,
+    "prefetch_scan_limit": parse_size,
 }
 KEYS = tuple(_PARSERS)
 
@@ -285,7 +341,49 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _validate(config: Config, sources: Mapping[str, str]) -> None:
+def redact_url(url: str) -> str:
+    """``url`` without its password (``redis://:***@host``), for every place it is shown."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _validate_redis(config: Config, fail: Callable[[str, str], None], has_secret: bool) -> None:
+    if not config.redis_url:
+        return
+    parts = urlsplit(config.redis_url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        fail(
+            "redis_url",
+            f"{redact_url(config.redis_url)!r} is not a redis://, rediss:// or unix:// URL",
+        )
+    if not has_secret:
+        fail(
+            "redis_url",
+            "replicas sharing Redis need one HMAC secret: set secret_file (the same file on "
+            f"every replica) or the environment variable {SECRET_ENV}",
+        )
+    if "{" in config.redis_prefix or "}" in config.redis_prefix:
+        fail("redis_prefix", "must not contain { or } (Redis Cluster hash tags)")
+    if config.redis_timeout <= 0 or config.redis_breaker_cooldown <= 0:
+        fail("redis_timeout", "redis_timeout and redis_breaker_cooldown must be larger than zero")
+    if config.redis_breaker_threshold < 1:
+        fail("redis_breaker_threshold", "must be at least 1")
+    if not 0 < config.shared_max_object_size <= REDIS_STRING_LIMIT:
+        fail("shared_max_object_size", "must be larger than zero and below 511 MB (a Redis string)")
+    if config.shared_ttl < 1:
+        fail("shared_ttl", "must be at least 1s")
+    if config.redis_buffer_size > 64 * 1024**2:
+        fail("redis_buffer_size", "must be at most 64MiB (it is held in memory per request)")
+
+
+def _validate(config: Config, sources: Mapping[str, str], has_secret: bool = False) -> None:
     """Raise :class:`ConfigError` for the first invalid value; ``sources`` says where each
     non-default value came from, so that the message names the file, variable or flag."""
 
@@ -353,6 +451,8 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
         "max_fills_per_key",
         "max_passthrough_per_key",
         "max_waiters_per_key",
+        "prefetch_concurrency",
+        "prefetch_per_key",
     ):
         if getattr(config, key) < 1:
             fail(key, "must be at least 1")
@@ -372,6 +472,8 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
         fail("header_timeout", "must be larger than zero")
     if not 4096 <= config.chunk_size <= 16 * 1024**2:
         fail("chunk_size", "must be between 4KiB and 16MiB")
+    if config.prefetch_scan_limit < 4096:
+        fail("prefetch_scan_limit", "must be at least 4KiB")
     if not 1 <= config.workers <= 64:
         fail("workers", "must be between 1 and 64")
     if config.http not in ("auto", "h11", "httptools"):
@@ -382,6 +484,7 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
         fail("log_format", f"must be one of {', '.join(_LOG_FORMATS)}")
     if not config.cache_dir:
         fail("cache_dir", "must not be empty")
+    _validate_redis(config, fail, has_secret or bool(config.secret_file))
 
 
 def _apply(
@@ -438,9 +541,9 @@ def load(
     for key in ("log_level", "log_format"):
         if key in values:
             values[key] = values[key].lower()
-    for key in ("cache_dir", "tls_certfile", "tls_keyfile"):
+    for key in ("cache_dir", "tls_certfile", "tls_keyfile", "secret_file", "redis_password_file"):
         if key in values:
             values[key] = os.path.expanduser(values[key])
     config = Config(**values)
-    _validate(config, sources)
+    _validate(config, sources, has_secret=bool(environ.get(SECRET_ENV)))
     return config

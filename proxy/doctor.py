@@ -2,8 +2,8 @@
 
 Checks, in order: the settings (loaded exactly as ``serve`` loads them), the listening port, the
 cache directory (safe and writable, or creatable), the free disk space, the cache index, and the
-upstream API. Each line starts with ``ok`` or ``problem``; a problem says what to change. The exit
-status is 1 if there is any problem, else 0.
+upstream API; with ``redis_url``, the shared tier. Each line starts with ``ok`` or ``problem``;
+a problem says what to change. The exit status is 1 if there is any problem, else 0.
 
 Nothing here disturbs a server running on the same cache: the index is opened read-only (no
 sweep, no reset), no secret is created, and a missing directory is not created. (An existing one
@@ -18,17 +18,23 @@ import os
 import shutil
 import socket
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
+import redis
+import redis.cluster
+import redis.exceptions
 
+from proxy.access import shared_secret
 from proxy.banner import client_base_url, listen_url
 from proxy.config import Config, ConfigError, env_name, flag_name, format_size
 from proxy.probe import check_upstream, display_url
 from proxy.services import in_the_way, prepare_directory
 from proxy.store.disk import peek_stats
+from proxy.store.redisclient import read_password
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +180,61 @@ def check_api(config: Config, timeout: float) -> Check:
     return Check("upstream", False, f"{detail}; {hint}")
 
 
+def check_redis(config: Config, timeout: float) -> Check:
+    """The shared tier: the secret loads, Redis answers ``PING``, and evicts as it should
+    (``maxmemory`` set, ``allkeys-lru``). The URL is shown without its password."""
+    shown = display_url(config.redis_url)
+    try:
+        shared_secret(config.secret_file, os.environ)
+    except ConfigError as exc:
+        return Check("redis", False, f"{exc}; serve would stop here")
+    began = time.monotonic()
+    try:
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        password = read_password(config)
+        if password is not None:
+            options["password"] = password
+        client: Any = (
+            redis.cluster.RedisCluster.from_url(config.redis_url, **options)
+            if config.redis_cluster
+            else redis.Redis.from_url(config.redis_url, **options)
+        )
+        try:
+            client.ping()
+            ms = (time.monotonic() - began) * 1000
+            try:
+                memory = client.config_get("maxmemory*")
+            except redis.exceptions.ResponseError:  # CONFIG disabled (managed services)
+                return Check(
+                    "redis",
+                    True,
+                    f"{shown} answers in {ms:.0f} ms; its maxmemory settings cannot be read "
+                    "here: make sure it runs with maxmemory and allkeys-lru",
+                )
+        finally:
+            client.close()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        return Check(
+            "redis",
+            False,
+            f"{shown} unreachable ({type(exc).__name__}); serve still starts and serves from "
+            f"memory, disk and upstream; check it or change {_setting('redis_url')}",
+        )
+    if isinstance(memory, dict) and "maxmemory" not in memory:  # a cluster: one per node
+        memory = next(iter(memory.values()), {})
+    limit = int(memory.get("maxmemory", 0) or 0)
+    policy = str(memory.get("maxmemory-policy", ""))
+    detail = f"{shown} answers in {ms:.0f} ms; maxmemory {format_size(limit)}, {policy}"
+    if limit == 0 or policy != "allkeys-lru":
+        return Check(
+            "redis",
+            False,
+            f"{detail}; run Redis with maxmemory set and maxmemory-policy allkeys-lru, or it "
+            "fills up and refuses writes",
+        )
+    return Check("redis", True, detail)
+
+
 def run(load: Callable[[], Config], sources: Sequence[str], timeout: float, out: TextIO) -> int:
     """Print one line per check to ``out`` as it completes; 1 if any found a problem, else 0.
 
@@ -198,6 +259,8 @@ def run(load: Callable[[], Config], sources: Sequence[str], timeout: float, out:
         if directory.ok and Path(config.cache_dir).is_dir():
             report(check_index(config))
         report(check_api(config, timeout))
+        if config.redis_url:
+            report(check_redis(config, timeout))
     problems = sum(not check.ok for check in checks)
     if problems:
         print(f"{problems} problem{'s' if problems > 1 else ''} found", file=out)

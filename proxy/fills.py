@@ -68,11 +68,27 @@ class TooLarge(FillFailed):
     """A body of unknown size grew past what may be stored (or a coded one exploded)."""
 
 
+class PrefetchTooLarge(FillFailed):
+    """A prefetch nobody joined passed ``prefetch_max_object_size``: not worth the bytes."""
+
+
 class Fill:
     """The shared state of one running fetch. All attributes change on the event loop only."""
 
-    def __init__(self, key: ArtifactKey, fingerprint: str | None) -> None:
+    def __init__(self, key: ArtifactKey, fingerprint: str | None, prefetch: bool = False) -> None:
         self.key = key
+        #: Started by the proxy for a reference it saw (:mod:`proxy.prefetch`), not by a client.
+        #: Until a client joins, it is abandoned past ``prefetch_max_object_size``; a client
+        #: that joins it is never handed its non-200 answer (it fetches on its own instead).
+        self.prefetch = prefetch
+        #: True once a client joined this prefetch (:meth:`Fills.adopt`): from then on it is
+        #: that client's fill, no longer counted as a prefetch.
+        self.adopted = False
+        #: Called once on adoption (the prefetcher frees the slot it held for this fill).
+        self.on_adopt: Callable[[], None] | None = None
+        #: Why a prefetch stopped short of storing the body ("too_large", or "not_stored" for
+        #: no room or a coding we do not undo), if it did.
+        self.abandoned: str | None = None
         #: HMAC of the credential of the client that started the fill.
         self.fingerprint = fingerprint
         #: HMAC of the credential upstream is asked with: ``fingerprint``, or the credential of
@@ -86,6 +102,8 @@ class Fill:
         self.error: ProxyError | None = None
         #: A non-200 answer, replayable to the same credential.
         self.answer: Answer | None = None
+        #: The upstream's status, once known.
+        self.status: int | None = None
         #: A 200 response nobody tees: the first reader to :meth:`take_direct` streams it.
         self._direct: httpx.Response | None = None
         self.content_type = "application/octet-stream"
@@ -250,9 +268,15 @@ class Fills:
         access: AccessProofs,
         metrics: Metrics,
         coordinator: Coordinator | None = None,
+        publish: Callable[[str, EntryMeta], None] | None = None,
+        share_proofs: Callable[[str | None, tuple[str, ...]], None] | None = None,
     ) -> None:
         self._config = config
         self._coordinator = coordinator
+        #: Called after a commit: copies the entry to the shared tier (in the background).
+        self._share_entry = publish
+        #: Called with each proof a fill records: shares it with the other replicas.
+        self._share_proofs = share_proofs
         self._upstream = upstream
         self._store = store
         self._access = access
@@ -261,6 +285,8 @@ class Fills:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Keys whose bodies proved too large to store, until when (time.monotonic()).
         self._uncacheable: dict[ArtifactKey, float] = {}
+        #: Running fills that are prefetches: they do not count against clients' ``max_fills``.
+        self._prefetching = 0
         #: Fills each credential runs (``max_fills_per_key``).
         self._per_key = PerKey(config.max_fills_per_key, "artifact fetches")
         #: Clients each credential has following fills (``max_waiters_per_key``).
@@ -283,14 +309,33 @@ class Fills:
     def full(self, fingerprint: str | None) -> bool:
         """True when no fill may start for this credential: every slot is taken, or it holds
         its share of them."""
-        return len(self._running) >= self._config.max_fills or self._per_key.full(fingerprint)
+        clients = len(self._running) - self._prefetching
+        return clients >= self._config.max_fills or self._per_key.full(fingerprint)
 
-    def start(self, key: ArtifactKey, authorization: str | None, fingerprint: str | None) -> Fill:
+    def start(
+        self,
+        key: ArtifactKey,
+        authorization: str | None,
+        fingerprint: str | None,
+        *,
+        prefetch: bool = False,
+        on_done: Callable[[Fill], None] | None = None,
+    ) -> Fill:
+        """Start the fill of ``key`` with ``authorization`` (kept in this task's memory only).
+
+        A ``prefetch`` counts against neither ``max_fills`` nor the credential's
+        ``max_fills_per_key`` (:mod:`proxy.prefetch` bounds its own), makes one attempt, and
+        is abandoned past ``prefetch_max_object_size`` unless a client joined it. ``on_done``
+        is called with the fill once it is over, before any reader learns that it is.
+        """
         assert key not in self._running
-        fill = Fill(key, fingerprint)
+        fill = Fill(key, fingerprint, prefetch)
         self._running[key] = fill
-        self._per_key.acquire(fingerprint)
-        self._spawn(self._run(fill, authorization), f"fill {key.object_id}")
+        if prefetch:
+            self._prefetching += 1
+        else:
+            self._per_key.acquire(fingerprint)
+        self._spawn(self._run(fill, authorization, on_done), f"fill {key.object_id}")
         return fill
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
@@ -313,7 +358,30 @@ class Fills:
 
     # -- the fill task ------------------------------------------------------------------------
 
-    async def _run(self, fill: Fill, authorization: str | None) -> None:
+    def adopt(self, fill: Fill) -> bool:
+        """A client joins the prefetch ``fill``: it becomes a client's fill (the prefetch's slot
+        is freed for the next one). True the first time, for counting."""
+        if not fill.prefetch or fill.adopted:
+            return False
+        fill.adopted = True
+        if not fill.done:
+            self._prefetching -= 1
+        if fill.on_adopt is not None:
+            callback, fill.on_adopt = fill.on_adopt, None
+            callback()
+        return True
+
+    def _abandon_prefetch(self, fill: Fill, length: int | None) -> bool:
+        """True if ``fill`` is a prefetch nobody joined whose body is over its cap."""
+        limit = self._config.prefetch_max_object_size
+        if fill.prefetch and fill.readers == 0 and length is not None and length > limit:
+            fill.abandoned = "too_large"
+            return True
+        return False
+
+    async def _run(
+        self, fill: Fill, authorization: str | None, on_done: Callable[[Fill], None] | None
+    ) -> None:
         started_at = time.monotonic()
         temp: FillFile | None = None
         response: httpx.Response | None = None
@@ -328,7 +396,8 @@ class Fills:
                 return
             claim = got
             request = self._upstream.artifact_request(fill.key, authorization)
-            response = await self._upstream.send(request, artifact=True)
+            response = await self._upstream.send(request, artifact=True, retry=not fill.prefetch)
+            fill.status = response.status_code
             if response.status_code != 200:
                 fill.answer = await read_answer(response)
                 return
@@ -337,8 +406,14 @@ class Fills:
             fill.content_type = validators.content_type
             encoding = validators.encoding
             fill.expected_length = None if encoding else validators.length
+            if self._abandon_prefetch(fill, validators.length):
+                return
             if not encoding or decodable(encoding):
                 temp = await self._begin(fill.expected_length or validators.length)
+            if temp is None and fill.prefetch and fill.readers == 0:  # nobody to relay it to
+                large = (validators.length or 0) > self._config.object_size_limit
+                fill.abandoned = "too_large" if large else "not_stored"
+                return
             if temp is None:  # no room, too large, or a coding we do not undo: relay it as is
                 fill._direct, response = response, None  # the reader that takes it closes it
                 return  # and other processes waiting for the key fetch on their own
@@ -372,12 +447,15 @@ class Fills:
                     digests.xxh3,
                     validators.with_length(fill.written),
                     fill.fingerprint or "",
+                    prefetched=fill.prefetch and fill.readers == 0,
                 )
                 pending, temp = temp, None
                 await self._commit(fill.key, pending, meta)
         except ProxyError as exc:
             self._metrics.upstream_errors.inc()
             fill.error = exc
+        except PrefetchTooLarge:
+            fill.abandoned = "too_large"
         except TooLarge as exc:
             self._uncacheable[fill.key] = time.monotonic() + UNCACHEABLE_SECONDS
             self._metrics.store_failures.labels("too_large").inc()
@@ -399,7 +477,16 @@ class Fills:
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
-            self._per_key.release(fill.fingerprint)
+            if fill.prefetch:
+                if not fill.adopted:
+                    self._prefetching -= 1
+            else:
+                self._per_key.release(fill.fingerprint)
+            if on_done is not None:
+                try:
+                    on_done(fill)
+                except Exception:
+                    log.exception("after the fill of %s", fill.key.object_id)
             fill._release()
             fill._notify()
 
@@ -507,6 +594,8 @@ class Fills:
                     raise TooLarge(
                         f"larger than an entry may be (or expands {DECODE_RATIO_LIMIT}x)"
                     )
+                if self._abandon_prefetch(fill, fill.written + len(chunk)):
+                    raise PrefetchTooLarge("prefetch past prefetch_max_object_size")
                 fill._publish(chunk)
                 pending.append(chunk)
                 wake.set()
@@ -536,10 +625,13 @@ class Fills:
 
     async def _commit(self, key: ArtifactKey, temp: FillFile, meta: EntryMeta) -> None:
         try:
-            await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
+            stored = await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()
+            return
+        if stored and self._share_entry is not None:  # off the hot path: readers are done
+            self._share_entry(key.cache_key, meta)
 
     def _remember_proof(self, fill: Fill) -> None:
         scope = fill.key.proof_scope(self._config.access_check == "object")
@@ -547,3 +639,5 @@ class Fills:
             anyio.to_thread.run_sync(self._access.record, fill.fingerprint, scope),
             "record proof",
         )
+        if self._share_proofs is not None:
+            self._share_proofs(fill.fingerprint, scope)

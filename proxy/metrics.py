@@ -16,10 +16,25 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from proxy.store import StoreStats
 
 OUTCOMES = ("hit", "miss", "coalesced", "bypass", "error")
-SOURCES = ("cache", "upstream")
-TIERS = ("memory", "disk")
+SOURCES = ("cache", "shared", "upstream")
+TIERS = ("memory", "disk", "redis")
+#: Redis failures: unavailable (no answer in time, refused, lost), rejected (a value failed its
+#: HMAC or digest: damaged or forged; deleted), other (an error reply).
+REDIS_ERRORS = ("unavailable", "rejected", "other")
+#: Copies of fills to Redis: stored, present (another replica stored it), too_large
+#: (shared_max_object_size), dropped (too many waiting), failed.
+REDIS_WRITES = ("stored", "present", "too_large", "dropped", "failed")
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
 STORE_FAILURES = ("no_space", "write", "commit", "index", "too_large")
+PREFETCH_RESULTS = (
+    "fetched",
+    "already_cached",
+    "refused",
+    "too_large",
+    "dropped",
+    "rate_limited",
+    "error",
+)
 #: prometheus-client's switch for multiprocess mode; must be set before workers start.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -37,7 +52,8 @@ class Metrics:
         )
         self.hits = Counter(
             "vlmrun_cache_hits",
-            "Artifact requests served from the cache, by the tier that answered: memory, disk.",
+            "Artifact requests served from the cache, by the tier that answered: memory, disk, "
+            "redis (the shared tier).",
             ["tier"],
             registry=r,
         )
@@ -48,7 +64,8 @@ class Metrics:
         )
         self.served_bytes = Counter(
             "vlmrun_cache_served_bytes",
-            "Artifact body bytes sent to clients, by where they came from.",
+            "Artifact body bytes sent to clients, by where they came from: cache (this "
+            "replica's memory or disk), shared (Redis), upstream.",
             ["source"],
             registry=r,
         )
@@ -124,6 +141,52 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.redis_errors = Counter(
+            "vlmrun_cache_redis_errors",
+            "Failed Redis calls and values: unavailable (timeout, refused, lost), rejected (a "
+            "value failed its HMAC or digest and was deleted), other (an error reply).",
+            ["kind"],
+            registry=r,
+        )
+        self.redis_writes = Counter(
+            "vlmrun_cache_redis_writes",
+            "Fills copied to Redis: stored, present (already there), too_large, dropped (too "
+            "many waiting), failed.",
+            ["result"],
+            registry=r,
+        )
+        self.redis_circuit_open = Gauge(
+            "vlmrun_cache_redis_circuit_open",
+            "1 while the Redis breaker skips the shared tier (in any worker); 0 when closed "
+            "or when no shared tier is set.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        for kind in REDIS_ERRORS:
+            self.redis_errors.labels(kind)
+        for result in REDIS_WRITES:
+            self.redis_writes.labels(result)
+        self.prefetches = Counter(
+            "vlmrun_cache_prefetches",
+            "Artifacts named by a passed-through answer, by what their prefetch came to: fetched, "
+            "already_cached (stored or being fetched), refused (the API said 401/403/404 to the "
+            "requester's key, now or in the last 10 minutes), too_large, dropped (queue full, "
+            "upstream down), rate_limited (429, or the key is waiting out a Retry-After), error.",
+            ["result"],
+            registry=r,
+        )
+        self.prefetch_hits = Counter(
+            "vlmrun_cache_prefetch_hits",
+            "First client reads of a prefetched artifact (joining its running prefetch, or a hit).",
+            registry=r,
+        )
+        self.prefetch_evicted_unread_bytes = Counter(
+            "vlmrun_cache_prefetch_evicted_unread_bytes",
+            "Bytes of prefetched entries evicted before any client read them.",
+            registry=r,
+        )
+        for result in PREFETCH_RESULTS:
+            self.prefetches.labels(result)
         for reason in STORE_FAILURES:
             self.store_failures.labels(reason)
         for outcome in OUTCOMES:

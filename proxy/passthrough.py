@@ -34,6 +34,7 @@ from proxy.errors import (
 )
 from proxy.headers import end_to_end
 from proxy.metrics import Metrics
+from proxy.prefetch import Prefetcher, Watch, observe
 from proxy.upstream import Upstream, response_headers, translate
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,11 @@ class _HeldResponse(StreamingResponse):
     body has been relayed (before the client sees its end, so a client that read a whole answer
     may send the next request at once), or when sending stops for any other reason."""
 
-    def __init__(self, upstream: httpx.Response, release: Callable[[], None]) -> None:
+    def __init__(
+        self, upstream: httpx.Response, release: Callable[[], None], watch: Watch | None = None
+    ) -> None:
         self._release = release
+        self._watch = watch
         self._held = True
         super().__init__(
             self._relay(upstream),
@@ -66,7 +70,10 @@ class _HeldResponse(StreamingResponse):
             self._release()
 
     async def _relay(self, upstream: httpx.Response) -> AsyncIterator[bytes]:
-        async for chunk in relay(upstream):
+        body = relay(upstream)
+        if self._watch is not None:
+            body = self._watch.around(body)
+        async for chunk in body:
             yield chunk
         self.release()
 
@@ -90,8 +97,11 @@ class Passthrough:
         metrics: Metrics,
         access: AccessProofs,
         config: Config,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self._upstream = upstream
+        #: Watches the answers that name artifacts (None: prefetch is off).
+        self._prefetcher = prefetcher
         self._metrics = metrics
         self._access = access
         self._config = config
@@ -127,7 +137,8 @@ class Passthrough:
             raise LengthRequired("a DELETE with a body needs a Content-Length")
         if length is not None:
             headers.append((b"Content-Length", length.encode()))
-        fingerprint = self._access.fingerprint(credential(request.scope["headers"]))
+        authorization = credential(request.scope["headers"])
+        fingerprint = self._access.fingerprint(authorization)
         upstream_request = self._upstream.request(
             request.method,
             raw_path + (b"?" + query if query else b""),
@@ -140,7 +151,16 @@ class Passthrough:
         except BaseException:
             self._held.release(fingerprint)
             raise
-        return _HeldResponse(upstream, functools.partial(self._held.release, fingerprint))
+        watch = observe(
+            self._prefetcher,
+            request.method,
+            raw_path,
+            upstream,
+            authorization,
+            fingerprint,
+            self._config.prefetch_scan_limit,
+        )
+        return _HeldResponse(upstream, functools.partial(self._held.release, fingerprint), watch)
 
     async def _body(self, request: Request) -> AsyncIterator[bytes]:
         """The client's request body as it arrives. A client that leaves mid-upload ends it

@@ -11,20 +11,25 @@ import sqlite3
 import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import anyio.to_thread
 
-from proxy.access import AccessProofs
+from proxy.access import ANY_SCOPE, AccessProofs, ProofScope, shared_secret
 from proxy.config import Config, ConfigError
 from proxy.fills import Fills
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
+from proxy.prefetch import Prefetcher
+from proxy.prefetch.scheduler import LogRecord
 from proxy.store import Store
 from proxy.store.chain import Chain, DiskTier
 from proxy.store.claims import Claims
 from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
 from proxy.store.memory import MemoryTier
+from proxy.store.redisclient import guarded
+from proxy.store.shared import SharedTier
 from proxy.upstream import Upstream
 
 #: The names the proxy keeps in its cache directory, and the type each must have. None of them
@@ -206,12 +211,15 @@ class Services:
     access: AccessProofs
     upstream: Upstream
     fills: Fills
+    prefetcher: Prefetcher
     passthrough: Passthrough
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
         self.serving = False
+        #: Where prefetches are logged (the access log's ``put``), if it is on.
+        self.access_log: LogRecord | None = None
 
     async def open(self) -> None:
         config = self.config
@@ -223,26 +231,87 @@ class Services:
                 max_object_bytes=config.object_size_limit,
                 on_evict=self.metrics.evicted,
                 on_reset=self.metrics.store_failures.labels("index").inc,
+                on_evict_unread=self.metrics.prefetch_evicted_unread_bytes.inc,
             )
         )
         # Once per server start; fills running in other processes hold locks and are spared.
         await anyio.to_thread.run_sync(self.store.sweep_temporary)
+        secret = await anyio.to_thread.run_sync(shared_secret, config.secret_file, os.environ)
         self.chain = Chain(
             MemoryTier(config.memory_cache_size, config.memory_cache_size // 64),
-            DiskTier(self.store, config.chunk_size, self.metrics.integrity_failures.inc),
+            DiskTier(
+                self.store,
+                config.chunk_size,
+                self.metrics.integrity_failures.inc,
+                config.min_free_space,
+            ),
+            self._shared_tier(secret),
         )
         self.access = await anyio.to_thread.run_sync(
-            AccessProofs, directory, config.proof_ttl, config.offline_proof_ttl
+            AccessProofs, directory, config.proof_ttl, config.offline_proof_ttl, secret
         )
         self.upstream = Upstream(config)
         self.fills = Fills(
-            config, self.upstream, self.store, self.access, self.metrics, Claims(directory)
+            config,
+            self.upstream,
+            self.store,
+            self.access,
+            self.metrics,
+            Claims(directory),
+            self.chain.publish,
+            self.share_proofs,
         )
-        self.passthrough = Passthrough(self.upstream, self.metrics, self.access, config)
+        self.prefetcher = Prefetcher(
+            config, self.fills, self.store, self.access, self.upstream, self.metrics
+        )
+        self.prefetcher.access_log = self.access_log
+        self.passthrough = Passthrough(
+            self.upstream,
+            self.metrics,
+            self.access,
+            config,
+            self.prefetcher if config.prefetch else None,
+        )
         self._housekeeping = asyncio.create_task(self._flush_touches_periodically())
         # After start-up, not during it: the scan is proportional to the number of entries.
         self._sweep = asyncio.create_task(self._sweep_once())
         self.serving = True
+
+    def _shared_tier(self, secret: bytes | None) -> SharedTier | None:
+        """The Redis tier, when ``redis_url`` is set (config validation ensured a secret). It
+        connects on first use: a Redis that is down at start-up delays nothing."""
+        config = self.config
+        if not config.redis_url or secret is None:
+            return None
+        errors = self.metrics.redis_errors
+        call = guarded(config, lambda kind: errors.labels(kind).inc())
+        writes = self.metrics.redis_writes
+        return SharedTier.configured(
+            config,
+            secret,
+            call,
+            on_reject=errors.labels("rejected").inc,
+            on_write=lambda result: writes.labels(result).inc(),
+        )
+
+    def share_proofs(self, fingerprint: str | None, *scopes: ProofScope) -> None:
+        """Proofs just recorded here, for the other replicas (in the background)."""
+        shared = self.chain.shared
+        if shared is None or fingerprint is None:
+            return
+        life = min(self.config.offline_proof_ttl, self.config.shared_ttl)
+        shared.share_proofs(fingerprint, (*scopes, ANY_SCOPE), time.time(), life)
+
+    async def shared_proof(self, fingerprint: str | None, scope: ProofScope) -> bool:
+        """Whether another replica recorded a live proof for ``fingerprint`` and ``scope``
+        (then it is kept here too). Refusals are never shared: there are none to find."""
+        shared = self.chain.shared
+        if shared is None or fingerprint is None:
+            return False
+        proven = await shared.proven_at(fingerprint, scope)
+        if proven is None:
+            return False
+        return await anyio.to_thread.run_sync(self.access.adopt, fingerprint, scope, proven)
 
     async def _sweep_once(self) -> None:
         """The orphan sweep, by one worker process per server start, in a thread of its own
@@ -276,7 +345,9 @@ class Services:
         self.serving = False
         self._housekeeping.cancel()
         self._sweep.cancel()
+        self.prefetcher.close()
         await self.fills.aclose()
+        await self.chain.aclose()
         await self.upstream.aclose()
         await anyio.to_thread.run_sync(self.store.close)
         await anyio.to_thread.run_sync(self.access.close)

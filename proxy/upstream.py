@@ -27,7 +27,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import anyio
 import httpx
@@ -104,11 +104,24 @@ def translate(exc: httpx.HTTPError | TimeoutError) -> ProxyError:
 
 
 class CircuitBreaker:
-    """Closed -> open after ``threshold`` consecutive faults -> one probe after ``cooldown``."""
+    """Closed -> open after ``threshold`` consecutive faults -> one probe after ``cooldown``.
 
-    def __init__(self, threshold: int, cooldown: float) -> None:
+    ``fault`` says what counts (by default :func:`upstream_fault`; the shared tier passes its
+    own rule, :func:`proxy.store.shared.redis_fault`); ``name`` is what the log lines call the
+    service.
+    """
+
+    def __init__(
+        self,
+        threshold: int,
+        cooldown: float,
+        fault: Callable[[BaseException | int], bool] = upstream_fault,
+        name: str = "upstream",
+    ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
+        self._fault = fault
+        self.name = name
         self.failures = 0
         self.opened_at: float | None = None
         #: When the running probe was let through (None: no probe running).
@@ -134,7 +147,7 @@ class CircuitBreaker:
 
     def record(self, outcome: BaseException | int) -> None:
         """Count ``outcome`` (an exception or a status) by :func:`upstream_fault`."""
-        if upstream_fault(outcome):
+        if self._fault(outcome):
             self._failed()
         elif isinstance(outcome, int):  # an answer that is not a fault
             self._succeeded()
@@ -143,7 +156,7 @@ class CircuitBreaker:
 
     def _succeeded(self) -> None:
         if self.opened_at is not None:
-            log.info("upstream answers again; circuit closed")
+            log.info("%s answers again; circuit closed", self.name)
         self.failures = 0
         self.opened_at = None
         self._probing = None
@@ -153,7 +166,7 @@ class CircuitBreaker:
         self._probing = None
         if self.failures >= self.threshold:
             if self.opened_at is None:
-                log.warning("upstream failed %d times in a row; circuit open", self.failures)
+                log.warning("%s failed %d times in a row; circuit open", self.name, self.failures)
             self.opened_at = time.monotonic()
 
 
@@ -363,6 +376,13 @@ class Answer:
         self.status = status
         self.headers = headers
         self.body = body
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lowercase), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
 
 
 async def read_answer(response: httpx.Response) -> Answer | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from urllib.parse import urlencode
 
 import httpx
@@ -61,3 +63,14 @@ def metric(server: ServerThread, name: str, **labels: str) -> float:
         if line.startswith(wanted + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no sample {wanted} in /metrics")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20) -> bool:
+    """Poll ``condition`` (work another process or thread finishes in the background, with no
+    event to wait on) until it holds; False if it never did within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -136,6 +136,35 @@ class StandIn:
         self.health_status = 200
         #: Listed by ``/v1/artifacts/list`` after the artifacts (e.g. items without object_id).
         self.extra_list_items: list[dict[str, Any]] = []
+        #: Chat completions: the session they name, the JSON answer's message content, and the
+        #: SSE deltas (per event; ``None`` sends no content). ``chat_raw_events`` go out first,
+        #: verbatim (garbage, odd events). With ``chat_gzip``, answers are gzip-coded when the
+        #: request accepts it (events flushed one by one).
+        self.chat_session = "sess_chat01"
+        self.chat_content = "img_a1b2c3"
+        self.chat_deltas: list[str | None] = ["one", "two", "three"]
+        self.chat_tool_arguments: list[str] = []
+        self.chat_raw_events: list[bytes] = []
+        self.chat_gzip = False
+        #: Agent executions by id: ``GET /v1/agent/executions/{id}`` answers the record to a token
+        #: granted that execution (404 otherwise); ``POST /v1/agent/execute`` answers
+        #: ``executions[next_execution]`` (and grants it to the caller).
+        self.executions: dict[str, dict[str, Any]] = {}
+        self.next_execution = ""
+        #: Seconds between SSE events; with ``chat_fresh_sessions`` each completion names a new
+        #: generated session ``<chat_session>-<n>`` (granted to its caller). For benchmarks.
+        self.chat_event_delay = 0.0
+        self.chat_fresh_sessions = False
+        self._chats = 0
+        #: Sizes of generated objects by id (other ids carry their size in their name), and a
+        #: per-response bandwidth limit for them in bytes/s (0: none).
+        self.generated_sizes: dict[str, int] = {}
+        self.bandwidth = 0.0
+        #: Artifact requests being answered now, and the most at once so far.
+        self.in_flight = 0
+        self.max_in_flight = 0
+        #: Sent as ``Retry-After`` with a fault's status when set.
+        self.retry_after: str | None = None
         self._lock = threading.Lock()
 
     # -- scripting ---------------------------------------------------------------------------
@@ -222,7 +251,12 @@ class StandIn:
         if token not in self.tokens:
             return await self._json(send, 401, {"detail": "Invalid API key"})
         if path == "/v1/artifacts" and method == "GET":
-            return await self._artifact(send, token, query)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                return await self._artifact(send, token, query)
+            finally:
+                self.in_flight -= 1
         if path.startswith("/_standin/blob/") and method == "GET":  # a same-origin redirect target
             kind, scope_id, object_id = path.removeprefix("/_standin/blob/").split("/", 2)
             if (kind, scope_id) not in self.tokens[token]:
@@ -236,7 +270,20 @@ class StandIn:
             return await self._list(send, token, query)
         if path == "/v1/openai/chat/completions" and method == "POST":
             body = await _read_body(receive)
-            return await self._chat(send, json.loads(body))
+            gzip_ok = self.chat_gzip and "gzip" in headers.get("accept-encoding", "")
+            return await self._chat(send, json.loads(body), gzip_ok, token)
+        if path.startswith("//"):  # an SDK base URL ending in "/": routed as without it
+            path = "/" + path.lstrip("/")
+        if path.startswith("/v1/agent/executions/") and method == "GET":
+            execution_id = path.removeprefix("/v1/agent/executions/")
+            record = self.executions.get(execution_id)
+            if record is None or ("execution", execution_id) not in self.tokens[token]:
+                return await self._json(send, 404, {"detail": "Execution not found"})
+            return await self._json(send, 200, record)
+        if path == "/v1/agent/execute" and method == "POST":
+            await _read_body(receive)
+            self.grant(token, "execution", self.next_execution)
+            return await self._json(send, 201, self.executions[self.next_execution])
         if path == "/v1/files" and method == "POST":
             return await self._upload(send, receive, headers, query)
         if path.replace("//", "/").startswith("/v1/echo"):
@@ -314,6 +361,11 @@ class StandIn:
         ):
             return await self._json(send, 404, {"detail": f"Artifact {object_id} not found"})
         if fault and fault.status:
+            if self.retry_after is not None:
+                body = b'{"detail": "Too Many Requests"}'
+                headers = [("Content-Type", "application/json"), ("Retry-After", self.retry_after)]
+                await self._start(send, fault.status, [*headers, ("Content-Length", "31")])
+                return await send({"type": "http.response.body", "body": body})
             return await self._json(send, fault.status, {"detail": "Internal Server Error"})
         if fault and fault.redirect_to:
             await self._start(send, 302, [("Location", fault.redirect_to), ("Content-Length", "0")])
@@ -367,7 +419,7 @@ class StandIn:
     async def _generated(self, send: Send, token: str, key: tuple[str, str, str]) -> None:
         kind, scope_id, object_id = key
         prefix, _, rest = object_id.partition("_")
-        size_text = rest.split("_", 1)[0]
+        size_text = str(self.generated_sizes.get(object_id, rest.split("_", 1)[0]))
         if (kind, scope_id) not in self.tokens[token] or not size_text.isdigit():
             return await self._json(send, 404, {"detail": f"Artifact {object_id} not found"})
         with self._lock:
@@ -389,6 +441,8 @@ class StandIn:
                 raise ConnectionAbortedError("stand-in cut the body on purpose")
             more = offset + len(chunk) < size
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if self.bandwidth:
+                await asyncio.sleep(len(chunk) / self.bandwidth)
 
     async def _list(self, send: Send, token: str, query: dict[str, str]) -> None:
         kind, scope_id = (
@@ -406,37 +460,72 @@ class StandIn:
         items += self.extra_list_items
         await self._json(send, 200, {"namespace_id": scope_id, "items": items})
 
-    async def _chat(self, send: Send, request: dict[str, Any]) -> None:
-        session_id = "sess_chat01"
+    async def _chat(
+        self, send: Send, request: dict[str, Any], gzip_ok: bool = False, token: str = ""
+    ) -> None:
+        session_id = self.chat_session
+        if self.chat_fresh_sessions:
+            self._chats += 1
+            session_id = f"{self.chat_session}-{self._chats}"
+            self.generated_scopes.add(("session", session_id))
+            self.grant(token, "session", session_id)
         chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "session_id": session_id}
+        coder = zlib.compressobj(wbits=16 + zlib.MAX_WBITS) if gzip_ok else None
+        coding = [("Content-Encoding", "gzip")] if coder else []
         if not request.get("stream"):
-            return await self._json(
+            answer = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": request.get("model", "vlmrun-orion-1"),
+                "session_id": session_id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": self.chat_content},
+                    }
+                ],
+            }
+            body = json.dumps(answer).encode()
+            if coder:
+                body = coder.compress(body) + coder.flush()
+            await self._start(
                 send,
                 200,
-                {
-                    "id": "chatcmpl-1",
-                    "object": "chat.completion",
-                    "session_id": session_id,
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": "img_a1b2c3"}}
-                    ],
-                },
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *coding],
             )
+            return await send({"type": "http.response.body", "body": body})
         await self._start(
-            send, 200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+            send,
+            200,
+            [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), *coding],
         )
-        for index, word in enumerate(["one", "two", "three"]):
-            event = {**chunk, "choices": [{"index": 0, "delta": {"content": word}}]}
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": f"data: {json.dumps(event)}\n\n".encode(),
-                    "more_body": True,
-                }
-            )
+
+        async def out(data: bytes, more: bool = True) -> None:
+            if coder:
+                mode = zlib.Z_SYNC_FLUSH if more else zlib.Z_FINISH
+                data = coder.compress(data) + coder.flush(mode)
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        for raw in self.chat_raw_events:
+            await out(raw)
+        for index, word in enumerate(self.chat_deltas):
+            delta: dict[str, Any] = {} if word is None else {"content": word}
+            if index < len(self.chat_tool_arguments):
+                call = {"index": 0, "function": {"arguments": self.chat_tool_arguments[index]}}
+                delta["tool_calls"] = [call]
+            event = {**chunk, "created": 1, "model": "vlmrun-orion-1"}
+            last = index == len(self.chat_deltas) - 1
+            event["choices"] = [
+                {"index": 0, "delta": delta, "finish_reason": "stop" if last else None}
+            ]
+            await out(f"data: {json.dumps(event)}\n\n".encode())
             if index == 0 and self.sse_gate is not None:
                 await _wait(self.sse_gate)
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            if self.chat_event_delay:
+                await asyncio.sleep(self.chat_event_delay)
+        await out(b"data: [DONE]\n\n", more=False)
 
     async def _upload(
         self, send: Send, receive: Receive, headers: dict[str, str], query: dict[str, str]
@@ -500,11 +589,29 @@ def main() -> None:
     parser.add_argument("--token", default="bench-token")
     parser.add_argument("--scope", default="sess_bench", help="a generated session")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per artifact request")
+    parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s per artifact answer")
+    parser.add_argument(
+        "--chat-refs",
+        default="",
+        help="completions name these generated artifacts: id=size,id=size (each in a new session)",
+    )
+    parser.add_argument("--chat-tail", type=int, default=0, help="SSE events after the refs")
+    parser.add_argument("--chat-event-delay", type=float, default=0.0, help="seconds per event")
     args = parser.parse_args()
     api = StandIn()
     api.grant(args.token, "session", args.scope)
     api.generated_scopes.add(("session", args.scope))
     api.latency = args.latency
+    api.bandwidth = args.bandwidth
+    if args.chat_refs:
+        sizes = dict(item.split("=", 1) for item in args.chat_refs.split(","))
+        api.generated_sizes = {name: int(size) for name, size in sizes.items()}
+        api.chat_session = args.scope
+        api.chat_fresh_sessions = True
+        api.chat_content = " ".join(api.generated_sizes)
+        api.chat_deltas = ["Here they are: ", *(f"{name} " for name in sizes)]
+        api.chat_deltas += ["and some more words. "] * args.chat_tail
+        api.chat_event_delay = args.chat_event_delay
     uvicorn.run(
         api, host="127.0.0.1", port=args.port, http="h11", log_level="warning", lifespan="on"
     )

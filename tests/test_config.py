@@ -161,3 +161,18 @@ def test_example_file_lists_every_key_with_its_default() -> None:
 def test_max_object_size_defaults_to_a_quarter() -> None:
     """With no per-object limit set, it is a quarter of the total."""
     assert load(env={}, flags={"max_size": "4GiB"}).object_size_limit == 1024**3
+
+
+def test_prefetch_settings() -> None:
+    """Prefetch is on by default, off with VLMRUN_CACHE_PREFETCH=false or the flag, and its
+    limits are validated by name."""
+    assert load(env={}).prefetch is True
+    assert load(env={"VLMRUN_CACHE_PREFETCH": "false"}).prefetch is False
+    assert load(env={}, flags={"prefetch": "no"}).prefetch is False
+    config = load(env={"VLMRUN_CACHE_PREFETCH_MAX_OBJECT_SIZE": "8MiB"})
+    assert config.prefetch_max_object_size == 8 * 1024**2
+    for key, value in (("prefetch_concurrency", "0"), ("prefetch_per_key", "0")):
+        with pytest.raises(ConfigError, match=f"^{key}: must be at least 1"):
+            load(env={}, flags={key: value})
+    with pytest.raises(ConfigError, match=r"^prefetch_scan_limit: must be at least 4KiB"):
+        load(env={}, flags={"prefetch_scan_limit": "100"})

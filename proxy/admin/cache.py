@@ -216,7 +216,14 @@ def server_figures(cache_dir: Path, timeout: float = 2.0) -> ServerFigures | Non
         url=url,
         requests=sum(counts.values()),
         hits=counts["hit"] + counts["coalesced"],
-        bytes_saved=int(samples.get(("vlmrun_cache_served_bytes_total", "cache"), 0)),
+        bytes_saved=sum(
+            int(samples.get(("vlmrun_cache_served_bytes_total", source), 0))
+            for source in ("cache", "shared")
+        ),
         max_bytes=int(samples.get(("vlmrun_cache_max_bytes", ""), 0)),
-        hits_by_tier={t: int(samples.get(("vlmrun_cache_hits_total", t), 0)) for t in TIERS},
+        hits_by_tier={
+            tier: hits
+            for tier in TIERS
+            if (hits := int(samples.get(("vlmrun_cache_hits_total", tier), 0))) or tier != "redis"
+        },
     )

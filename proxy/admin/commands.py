@@ -16,12 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.access import Revocations, existing_secret, fingerprint_with
+from proxy.access import Revocations, existing_secret, fingerprint_with, shared_secret
+from proxy.admin import shared
 from proxy.admin.cache import Cache, Failed, Stored, open_cache, server_figures
 from proxy.admin.output import Progress, confirm, human_size, local_time, rfc3339, table
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.integrity import BodyDigests
-from proxy.store.memory import RECHECK_SECONDS
+from proxy.store import RECHECK_SECONDS
 
 #: Bytes read at a time while verifying.
 _READ_SIZE = 1024 * 1024
@@ -78,7 +79,18 @@ def stats(args: argparse.Namespace, config: Config) -> int:
         "newest_stored_at": rfc3339(max(stored_at)) if stored_at else None,
         "other_layout_entries": other_layout,
         "server": None,
+        "redis": None,
     }
+    redis_line = ""
+    if config.redis_url:
+        try:
+            result["redis"] = found = shared.stats(config)
+            redis_line = (
+                f"{found['entries']} entries, {human_size(found['bytes'])} at {found['url']} "
+                f"(keys {found['prefix']}*)"
+            )
+        except Failed as exc:
+            redis_line = str(exc)
     if server is not None:
         result["server"] = {
             "url": server.url,
@@ -102,6 +114,8 @@ def stats(args: argparse.Namespace, config: Config) -> int:
         ["oldest", local_time(min(stored_at)) if stored_at else "-"],
         ["newest", local_time(max(stored_at)) if stored_at else "-"],
     ]
+    if redis_line:
+        lines.append(["redis", redis_line])
     if server is None:
         lines.append(["server", "not answering at the address serve recorded"])
     else:
@@ -172,10 +186,12 @@ def purge(args: argparse.Namespace, config: Config) -> int:
     cache = open_cache(config)
     selected = [s for s in cache.entries() if _selector(args)(s)]
     size = sum(s.row.size for s in selected)
-    if not selected:
+    if not selected and not config.redis_url:
         print("nothing to remove")
         return 0
     what = f"{_entries(len(selected))} ({human_size(size)}) from {cache.directory}"
+    if config.redis_url:
+        what += " and the matching entries in Redis"
     if not args.yes:
         if not sys.stdin.isatty():
             raise Failed(f"would remove {what}; without a terminal to ask on, give --yes")
@@ -192,6 +208,12 @@ def purge(args: argparse.Namespace, config: Config) -> int:
             f"{_entries(len(selected) - len(removed))} changed meanwhile (evicted, or stored "
             "again by a fill that finished) and left as they are"
         )
+    if config.redis_url:  # else the next disk miss of any replica brings them back
+        deleted = shared.purge(args, config)
+        if deleted is None:
+            print("Redis keeps its own recency: its entries expire after shared_ttl, or by LRU")
+        else:
+            print(f"removed {_entries(deleted)} from Redis")
     return 0
 
 
@@ -284,21 +306,26 @@ def revoke(args: argparse.Namespace, config: Config) -> int:
     now = time.time()
     if args.all:
         Revocations.append(cache.directory, None, now)
+        time.sleep(RECHECK_SECONDS)  # every worker has looked at the list again by now
         print(
             f"revoked every access proof recorded in {cache.directory} until {rfc3339(now)}; "
             "each key's next request is checked with the API"
         )
+        if config.redis_url:  # or this replica would adopt them again from Redis
+            print(f"removed {shared.forget_proofs(config)} proof records from Redis")
         return 0
     authorization = _authorization(args.key_file)
     try:
-        secret = existing_secret(cache.directory)
-    except OSError as exc:
+        # The replicas' shared secret names credentials when there is one.
+        secret = shared_secret(config.secret_file, os.environ) or existing_secret(cache.directory)
+    except (OSError, ConfigError) as exc:
         raise Failed(f"cannot read the cache's secret: {exc}") from None
     fingerprint = fingerprint_with(secret, authorization) if secret is not None else None
     if fingerprint is None:
         print(f"no proof was ever recorded in {cache.directory} (it has no secret): nothing to do")
         return 0
     Revocations.append(cache.directory, fingerprint, now)
+    time.sleep(RECHECK_SECONDS)
     print(
         f"revoked the access proofs of the key in {args.key_file} (fingerprint "
         f"{fingerprint[:12]}...) recorded until {rfc3339(now)}; its next request is checked "

@@ -15,6 +15,9 @@ Contract (every implementation):
   file) when the object cannot be cached, e.g. larger than the per-object limit.
 * ``evict(key)`` removes an entry; evicting a missing key is not an error.
 * ``stats()`` is cheap (no scan).
+* A ``prefetched`` entry is committed as the least recently used one (first to be evicted);
+  ``first_read(key, meta)`` marks it read, returning True for exactly one caller across
+  processes (the first client read of a prefetched artifact).
 * ``remembers(key, max_length)`` never blocks: True means ``get(key, memory_only=True)`` is cheap
   enough to call on the event loop (an ``open`` of a file of at most ``max_length`` bytes, no
   index query). ``memory_only`` lookups return None rather than query the index.
@@ -38,6 +41,13 @@ from typing import BinaryIO, Protocol
 
 from proxy.validators import Validators
 
+#: How long a process trusts one look at a file another process may change: a memory copy's
+#: disk file (:mod:`proxy.store.memory`) and the revocation list (:mod:`proxy.access`). A hot
+#: path looks some 20 times a second instead of on every request; the commands that remove
+#: entries (``purge``) or void proofs (``revoke``) wait this long before they return, so that
+#: what they report done is done in every process.
+RECHECK_SECONDS = 0.05
+
 
 @dataclasses.dataclass(frozen=True)
 class EntryMeta:
@@ -53,6 +63,8 @@ class EntryMeta:
     validators: Validators | None = None
     #: Fingerprint of the credential whose request filled the entry ("" for none).
     filler: str = ""
+    #: Stored by a prefetch and not read by any client yet (it waits at the cold end of the LRU).
+    prefetched: bool = False
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -72,6 +84,7 @@ class EntryMeta:
                 None if data.get("validators") is None else Validators.from_dict(data["validators"])
             ),
             filler=str(data.get("filler", "")),
+            prefetched=data.get("prefetched") is True,
         )
 
     @property
@@ -121,6 +134,8 @@ class Store(Protocol):
     def discard(self, fill: FillFile) -> None: ...
 
     def evict(self, key: str) -> None: ...
+
+    def first_read(self, key: str, meta: EntryMeta) -> bool: ...
 
     def remembers(self, key: str, max_length: int) -> bool: ...
 

@@ -1,4 +1,4 @@
-"""The tier chain: where the route looks a key up. Memory, then disk (later Redis), backfilling.
+"""The tier chain: where the route looks a key up. Memory, then disk, then Redis, backfilling.
 
 The contract the route relies on (every tier):
 
@@ -11,21 +11,39 @@ The contract the route relies on (every tier):
   of yielding the last chunk if the digest does not match. No file descriptor leaves the tier:
   the caller only calls :meth:`Hit.close` (idempotent) when done.
 * ``await evict(key)`` removes the key from every tier.
+* :attr:`Hit.source` says whose bytes they are for the ``served_bytes`` metric: ``cache``
+  (this replica's) or ``shared`` (the shared tier's).
 
 :class:`Chain` asks its tiers in order; a disk hit small enough for the memory tier is copied
-there on the way (backfill).
+there on the way, and a hit from the shared tier (:mod:`proxy.store.shared`) is written to disk
+(backfill): a whole body in the background, a streamed one as it streams (committed only once
+its digest matched). Backfills are bounded (:data:`BACKFILLS` at once; more are skipped: the
+next hit tries again) and never slow or fail the hit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import logging
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
 from proxy.integrity import Verifier, intact
-from proxy.store import Entry, EntryMeta, Store
+from proxy.store import Entry, EntryMeta, FillFile, Store
 from proxy.store.memory import MemoryTier
+
+if TYPE_CHECKING:
+    from proxy.store.shared import SharedTier
+
+log = logging.getLogger(__name__)
+#: Backfills from the shared tier to disk running at once.
+BACKFILLS = 4
 
 #: Disk entries up to this size that the store has in its memory index are read on the event
 #: loop (an open and a page-cache read are cheaper than a thread hop).
@@ -34,6 +52,19 @@ INLINE_READ_LIMIT = 64 * 1024
 
 class Corrupt(Exception):
     """A stored entry's bytes do not match its metadata (it has been evicted)."""
+
+
+class Interrupted(Corrupt):
+    """A tier stopped answering in the middle of a whole body (not a digest mismatch).
+
+    ``offset`` bytes were sent; ``digest`` (sha256) covers exactly them. The bytes are
+    immutable, so the caller may fetch the rest elsewhere, go on hashing, and send the last
+    piece only if the whole body matches the entry's sha256 (:mod:`proxy.resume`)."""
+
+    def __init__(self, offset: int, digest: Any) -> None:
+        super().__init__(f"interrupted after {offset} bytes")
+        self.offset = offset
+        self.digest = digest
 
 
 class Hit:
@@ -46,9 +77,11 @@ class Hit:
         body: bytes | None = None,
         stream: Callable[[int, int, bool], AsyncIterator[bytes]] | None = None,
         close: Callable[[], None] = lambda: None,
+        source: str = "cache",
     ) -> None:
         self.meta = meta
         self.tier = tier
+        self.source = source
         #: The whole body, verified; None for entries streamed by :meth:`chunks`.
         self.body = body
         self._stream = stream
@@ -74,10 +107,19 @@ class DiskTier:
 
     name = "disk"
 
-    def __init__(self, store: Store, chunk_size: int, on_corrupt: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        chunk_size: int,
+        on_corrupt: Callable[[], None],
+        min_free_space: int = 0,
+    ) -> None:
         self.store = store
         self.chunk_size = chunk_size
         self._on_corrupt = on_corrupt
+        self.min_free_space = min_free_space
+        self._backfills = asyncio.Semaphore(BACKFILLS)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def lookup(self, key: str) -> tuple[Hit, str, int] | None:
         """A hit, with the path and inode of its file (the entry's identity for backfills)."""
@@ -155,13 +197,119 @@ class DiskTier:
     async def evict(self, key: str) -> None:
         await anyio.to_thread.run_sync(self.store.evict, key)
 
+    async def read(self, key: str, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of the stored entry ``key`` (fewer if it is gone), for
+        copying it to the shared tier."""
+
+        def pread() -> bytes:
+            entry = self.store.get(key)
+            if entry is None:
+                return b""
+            with entry.file:
+                return os.pread(entry.file.fileno(), size, offset)
+
+        return await anyio.to_thread.run_sync(pread)
+
+    # -- backfill from a slower tier ----------------------------------------------------------
+
+    def backfilled(self, key: str, hit: Hit) -> Hit:
+        """``hit`` (from a slower tier), arranged to be written to this disk on the way (unless
+        the disk would not keep an entry that large)."""
+        too_large = hit.meta.length > getattr(self.store, "max_object_bytes", hit.meta.length)
+        if self._backfills.locked() or len(self._tasks) >= BACKFILLS or too_large:
+            return hit
+        meta = dataclasses.replace(hit.meta, prefetched=False)  # a client is reading it
+        if hit.body is not None:
+            body = hit.body
+            task = asyncio.create_task(self._write_whole(key, meta, body))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return hit
+
+        async def stream(start: int, end: int, verify: bool) -> AsyncIterator[bytes]:
+            whole = start == 0 and end == hit.meta.length
+            if not whole or self._backfills.locked():
+                async for data in hit.chunks(start, end, verify):
+                    yield data
+                return
+            async with self._backfills:
+                fill = await anyio.to_thread.run_sync(self._begin, hit.meta.length)
+                try:
+                    async for data in hit.chunks(start, end, verify):
+                        if fill is not None:
+                            fill = await self._append(fill, data)
+                        yield data
+                    if fill is not None:  # every byte arrived and the digest matched
+                        pending, fill = fill, None
+                        await anyio.to_thread.run_sync(self._commit, key, pending, meta)
+                finally:
+                    if fill is not None:
+                        with anyio.CancelScope(shield=True):
+                            await anyio.to_thread.run_sync(self.store.discard, fill)
+
+        return Hit(hit.meta, hit.tier, stream=stream, close=hit.close, source=hit.source)
+
+    async def _write_whole(self, key: str, meta: EntryMeta, body: bytes) -> None:
+        async with self._backfills:
+
+            def write() -> None:
+                fill = self._begin(len(body))
+                if fill is None:
+                    return
+                try:
+                    fill.file.write(body)
+                    fill.file.flush()
+                except OSError:
+                    self.store.discard(fill)
+                    return
+                self._commit(key, fill, meta)
+
+            await anyio.to_thread.run_sync(write)
+
+    def _begin(self, length: int) -> FillFile | None:
+        """Blocks. A temporary file, unless the disk lacks room (then no backfill)."""
+        directory = getattr(self.store, "directory", None)
+        try:
+            if (
+                directory is not None
+                and shutil.disk_usage(directory).free - length < self.min_free_space
+            ):
+                return None
+            return self.store.begin_fill()
+        except OSError:
+            return None
+
+    async def _append(self, fill: FillFile, data: bytes) -> FillFile | None:
+        try:
+            await anyio.to_thread.run_sync(fill.file.write, data)
+        except OSError:
+            await anyio.to_thread.run_sync(self.store.discard, fill)
+            return None
+        return fill
+
+    def _commit(self, key: str, fill: FillFile, meta: EntryMeta) -> None:
+        """Blocks. The store takes the file over, whatever the outcome."""
+        try:
+            self.store.commit(key, fill, meta)
+        except OSError as exc:
+            log.info("could not keep a shared-tier hit on disk: %s", exc)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
 
 class Chain:
-    """Memory, then disk; a small disk hit is copied into memory on the way."""
+    """Memory, then disk, then the shared tier; faster tiers are backfilled on the way."""
 
-    def __init__(self, memory: MemoryTier, disk: DiskTier) -> None:
+    def __init__(
+        self, memory: MemoryTier, disk: DiskTier, shared: SharedTier | None = None
+    ) -> None:
         self.memory = memory
         self.disk = disk
+        self.shared = shared
 
     async def lookup(self, key: str) -> Hit | None:
         copy = self.memory.get(key)
@@ -170,7 +318,10 @@ class Chain:
             return Hit(copy.meta, self.memory.name, body=copy.body)
         found = await self.disk.lookup(key)
         if found is None:
-            return None
+            if self.shared is None:
+                return None
+            shared = await self.shared.lookup(key)
+            return None if shared is None else self.disk.backfilled(key, shared)
         hit, path, inode = found
         if hit.body is not None:
             self.memory.put(key, hit.meta, hit.body, path, inode)
@@ -179,3 +330,15 @@ class Chain:
     async def evict(self, key: str) -> None:
         self.memory.drop(key)
         await self.disk.evict(key)
+        if self.shared is not None:
+            await self.shared.evict(key)
+
+    def publish(self, key: str, meta: EntryMeta) -> None:
+        """A fill committed ``key`` to disk: copy it to the shared tier in the background."""
+        if self.shared is not None:
+            self.shared.publish(key, meta, lambda offset, size: self.disk.read(key, offset, size))
+
+    async def aclose(self) -> None:
+        await self.disk.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()

@@ -25,6 +25,7 @@ the operator's commands use too; what a crash leaves behind is swept by :mod:`pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -113,12 +114,14 @@ class DiskStore:
         max_object_bytes: int,
         on_evict: Callable[[int], None] = lambda _size: None,
         on_reset: Callable[[], None] = lambda: None,
+        on_evict_unread: Callable[[int], None] = lambda _size: None,
     ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.max_object_bytes = max_object_bytes
         self._on_evict = on_evict
         self._on_reset = on_reset
+        self._on_evict_unread = on_evict_unread
         self._tmp = self.directory / "tmp"
         self._commit_lock_path = self.directory / "locks" / "commit.lock"
         self._entries_dir = self.directory / ENTRIES_DIR
@@ -311,6 +314,8 @@ class DiskStore:
             try:
                 with self._room(meta.length, replacing=key):
                     cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
+                    if meta.prefetched:  # unread: the first to go, until a client reads it
+                        self._index.record_access_times({key: 0.0})
             except sqlite3.DatabaseError as exc:
                 self._damaged(cache, exc)
                 return False
@@ -378,6 +383,23 @@ class DiskStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fill.path)
 
+    def first_read(self, key: str, meta: EntryMeta) -> bool:
+        """Mark a prefetched entry read (see :mod:`proxy.store`): True for the one caller, in
+        any process, whose call changed its recorded metadata."""
+        if not meta.prefetched:
+            return False
+        read = dataclasses.replace(meta, prefetched=False)
+        try:
+            changed = self._index.replace_tag(key, meta.to_json(), read.to_json())
+        except sqlite3.Error as exc:  # a counter and the LRU position are at stake, no bytes
+            log.warning("could not mark a prefetched entry read: %s", exc)
+            return False
+        with self._memo_lock:
+            known = self._memo.get(key)
+            if known is not None and known[1] == meta:
+                self._memo[key] = (known[0], read)
+        return changed
+
     # -- eviction ----------------------------------------------------------------------------
 
     def evict(self, key: str) -> None:
@@ -410,13 +432,15 @@ class DiskStore:
                 victims = []
                 if excess > 0:
                     victims = self._index.remove_least_recent(excess, _EVICT_BATCH)
-                    for victim in victims:
+                    for victim, unread in victims:
                         self._forget(victim.key)
                         self._on_evict(victim.size)
+                        if unread:
+                            self._on_evict_unread(victim.size)
                 if excess <= 0 or not victims:
                     yield
                     return
-            self._index.unlink(victims)
+            self._index.unlink(victim for victim, _ in victims)
 
     def _bytes(self) -> int:
         return int(self._cache.reset("size"))

@@ -176,9 +176,11 @@ class Index:
                 [(when, key) for key, when in touched.items()],
             )
 
-    def remove_least_recent(self, excess: int, limit: int) -> list[IndexedEntry]:
+    def remove_least_recent(self, excess: int, limit: int) -> list[tuple[IndexedEntry, bool]]:
         """Remove least recently used entries until ``excess`` bytes are gone, at most
-        ``limit`` of them, in one short transaction; returns them, files not yet unlinked.
+        ``limit`` of them, in one short transaction; returns them, files not yet unlinked, each
+        with whether it was prefetched and never read. (A JSON string value cannot contain the
+        unescaped ``"prefetched":true``.)
 
         One ``DELETE`` for the lot (diskcache's ``delete`` costs a query and a statement per
         key). The caller unlinks the files with :meth:`unlink`, after its own lock is released:
@@ -189,28 +191,28 @@ class Index:
         ) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                chosen: list[IndexedEntry] = []
+                chosen: list[tuple[IndexedEntry, bool]] = []
                 rows = db.execute(
-                    "SELECT rowid, key, filename, size, access_time FROM Cache WHERE raw = 1"
+                    "SELECT rowid, key, filename, size, access_time,"
+                    " instr(tag, '\"prefetched\":true') > 0 FROM Cache WHERE raw = 1"
                     " ORDER BY access_time LIMIT ?",
                     (limit,),
                 )
-                for rowid, key, filename, size, access_time in rows:
-                    chosen.append(
-                        IndexedEntry(
-                            key=str(key),
-                            rowid=int(rowid),
-                            filename=None if filename is None else str(filename),
-                            size=int(size or 0),
-                            access_time=float(access_time or 0.0),
-                            tag=None,
-                        )
+                for rowid, key, filename, size, access_time, unread in rows:
+                    entry = IndexedEntry(
+                        key=str(key),
+                        rowid=int(rowid),
+                        filename=None if filename is None else str(filename),
+                        size=int(size or 0),
+                        access_time=float(access_time or 0.0),
+                        tag=None,
                     )
+                    chosen.append((entry, bool(unread)))
                     excess -= int(size or 0)
                     if excess <= 0:
                         break
                 if chosen:
-                    rowids = ",".join(str(entry.rowid) for entry in chosen)
+                    rowids = ",".join(str(entry.rowid) for entry, _ in chosen)
                     db.execute(f"DELETE FROM Cache WHERE rowid IN ({rowids})")  # noqa: S608
                 db.execute("COMMIT")
             except BaseException:
@@ -226,6 +228,15 @@ class Index:
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+    def replace_tag(self, key: str, old: str, new: str) -> bool:
+        """Change the entry's metadata from ``old`` to ``new``; False if it was not ``old``
+        (changed by another process, or gone). Atomic across processes."""
+        with contextlib.closing(sqlite3.connect(self.db_path, timeout=5)) as db, db:
+            changed = db.execute(
+                "UPDATE Cache SET tag = ? WHERE key = ? AND raw = 1 AND tag = ?", (new, key, old)
+            )
+            return changed.rowcount == 1
 
     def remove(self, entries: Iterable[IndexedEntry]) -> list[IndexedEntry]:
         """Remove the entries that are still as listed, in one transaction; returns those.
