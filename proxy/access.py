@@ -69,12 +69,24 @@ REVOCATIONS_FILE = "revocations.jsonl"
 
 def _load_or_create_secret(directory: Path) -> bytes:
     """The directory's HMAC secret, created on first use. The file is never reached through a
-    symbolic link (O_NOFOLLOW), and its mode is set through the descriptor, never by path."""
+    symbolic link (O_NOFOLLOW), and its mode is set through the descriptor, never by path.
+
+    It is written whole under a name of its own and then linked into place (``link`` never
+    replaces a file): a worker starting beside another never reads a secret half written, and
+    of two workers creating it at once, both end up with the one that was linked first."""
     path = directory / _SECRET_FILE
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
+    if not os.path.lexists(path):
+        draft = directory / f".{_SECRET_FILE}-{secrets.token_hex(8)}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32))
+                out.flush()
+                os.fsync(out.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path, follow_symlinks=False)
+        finally:
+            os.unlink(draft)
     return _read_secret(path, tighten=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -149,3 +150,37 @@ def test_an_unreadable_revocation_file_voids_every_proof(tmp_path: Path) -> None
     assert not proofs.has_proof(fingerprint, ("session", "s"))
     (tmp_path / REVOCATIONS_FILE).rmdir()
     assert proofs.has_proof(fingerprint, ("session", "s"))
+
+
+def _open_at_once(directory: Path, workers: int) -> tuple[list[str | None], list[BaseException]]:
+    """Construct AccessProofs on ``directory`` from ``workers`` threads released together."""
+    start = threading.Barrier(workers)
+    found: list[str | None] = []
+    failed: list[BaseException] = []
+
+    def open_proofs() -> None:
+        start.wait(timeout=30)
+        try:
+            found.append(AccessProofs(directory, ttl=60).fingerprint("Bearer t"))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_proofs) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return found, failed
+
+
+def test_workers_creating_the_secret_at_once_all_read_the_same_whole_secret(
+    tmp_path: Path,
+) -> None:
+    """Eight workers starting at once on a new cache directory: none reads a secret half
+    written (it is linked into place whole), all fingerprint alike, no draft is left."""
+    for attempt in range(20):
+        directory = tmp_path / str(attempt)
+        directory.mkdir()
+        found, failed = _open_at_once(directory, 8)
+        assert failed == [] and len(found) == 8 and len(set(found)) == 1
+        assert [p.name for p in directory.iterdir() if p.name.startswith(".secret")] == []
