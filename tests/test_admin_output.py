@@ -114,3 +114,27 @@ def test_purge_asks_on_a_terminal(standin: StandIn, proxy: ServerThread, cache_d
     code, out, shown = on_terminal(args, typed=b"y\n", stdin=True)
     assert code == 0 and out.startswith("removed 1 entry, 3000 bytes")
     assert fetch(proxy, "arr_9b0201").headers["x-cache"] == "MISS"
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(
+    standin: StandIn, proxy: ServerThread, cache_dir: Path
+) -> None:
+    """`vlmrun-cache ls --json | head -c 100`: the pipe closes before the listing is written;
+    the command ends quietly with status 1 instead of a BrokenPipeError traceback. The same
+    for doctor, which flushes each line as it goes."""
+    misses_then_hits(proxy, standin, "arr_9b0301")
+    for args in (["ls", "--json"], ["doctor", "--upstream", proxy.url, "--port", "0"]):
+        reader, writer = os.pipe()
+        os.close(reader)  # gone before the first byte, as head is after its 100 bytes
+        try:
+            ended = subprocess.run(
+                _command(*args, "--cache-dir", str(cache_dir)),
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            os.close(writer)
+        assert (ended.returncode, ended.stderr) == (1, ""), args
