@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -77,9 +80,38 @@ def test_expired_proofs_are_dropped_from_disk_and_memory(
     now[0] += 100
     proofs.record(fp, ("session", "new"))
     now[0] += 30
-    assert proofs.expire() == 1  # ("session", "old") is 130 s old
+    assert proofs.expire() == 1  # ("session", "old") is 130 s old; "*" was proven again
+    assert proofs.forget_stale() == 1
+    assert _proofs_on_disk(tmp_path) == 2  # ("session", "new") and ("*",)
     assert not proofs.has_proof(fp, ("session", "old"), offline=True)
     assert proofs.has_proof(fp, ("session", "new"), offline=True)
+
+
+def _proofs_on_disk(directory: Path) -> int:
+    with contextlib.closing(sqlite3.connect(directory / "access" / "cache.db")) as db:
+        return int(db.execute("SELECT count(*) FROM Cache").fetchone()[0])
+
+
+def test_a_backlog_of_expired_proofs_drains_in_bounded_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the store deletes nothing (start-up never waits for a backlog); each expire()
+    deletes at most its batch, oldest first, and never a live proof."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=60, offline_ttl=120)
+    for index in range(25):
+        proofs.record(proofs.fingerprint(f"Bearer old{index}"), ("session", "s"))
+    now[0] += 100
+    live = proofs.fingerprint("Bearer live")
+    proofs.record(live, ("session", "s"))
+    now[0] += 30  # the 25 old keys' 50 proofs are expired, the live key's 2 are not
+    proofs.close()
+    proofs = AccessProofs(tmp_path, ttl=60, offline_ttl=120)
+    assert _proofs_on_disk(tmp_path) == 52
+    assert [proofs.expire(limit=20) for _ in range(4)] == [20, 20, 10, 0]
+    assert _proofs_on_disk(tmp_path) == 2
+    assert proofs.has_proof(live, ("session", "s"), offline=True)
 
 
 def test_revocations_void_earlier_proofs_in_memory_and_on_disk(
@@ -150,3 +182,37 @@ def test_revoking_a_key_revokes_every_spelling_of_its_scheme(
     assert proofs.fingerprint("Bearer key-1") != spelt
     assert proofs.fingerprint("Bearer  Key-1") != spelt  # a token with a space: not the key
     proofs.close()
+
+
+def _open_at_once(directory: Path, workers: int) -> tuple[list[str | None], list[BaseException]]:
+    """Construct AccessProofs on ``directory`` from ``workers`` threads released together."""
+    start = threading.Barrier(workers)
+    found: list[str | None] = []
+    failed: list[BaseException] = []
+
+    def open_proofs() -> None:
+        start.wait(timeout=30)
+        try:
+            found.append(AccessProofs(directory, ttl=60).fingerprint("Bearer t"))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_proofs) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return found, failed
+
+
+def test_workers_creating_the_secret_at_once_all_read_the_same_whole_secret(
+    tmp_path: Path,
+) -> None:
+    """Eight workers starting at once on a new cache directory: none reads a secret half
+    written (it is linked into place whole), all fingerprint alike, no draft is left."""
+    for attempt in range(20):
+        directory = tmp_path / str(attempt)
+        directory.mkdir()
+        found, failed = _open_at_once(directory, 8)
+        assert failed == [] and len(found) == 8 and len(set(found)) == 1
+        assert [p.name for p in directory.iterdir() if p.name.startswith(".secret")] == []
