@@ -1,0 +1,115 @@
+"""Attacks on the shared tier by someone who can write Redis but lacks the replicas' secret, and
+by Redis itself evicting or misbehaving: each one written as a test against a real redis-server.
+
+What such a writer can still do is deny service (delete, overwrite): these tests check that it
+cannot make a replica serve stale, purged or torn bytes, nor spend its memory, nor read the
+Redis password from what the proxy shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+import redis
+
+from proxy.store.chain import Hit
+from proxy.store.shared import Names, SharedTier
+from tests.redisserver import RedisServer
+from tests.standin import pattern
+from tests.test_shared import KEY, SECRET, _meta, _run, _store
+
+NAMES = Names("vlmrun-cache:v1:", SECRET)
+
+
+def _client(server: RedisServer) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=30)
+
+
+def _sent_bytes(server: RedisServer) -> int:
+    """Bytes redis-server has written to its clients so far (``INFO stats``)."""
+    stats = _client(server).info("stats")
+    return int(stats["total_net_output_bytes"])
+
+
+def test_a_huge_value_at_a_proof_name_is_not_read_whole(redis_server: RedisServer) -> None:
+    """Proof names are visible to anyone who can SCAN Redis. A writer who puts 32 MiB there
+    must not make every request that looks for that proof pull 32 MiB into the replica: a
+    genuine record is a few dozen bytes, so no more than that is asked for."""
+    scope = ("session", "sess_1")
+    name = NAMES.proof("fp-a", scope)
+    _client(redis_server).set(name, b"1" * (32 * 1024 * 1024))
+    before = _sent_bytes(redis_server)
+
+    found = _run(redis_server, lambda tier: tier.proven_at("fp-a", scope))
+
+    assert found is None
+    assert _sent_bytes(redis_server) - before < 64 * 1024
+
+
+def test_a_temporary_key_lost_mid_upload_never_publishes_a_torn_entry(
+    redis_server: RedisServer,
+) -> None:
+    """allkeys-lru may evict an upload's temporary key between two APPENDs (or a purge may
+    delete it). The next APPEND would create a fresh key holding only the rest of the body, and
+    the RENAME would publish that torn value: a waste of Redis memory that every replica then
+    rejects as if someone without the secret had written it. The upload must notice and stop."""
+    body = pattern("torn", 200 * 1024)  # four APPENDs of 64 KiB chunks
+    lost = asyncio.Event()
+
+    async def work(tier: SharedTier) -> tuple[list[bytes], Hit | None]:
+        async def read(offset: int, size: int) -> bytes:
+            if offset == 128 * 1024:  # two chunks are in the temporary key: it goes
+                temps = [k async for k in tier.call.client.scan_iter(match="*:tmp:*")]
+                await tier.call(lambda c: c.delete(*temps))
+                lost.set()
+            return body[offset : offset + size]
+
+        written: list[str] = []
+        tier._on_write = written.append
+        tier.publish(KEY, _meta(body), read)
+        await asyncio.gather(*tier._tasks)
+        assert lost.is_set() and written == ["failed"]
+        keys = [k async for k in tier.call.client.scan_iter(match="*")]
+        return keys, await tier.lookup(KEY)
+
+    keys, hit = _run(redis_server, work)
+    assert keys == [] and hit is None
+
+
+def test_an_entry_kept_past_shared_ttl_is_not_served(redis_server: RedisServer) -> None:
+    """A writer without the secret can PERSIST a genuine entry (or keep a copy and SET it back
+    later): Redis's TTL is not a promise. The sealed ``stored_at`` is: an entry sealed longer
+    than ``shared_ttl`` ago is a miss, and is deleted."""
+    body = pattern("stale", 5000)
+    name = NAMES.entry(KEY)
+    old = dataclasses.replace(_meta(body), stored_at=time.time() - 8 * 86400)
+    _client(redis_server).set(name, body + NAMES.seal(name, old))  # no TTL, as PERSIST leaves it
+
+    assert _run(redis_server, lambda tier: tier.lookup(KEY)) is None
+    assert redis_server.cli("EXISTS", name).strip() == "0"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="judgement call: a genuine sealed value saved before a purge (GET/DUMP) and written "
+    "back after it is served again until shared_ttl runs out; refusing it needs a purge epoch "
+    "that every replica knows without trusting Redis (e.g. in the sealed metadata and a local "
+    "purge record), a design change",
+)
+def test_a_genuine_value_written_back_after_a_purge_is_not_served(
+    redis_server: RedisServer,
+) -> None:
+    body = pattern("replayed", 5000)
+    name = NAMES.entry(KEY)
+
+    async def work(tier: SharedTier) -> Hit | None:
+        await _store(tier, KEY, body)
+        saved = await tier.call(lambda c: c.get(name))
+        await tier.delete_matching(NAMES.scope_pattern("v2", "session", "sess_1"))
+        await tier.call(lambda c: c.set(name, saved))  # the attacker's replay
+        return await tier.lookup(KEY)
+
+    assert _run(redis_server, work) is None
