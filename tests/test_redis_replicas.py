@@ -120,3 +120,20 @@ def test_range_of_a_redis_hit(standin: StandIn, start_replica: ProxyFactory) -> 
         artifact_url(b, "vid_range"), headers={**auth(), "Range": "bytes=100-199999"}, timeout=20
     )
     assert part.status_code == 206 and part.content == body[100:200000]
+
+
+def test_a_refused_key_does_not_copy_redis_entries_to_the_replicas_disk(
+    standin: StandIn, start_replica: ProxyFactory
+) -> None:
+    """A key without access to a session, asking B for its artifacts, is refused; it must not
+    make B copy them from Redis to its disk on the way (the backfill comes after the access
+    check, like every byte): else refused requests fill and churn a replica's disk LRU."""
+    standin.add("session", SESSION, "arr_refused_copy", 4000)
+    a, b = start_replica(), start_replica()
+    assert fetch(a, "arr_refused_copy").status_code == 200
+    assert stored_in_redis(a)
+
+    assert fetch(b, "arr_refused_copy", token=OTHER_TOKEN).status_code == 404
+    granted = fetch(b, "arr_refused_copy")
+    assert granted.status_code == 200
+    assert granted.headers["cache-status"].endswith("detail=redis")  # B's disk had nothing
