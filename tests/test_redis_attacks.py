@@ -155,3 +155,70 @@ def test_redis_stopping_between_a_lookups_two_reads_costs_about_redis_timeout(
     hit, took = _run(redis_server, work, redis_timeout="50ms")
     assert hit is None
     assert took < 0.4  # 2 x redis_timeout plus scheduling; the bulk deadline would be 1-2 s
+
+
+def test_a_proof_moved_to_another_credentials_name_proves_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """Proof names are unlinkable HMACs, but whoever can write Redis can copy values between
+    them: a genuine proof of credential A written under B's name (or another scope's) fails the
+    seal, which binds the name."""
+    scope, other_scope = ("session", "sess_1"), ("session", "sess_2")
+
+    async def work(tier: SharedTier) -> list[float | None]:
+        tier.share_proofs("fp-a", (scope,), time.time(), 60)
+        await asyncio.gather(*tier._tasks)
+        genuine = await tier.call(lambda c: c.get(NAMES.proof("fp-a", scope)))
+        for fingerprint, where in (("fp-b", scope), ("fp-a", other_scope)):
+            target = NAMES.proof(fingerprint, where)
+            await tier.call(lambda c, n=target: c.set(n, genuine))
+        return [
+            await tier.proven_at("fp-a", scope),
+            await tier.proven_at("fp-b", scope),
+            await tier.proven_at("fp-a", other_scope),
+        ]
+
+    genuine, moved, widened = _run(redis_server, work)
+    assert genuine is not None and moved is None and widened is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"VRC1",  # shorter than a trailer
+        b"x" * 100 + b"\xff\xff\xff\xffVRC1",  # claims 4 GiB of metadata
+        b"x" * 100 + b"\x00\x00\x00\x50VRC1",  # claims more metadata than the value holds
+        b"y" * (200 * 1024) + b"\x00\x00\xff\x00VRC1",  # large: claims all but the trailer read
+    ],
+)
+def test_a_trailer_that_lies_about_its_length_is_a_miss(
+    redis_server: RedisServer, value: bytes
+) -> None:
+    """A trailer claiming a huge (or impossible) metadata length: no exception, no read beyond
+    the one tail read, a miss, and the value is deleted."""
+    name = NAMES.entry(KEY)
+    _client(redis_server).set(name, value)
+    before = _sent_bytes(redis_server)
+
+    assert _run(redis_server, lambda tier: tier.lookup(KEY)) is None
+    assert redis_server.cli("EXISTS", name).strip() == "0"
+    assert _sent_bytes(redis_server) - before < 80 * 1024
+
+
+def test_a_genuine_entry_above_this_replicas_limit_is_a_miss_not_a_forgery(
+    redis_server: RedisServer,
+) -> None:
+    """Replicas mid-way through a change of shared_max_object_size: an entry another replica
+    sealed (valid HMAC) but larger than this one takes is a miss here, left for the others,
+    not deleted and reported as written without the secret."""
+    body = pattern("big", 3 * 1024 * 1024)
+    name = NAMES.entry(KEY)
+    _run(redis_server, lambda tier: _store(tier, KEY, body))
+    rejected: list[None] = []
+
+    async def work(tier: SharedTier) -> Hit | None:
+        tier._on_reject = lambda: rejected.append(None)
+        return await tier.lookup(KEY)
+
+    assert _run(redis_server, work, shared_max_object_size="1MiB") is None
+    assert rejected == [] and redis_server.cli("EXISTS", name).strip() == "1"

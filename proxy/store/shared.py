@@ -226,10 +226,12 @@ class SharedTier:
         if not tail:
             return None
         opened = self.names.unseal(name, tail)
-        if opened is None or opened[0].length > self.max_object_bytes:
+        if opened is None:
             await self._reject(name)
             return None
         meta, total = opened
+        if meta.length > self.max_object_bytes:
+            return None  # genuine, from a replica with a larger limit: a miss here, kept
         if time.time() - meta.stored_at > self.ttl_ms / 1000 + CLOCK_SKEW:
             # Redis's TTL is no promise (anyone who can write Redis can PERSIST a key, or keep
             # a copy and write it back): the sealed time is.
