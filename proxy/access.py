@@ -14,8 +14,9 @@ restarts, and in memory so that a hit needs no disk access.
 A proof is void once revoked (``vlmrun-cache revoke``): ``revocations.jsonl`` lists credentials
 (by fingerprint, or ``*`` for all) and a time; proofs recorded before it no longer count, in
 memory or on disk. Every lookup that would succeed checks the file's identity and size first (one
-``stat``, about a microsecond) and reloads it when it changed, so a revocation by any process
-holds from the very next request of every worker.
+``stat``, about a microsecond; at most every :data:`~proxy.store.RECHECK_SECONDS`) and reloads it
+when it changed; ``revoke`` waits that long before it returns, so a revocation by any process
+holds for every request of every worker once the command has returned.
 
 A scope is *split* once two credentials were answered differently for the same key (see
 :mod:`proxy.validators`): the same scope id then names different things for different accounts,
@@ -44,6 +45,7 @@ import diskcache
 
 from proxy.config import SECRET_ENV, ConfigError
 from proxy.errors import BadRequest
+from proxy.store import RECHECK_SECONDS
 
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 #: Credentials whose fingerprints are remembered at most.
@@ -327,11 +329,18 @@ class Revocations:
         self._all = 0.0
         #: Per fingerprint, proofs recorded before this are void.
         self._keys: dict[str, float] = {}
+        #: When (time.monotonic()) the file was last read or seen unchanged.
+        self._looked = float("-inf")
 
     def voids(self, fingerprint: str, proven: float) -> bool:
-        """True if a proof of ``fingerprint`` recorded at ``proven`` was revoked."""
-        if not self._current():
-            return True
+        """True if a proof of ``fingerprint`` recorded at ``proven`` was revoked. The file is
+        looked at again once :data:`~proxy.store.RECHECK_SECONDS` have passed since the last
+        good look (``revoke`` waits that long before it returns)."""
+        now = time.monotonic()
+        if now - self._looked >= RECHECK_SECONDS:
+            if not self._current():
+                return True
+            self._looked = now
         return proven < self._all or proven < self._keys.get(fingerprint, 0.0)
 
     def _current(self) -> bool:

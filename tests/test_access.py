@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.access import REVOCATIONS_FILE, AccessProofs, Revocations
+from proxy.store import RECHECK_SECONDS
 
 
 def test_fingerprints_are_stable_keyed_and_not_the_token(tmp_path: Path) -> None:
@@ -79,7 +80,8 @@ def test_revocations_void_earlier_proofs_in_memory_and_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A revocation voids one credential's (or, with ``*``, every) proof recorded before it, held
-    in memory or read from disk, from the next lookup on; proofs recorded later count again."""
+    in memory or read from disk, from the first lookup once RECHECK_SECONDS have passed (what
+    ``revoke`` waits before it returns); proofs recorded later count again."""
     now = [1_000_000.0]
     monkeypatch.setattr(time, "time", lambda: now[0])
     proofs = AccessProofs(tmp_path, ttl=600)
@@ -89,6 +91,7 @@ def test_revocations_void_earlier_proofs_in_memory_and_on_disk(
     proofs.record(bob, ("session", "s"))
     now[0] += 1
     Revocations.append(tmp_path, alice, now[0])
+    time.sleep(RECHECK_SECONDS)  # the documented window, as `revoke` waits it
     assert not proofs.remembered(alice, ("session", "s"))
     assert not proofs.has_proof(alice, ("session", "s"))
     assert not proofs.has_any_proof(alice, offline=True)
@@ -97,6 +100,7 @@ def test_revocations_void_earlier_proofs_in_memory_and_on_disk(
     proofs.record(alice, ("session", "s"))
     assert proofs.remembered(alice, ("session", "s"))
     Revocations.append(tmp_path, None, now[0] + 0.5)
+    time.sleep(RECHECK_SECONDS)
     assert not proofs.has_proof(alice, ("session", "s"))
     assert not proofs.has_proof(bob, ("session", "s"))
     proofs.close()

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from proxy.store import EntryMeta
+from proxy.store import RECHECK_SECONDS, EntryMeta
 from proxy.store.disk import DiskStore
 from proxy.store.index import Index
-from proxy.store.memory import RECHECK_SECONDS, MemoryTier
+from proxy.store.memory import MemoryTier
 from tests.conftest import SESSION
 from tests.helpers import fetch, metric
 from tests.standin import StandIn

@@ -22,7 +22,7 @@ from proxy.admin.cache import Cache, Failed, Stored, open_cache, server_figures
 from proxy.admin.output import Progress, confirm, human_size, local_time, rfc3339, table
 from proxy.config import Config, ConfigError
 from proxy.integrity import BodyDigests
-from proxy.store.memory import RECHECK_SECONDS
+from proxy.store import RECHECK_SECONDS
 
 #: Bytes read at a time while verifying.
 _READ_SIZE = 1024 * 1024
@@ -306,6 +306,7 @@ def revoke(args: argparse.Namespace, config: Config) -> int:
     now = time.time()
     if args.all:
         Revocations.append(cache.directory, None, now)
+        time.sleep(RECHECK_SECONDS)  # every worker has looked at the list again by now
         print(
             f"revoked every access proof recorded in {cache.directory} until {rfc3339(now)}; "
             "each key's next request is checked with the API"
@@ -324,6 +325,7 @@ def revoke(args: argparse.Namespace, config: Config) -> int:
         print(f"no proof was ever recorded in {cache.directory} (it has no secret): nothing to do")
         return 0
     Revocations.append(cache.directory, fingerprint, now)
+    time.sleep(RECHECK_SECONDS)
     print(
         f"revoked the access proofs of the key in {args.key_file} (fingerprint "
         f"{fingerprint[:12]}...) recorded until {rfc3339(now)}; its next request is checked "

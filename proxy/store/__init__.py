@@ -41,6 +41,13 @@ from typing import BinaryIO, Protocol
 
 from proxy.validators import Validators
 
+#: How long a process trusts one look at a file another process may change: a memory copy's
+#: disk file (:mod:`proxy.store.memory`) and the revocation list (:mod:`proxy.access`). A hot
+#: path looks some 20 times a second instead of on every request; the commands that remove
+#: entries (``purge``) or void proofs (``revoke``) wait this long before they return, so that
+#: what they report done is done in every process.
+RECHECK_SECONDS = 0.05
+
 
 @dataclasses.dataclass(frozen=True)
 class EntryMeta:

@@ -3,11 +3,12 @@
 An entry is loaded from the disk tier once its bytes were read and verified there, so a memory
 hit needs no read and no hash. The copy is valid only while the disk file it came from still
 exists: any process that evicts, purges or replaces the entry removes or renames that file, and
-a memory hit more than :data:`RECHECK_SECONDS` after the copy's last check looks again (one
-``stat``), sees it and drops the copy. So an entry removed by any process is not served from here
-once that time has passed: ``vlmrun-cache purge`` waits it out before it reports the removal. (A
-hot key is checked some 20 times a second instead of on every hit: a ``stat`` is a sixth of a
-memory hit's cost. Within the window the copy's bytes are still the key's verified bytes.)
+a memory hit more than :data:`~proxy.store.RECHECK_SECONDS` after the copy's last check looks
+again (one ``stat``), sees it and drops the copy. So an entry removed by any process is not
+served from here once that time has passed: ``vlmrun-cache purge`` waits it out before it
+reports the removal. (A hot key is checked some 20 times a second instead of on every hit: a
+``stat`` is a sixth of a memory hit's cost. Within the window the copy's bytes are still the
+key's verified bytes.)
 
 Methods never block beyond a ``stat``; they run on the event loop.
 """
@@ -19,10 +20,7 @@ import os
 import time
 from collections import OrderedDict
 
-from proxy.store import EntryMeta
-
-#: How long a copy is served without looking whether its disk file is still the same.
-RECHECK_SECONDS = 0.05
+from proxy.store import RECHECK_SECONDS, EntryMeta
 
 
 @dataclasses.dataclass
