@@ -397,7 +397,8 @@ class ArtifactRoute:
         return _raw(response, headers)
 
     async def _stream_fill(self, reader: Reader) -> AsyncIterator[bytes]:
-        served = self.s.metrics.served_bytes.labels("upstream")
+        # Another replica's fetch, streamed through Redis, was not fetched from the API here.
+        served = self._served["shared" if reader.fill.remote else "upstream"]
         try:
             async for data in reader.fill.chunks(self.s.config.chunk_size):
                 served.inc(len(data))

@@ -94,6 +94,7 @@ _HELP = {
     "shared_max_object_size": "larger artifacts stay out of Redis (default 64MiB)",
     "shared_ttl": "how long an artifact stays in Redis (default 7d)",
     "redis_buffer_size": "Redis hits up to this size are read whole before answering (1MiB)",
+    "redis_lease_ttl": "life of a fleet fetch lease, renewed while it runs (default 10s)",
     "prefetch": "fetch the artifacts an answer names before the client asks: true or false "
     "(default true)",
     "prefetch_max_object_size": "larger artifacts are not prefetched (default 64MiB)",

@@ -243,6 +243,9 @@ class Config:
     #: Redis hits up to this size are read whole before the answer starts (a failure then
     #: falls back to upstream unseen); larger ones stream.
     redis_buffer_size: int = 1024**2
+    #: Life of a replica's lease on an artifact it fetches for the fleet (renewed every third of
+    #: it while the fetch runs): how long others wait for a holder that died before taking over.
+    redis_lease_ttl: float = 10.0
     #: Fetch the artifacts a completion or execution names before the client asks (see
     #: :mod:`proxy.prefetch`), with the requester's own credential.
     prefetch: bool = True
@@ -322,6 +325,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "shared_max_object_size": parse_size,
     "shared_ttl": parse_duration,
     "redis_buffer_size": parse_size,
+    "redis_lease_ttl": parse_duration,
     "prefetch": _parse_bool,
     "prefetch_max_object_size": parse_size,
     "prefetch_concurrency": _parse_int,
@@ -400,6 +404,8 @@ def _validate_redis(config: Config, fail: Callable[[str, str], None], has_secret
         fail("shared_ttl", "must be at least 1s")
     if config.redis_buffer_size > 64 * 1024**2:
         fail("redis_buffer_size", "must be at most 64MiB (it is held in memory per request)")
+    if not 0.3 <= config.redis_lease_ttl <= 600:
+        fail("redis_lease_ttl", "must be between 300ms and 10m (it is renewed every third of it)")
 
 
 def _validate(config: Config, sources: Mapping[str, str], has_secret: bool = False) -> None:

@@ -21,12 +21,14 @@ fails half-way, the window stops shrinking and keeps the rest of the body (up to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
+from functools import partial
 from typing import Any, BinaryIO
 
 import anyio
@@ -38,12 +40,14 @@ from proxy.capacity import PerKey, RateFloor
 from proxy.config import Config
 from proxy.decoding import DecodeError, decodable, decode
 from proxy.errors import ProxyError
+from proxy.fleet import Broadcast, Fleet, RemoteBody, RemoteFailed, resumable
 from proxy.follower import FollowFailed, follow
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
 from proxy.store.claims import POLL_SECONDS, Announcement, Coordinator, Lease
+from proxy.store.lease import Held, Stored
 from proxy.upstream import Answer, Upstream, read_answer, translate
 from proxy.validators import Validators
 
@@ -96,6 +100,8 @@ class Fill:
         self.filler = fingerprint or ""
         #: True when the bytes come from another process's fetch.
         self.following = False
+        #: True when that process is another replica, the bytes coming through Redis.
+        self.remote = False
         #: Set once the upstream's status is known (or the request failed).
         self.started = asyncio.Event()
         #: Before ``started``: the failure to reach upstream, if any.
@@ -180,7 +186,9 @@ class Fill:
         assert fd is not None
         offset = 0
         while True:
-            available = self.written if self.done else self.written - 1
+            # The last byte only once the body is known good: a fill that read every byte and
+            # then failed its check (a follower's sha256) must not deliver a full-length body.
+            available = self.written if self.done and self.complete else self.written - 1
             if offset < available:
                 size = min(chunk_size, available - offset)
                 data = self._from_window(offset, size)
@@ -270,8 +278,11 @@ class Fills:
         coordinator: Coordinator | None = None,
         publish: Callable[[str, EntryMeta], None] | None = None,
         share_proofs: Callable[[str | None, tuple[str, ...]], None] | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self._config = config
+        #: Fleet single-flight through Redis (:mod:`proxy.fleet`), with a shared tier.
+        self._fleet = fleet
         self._coordinator = coordinator
         #: Called after a commit: copies the entry to the shared tier (in the background).
         self._share_entry = publish
@@ -386,6 +397,8 @@ class Fills:
         temp: FillFile | None = None
         response: httpx.Response | None = None
         claim: Lease | None = None
+        held: Held | None = None
+        broadcast: Broadcast | None = None
         try:
             got = await self._claim(fill)
             if fill.from_store:
@@ -395,6 +408,13 @@ class Fills:
                 fill.complete = True
                 return
             claim = got
+            fleet = await self._fleet_claim(fill)
+            if fill.from_store:
+                return
+            if isinstance(fleet, RemoteBody):  # another replica is fetching it: follow Redis
+                await self._follow_remote(fill, fleet, claim, authorization)
+                return
+            held = fleet
             request = self._upstream.artifact_request(fill.key, authorization)
             response = await self._upstream.send(request, artifact=True, retry=not fill.prefetch)
             fill.status = response.status_code
@@ -417,40 +437,34 @@ class Fills:
             if temp is None:  # no room, too large, or a coding we do not undo: relay it as is
                 fill._direct, response = response, None  # the reader that takes it closes it
                 return  # and other processes waiting for the key fetch on their own
-            if claim is not None:
-                claim.announce(
-                    Announcement(
-                        fill.key.cache_key,
-                        os.path.basename(temp.path),
-                        fill.content_type,
-                        fill.expected_length,
-                        validators.to_dict(),
-                        fill.filler,
-                    )
-                )
+            if held is not None:
+                broadcast = await self._broadcast(fill, held)
+                held = None
+            _announce(claim, fill, temp)
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
-            digests = await self._tee(fill, body, temp.file, response if encoding else None)
+            tap = broadcast.feed if broadcast is not None else None
+            digests = await self._tee(fill, body, temp.file, response if encoding else None, tap)
             self._metrics.upstream_fetch.observe(time.monotonic() - started_at)
             sent = response.num_bytes_downloaded
             if validators.length is not None and sent != validators.length:
                 raise FillFailed(f"body ended at {sent} of {validators.length} bytes")
             fill.complete = True
             fill._notify()
+            meta = _entry_meta(fill, digests, validators)
+            shared = broadcast is not None and not broadcast.stopped
+            stored = False
             if not fill.disk_failed:
-                meta = EntryMeta(
-                    fill.content_type,
-                    fill.written,
-                    digests.sha256,
-                    time.time(),
-                    digests.xxh3,
-                    validators.with_length(fill.written),
-                    fill.fingerprint or "",
-                    prefetched=fill.prefetch and fill.readers == 0,
-                )
                 pending, temp = temp, None
-                await self._commit(fill.key, pending, meta)
+                stored = await self._commit(fill.key, pending, meta, publish=not shared)
+            if broadcast is not None:  # if it fails (or failed), the committed copy is uploaded
+                publish, key = self._share_entry, fill.key.cache_key
+                later = None
+                if shared and stored and publish is not None:
+                    later = partial(publish, key, meta)
+                broadcast.finish(meta, later)
+                broadcast = None
         except ProxyError as exc:
             self._metrics.upstream_errors.inc()
             fill.error = exc
@@ -463,7 +477,7 @@ class Fills:
         except FillFailed as exc:
             self._metrics.upstream_errors.inc()
             log.warning("fill of %s failed: %s", fill.key.object_id, exc)
-        except FollowFailed as exc:
+        except (FollowFailed, RemoteFailed) as exc:
             log.warning("following the fill of %s failed: %s", fill.key.object_id, exc)
         except Exception:
             log.exception("fill of %s failed unexpectedly", fill.key.object_id)
@@ -474,6 +488,10 @@ class Fills:
                 await anyio.to_thread.run_sync(self._store.discard, temp)
             if claim is not None:
                 claim.release()
+            if broadcast is not None:  # the fetch failed or was abandoned
+                broadcast.finish(None)
+            if held is not None:
+                self._spawn(held.release(), "release lease")
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
@@ -520,6 +538,84 @@ class Fills:
         fill.from_store = True
         return None
 
+    def _on_lease(self, outcome: str) -> None:
+        self._metrics.leases.labels(outcome).inc()
+
+    async def _fleet_claim(self, fill: Fill) -> Held | RemoteBody | None:
+        """After the local claim: which replica of the fleet fetches (:mod:`proxy.fleet`).
+        Sets ``fill.from_store`` when another replica already stored it in Redis."""
+        if self._fleet is None:
+            return None
+        config = self._config
+        got = await self._fleet.claim(
+            fill.key.cache_key, config.first_byte_timeout, config.read_timeout
+        )
+        if isinstance(got, Stored):
+            fill.from_store = True
+            return None
+        return got
+
+    async def _broadcast(self, fill: Fill, held: Held) -> Broadcast | None:
+        """Start sharing this fetch through Redis as it arrives, when the body may go there;
+        otherwise tell the waiting replicas to fetch on their own."""
+        assert self._fleet is not None and fill.validators is not None
+        if not self._fleet.shares(fill.expected_length):
+            self._spawn(held.release(unshared=True), "release lease")
+            return None
+        broadcast = self._fleet.broadcast(held, lambda work: self._spawn(work, "fleet"))
+        length = fill.expected_length or 0
+        if not await broadcast.start(fill.content_type, length, fill.validators, fill.filler):
+            self._spawn(held.release(), "release lease")
+            return None
+        return broadcast
+
+    async def _follow_remote(
+        self, fill: Fill, remote: RemoteBody, claim: Lease | None, authorization: str | None
+    ) -> None:
+        """Stream another replica's fetch from Redis into this fill (and a local file, which
+        other workers of this host may follow); complete only if the entry that replica
+        published has exactly the bytes streamed. If that fetch stops half-way, the rest comes
+        from upstream (:func:`proxy.fleet.resumable`). Before the first byte a failure leaves
+        the fill unstarted: its clients then fetch on their own."""
+        record = remote.record
+        if self._abandon_prefetch(fill, record.expected_length):
+            return
+        temp = await self._begin(record.expected_length)
+        if temp is None:
+            raise RemoteFailed("no room on disk to follow another replica's fetch")
+        try:
+            validators = Validators.from_dict(record.validators)
+            fill.content_type, fill.expected_length = record.content_type, record.expected_length
+            fill.validators, fill.filler, fill.following = validators, record.filler, True
+            fill.remote = True
+            _announce(claim, fill, temp)
+            fill._fd = os.open(temp.path, os.O_RDONLY)
+            fill.started.set()
+
+            async def fetch() -> httpx.Response:
+                request = self._upstream.artifact_request(fill.key, authorization)
+                return await self._upstream.send(request, artifact=True, retry=not fill.prefetch)
+
+            digests = await self._tee(fill, resumable(remote, fetch), temp.file)
+            meta = remote.meta
+            if remote.resumed:  # upstream vouches for the bytes: a fill of our own
+                self._on_lease("resumed")
+                if fill.written != record.expected_length:
+                    raise RemoteFailed(f"body ended at {fill.written} of {fill.expected_length}")
+                meta = _entry_meta(fill, digests, validators)
+            elif meta is None or (meta.length, meta.sha256) != (fill.written, digests.sha256):
+                raise RemoteFailed("the published entry has other bytes than were streamed")
+            # Unread here only if this is a prefetch nobody joined (whatever the holder's was).
+            meta = dataclasses.replace(meta, prefetched=fill.prefetch and fill.readers == 0)
+            fill.complete = True
+            fill._notify()
+            if not fill.disk_failed:
+                pending, temp = temp, None
+                await self._commit(fill.key, pending, meta, publish=remote.resumed)
+        finally:
+            if temp is not None:
+                await anyio.to_thread.run_sync(self._store.discard, temp)
+
     async def _begin(self, length: int | None) -> FillFile | None:
         """A temporary file for a body of ``length`` bytes, or None if it will not be stored
         (larger than an entry may be, or the disk cannot take it)."""
@@ -544,9 +640,11 @@ class Fills:
         body: AsyncIterator[bytes],
         out: BinaryIO,
         coded: httpx.Response | None = None,
+        tap: Callable[[bytes], None] | None = None,
     ) -> BodyDigests:
         """Publish the body chunk by chunk as it arrives while a writer task appends it to
-        ``out`` in batches; returns its digests once every byte is hashed (and written)."""
+        ``out`` in batches; returns its digests once every byte is hashed (and written).
+        ``tap`` is given each chunk too (the fleet's copy to Redis; it must not block)."""
         digests = BodyDigests()
         pending: list[bytes] = []
         wake = asyncio.Event()
@@ -597,6 +695,8 @@ class Fills:
                 if self._abandon_prefetch(fill, fill.written + len(chunk)):
                     raise PrefetchTooLarge("prefetch past prefetch_max_object_size")
                 fill._publish(chunk)
+                if tap is not None:
+                    tap(chunk)
                 pending.append(chunk)
                 wake.set()
                 while fill._window_bytes > (
@@ -623,15 +723,20 @@ class Fills:
         self._metrics.store_failures.labels("write").inc()
         fill.disk_failed = True
 
-    async def _commit(self, key: ArtifactKey, temp: FillFile, meta: EntryMeta) -> None:
+    async def _commit(
+        self, key: ArtifactKey, temp: FillFile, meta: EntryMeta, publish: bool = True
+    ) -> bool:
+        """Store the entry; True if it was stored (then copied to the shared tier with
+        ``publish``)."""
         try:
             stored = await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()
-            return
-        if stored and self._share_entry is not None:  # off the hot path: readers are done
+            return False
+        if stored and publish and self._share_entry is not None:  # off the hot path
             self._share_entry(key.cache_key, meta)
+        return bool(stored)
 
     def _remember_proof(self, fill: Fill) -> None:
         scope = fill.key.proof_scope(self._config.access_check == "object")
@@ -641,3 +746,33 @@ class Fills:
         )
         if self._share_proofs is not None:
             self._share_proofs(fill.fingerprint, scope)
+
+
+def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> EntryMeta:
+    """The entry of a body ``fill`` fetched from upstream itself (``fill.written`` bytes)."""
+    return EntryMeta(
+        fill.content_type,
+        fill.written,
+        digests.sha256,
+        time.time(),
+        digests.xxh3,
+        validators.with_length(fill.written),
+        fill.fingerprint or "",
+        prefetched=fill.prefetch and fill.readers == 0,
+    )
+
+
+def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
+    """Tell this host's other workers which temporary file ``fill`` writes (they follow it)."""
+    if claim is None or fill.validators is None:
+        return
+    claim.announce(
+        Announcement(
+            fill.key.cache_key,
+            os.path.basename(temp.path),
+            fill.content_type,
+            fill.expected_length,
+            fill.validators.to_dict(),
+            fill.filler,
+        )
+    )

@@ -24,6 +24,21 @@ REDIS_ERRORS = ("unavailable", "rejected", "other")
 #: Copies of fills to Redis: stored, present (another replica stored it), too_large
 #: (shared_max_object_size), dropped (too many waiting), failed.
 REDIS_WRITES = ("stored", "present", "too_large", "dropped", "failed")
+#: Fleet single-flight (proxy/fleet.py), per fill that asked Redis for a lease: acquired (this
+#: replica fetches), taken_over (acquired after the holder stopped), followed (streamed another
+#: replica's fetch from Redis), stored (another replica finished meanwhile), fallback (Redis
+#: unavailable or too slow a holder: fetched on its own), unshared (the holder said it will not
+#: share, or gave up sharing), resumed (a followed fetch stopped half-way: the rest came from
+#: upstream).
+LEASE_OUTCOMES = (
+    "acquired",
+    "taken_over",
+    "followed",
+    "stored",
+    "fallback",
+    "unshared",
+    "resumed",
+)
 ACCESS_RESULTS = ("proof", "granted", "denied", "unavailable", "mismatch", "offline")
 STORE_FAILURES = ("no_space", "write", "commit", "index", "too_large")
 PREFETCH_RESULTS = (
@@ -162,6 +177,16 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.leases = Counter(
+            "vlmrun_cache_fleet_leases",
+            "Fills that asked Redis who fetches for the fleet, by outcome: acquired, taken_over, "
+            "followed, stored, fallback, unshared; resumed: a followed fetch that stopped "
+            "half-way and was completed from upstream.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in LEASE_OUTCOMES:
+            self.leases.labels(outcome)
         for kind in REDIS_ERRORS:
             self.redis_errors.labels(kind)
         for result in REDIS_WRITES:

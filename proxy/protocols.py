@@ -130,7 +130,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.guard.parsed(lambda: self.guard.fields.field(name, value))
+        fields = self.guard.fields
+        if not fields.fits(name, value):
+            self.guard.parsed(fields.refuse)
         super().on_header(name, value)
 
     def on_message_complete(self) -> None:

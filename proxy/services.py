@@ -16,6 +16,7 @@ import anyio.to_thread
 from proxy.access import ANY_SCOPE, AccessProofs, ProofScope, shared_secret
 from proxy.config import Config, ConfigError
 from proxy.fills import Fills
+from proxy.fleet import Fleet
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
 from proxy.prefetch import Prefetcher
@@ -248,6 +249,7 @@ class Services:
             Claims(directory),
             self.chain.publish,
             self.share_proofs,
+            self._fleet(),
         )
         self.prefetcher = Prefetcher(
             config, self.fills, self.store, self.access, self.upstream, self.metrics
@@ -280,6 +282,22 @@ class Services:
             call,
             on_reject=errors.labels("rejected").inc,
             on_write=lambda result: writes.labels(result).inc(),
+        )
+
+    def _fleet(self) -> Fleet | None:
+        """Fleet single-flight (:mod:`proxy.fleet`), on the shared tier's guarded connection."""
+        shared = self.chain.shared
+        if shared is None:
+            return None
+        config, metrics = self.config, self.metrics
+        return Fleet(
+            shared.call,
+            shared.names,
+            lease_ttl=config.redis_lease_ttl,
+            entry_ttl=config.shared_ttl,
+            max_object_bytes=config.shared_max_object_size,
+            on_lease=lambda outcome: metrics.leases.labels(outcome).inc(),
+            on_write=lambda result: metrics.redis_writes.labels(result).inc(),
         )
 
     def share_proofs(self, fingerprint: str | None, *scopes: ProofScope) -> None:

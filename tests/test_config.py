@@ -96,6 +96,13 @@ def test_unrelated_environment_is_ignored() -> None:
         ({"flags": {"log_level": "loud"}}, "log_level"),
         ({"flags": {"proof_ttl": "0s"}}, "proof_ttl"),
         ({"flags": {"chunk_size": "1"}}, "chunk_size"),
+        (
+            {
+                "env": {"VLMRUN_CACHE_SECRET": "s" * 32},
+                "flags": {"redis_url": "redis://127.0.0.1/0", "redis_lease_ttl": "100ms"},
+            },
+            "redis_lease_ttl",
+        ),
     ],
 )
 def test_invalid_values_name_their_key(source: dict[str, dict[str, str]], key: str) -> None:

@@ -8,19 +8,26 @@ from tests.conftest import OTHER_TOKEN, SESSION
 from tests.helpers import fetch, metric
 from tests.standin import StandIn
 
-SERIES = [
-    ("vlmrun_cache_requests_total", {"outcome": o})
-    for o in ("hit", "miss", "coalesced", "bypass", "error")
-] + [
-    ("vlmrun_cache_served_bytes_total", {"source": "cache"}),
-    ("vlmrun_cache_served_bytes_total", {"source": "upstream"}),
-    ("vlmrun_cache_access_checks_total", {"result": "denied"}),
-    ("vlmrun_cache_evictions_total", {}),
-    ("vlmrun_cache_integrity_failures_total", {}),
-    ("vlmrun_cache_entries", {}),
-    ("vlmrun_cache_bytes", {}),
-    ("vlmrun_cache_upstream_fetch_seconds_count", {}),
-]
+SERIES = (
+    [
+        ("vlmrun_cache_requests_total", {"outcome": o})
+        for o in ("hit", "miss", "coalesced", "bypass", "error")
+    ]
+    + [
+        ("vlmrun_cache_served_bytes_total", {"source": "cache"}),
+        ("vlmrun_cache_served_bytes_total", {"source": "upstream"}),
+        ("vlmrun_cache_access_checks_total", {"result": "denied"}),
+        ("vlmrun_cache_evictions_total", {}),
+        ("vlmrun_cache_integrity_failures_total", {}),
+        ("vlmrun_cache_entries", {}),
+        ("vlmrun_cache_bytes", {}),
+        ("vlmrun_cache_upstream_fetch_seconds_count", {}),
+    ]
+    + [
+        ("vlmrun_cache_fleet_leases_total", {"outcome": o})
+        for o in ("acquired", "taken_over", "followed", "stored", "fallback", "unshared", "resumed")
+    ]
+)
 
 
 def test_every_series_starts_at_zero(proxy) -> None:
