@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,8 +21,11 @@ import redis
 
 from proxy.store.chain import Hit
 from proxy.store.shared import Names, SharedTier
+from tests.conftest import SESSION, ProxyFactory
+from tests.helpers import artifact_url, fetch, wait_until
 from tests.redisserver import RedisServer
-from tests.standin import pattern
+from tests.standin import Fault, StandIn, pattern
+from tests.test_fleet import HALF, Client, _join, _keys
 from tests.test_shared import KEY, SECRET, _meta, _run, _store
 
 NAMES = Names("vlmrun-cache:v1:", SECRET)
@@ -248,3 +253,60 @@ def test_a_one_byte_range_of_a_large_redis_hit_reads_little_from_redis(
     got, read = _run(redis_server, work)
     assert got == body[:1]
     assert read < 2 * 1024 * 1024
+
+
+def test_a_lease_overwritten_with_binary_bytes_is_no_5xx(
+    standin: StandIn,
+    start_replica: ProxyFactory,
+    redis_server: RedisServer,
+    shared_secret_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fleet single-flight: while replica A holds the lease of an artifact and has published
+    its genuine record, someone who can write Redis puts bytes that are not UTF-8 in the lease.
+    B, asking for the artifact, must still answer with the exact body (on its own), never fail
+    on decoding the holder's token."""
+    body = standin.add("session", SESSION, "vid_binlease", size=2 * HALF)
+    keys = _keys(shared_secret_file, "vid_binlease")
+    release = threading.Event()
+    standin.faults["vid_binlease"] = Fault(hold_middle=release, hold_at=HALF, times=1)
+    a, b = start_replica(), start_replica()
+    leader = Client(artifact_url(a, "vid_binlease"))
+    attacker = _client(redis_server)
+    try:
+        leader.start()
+        assert leader.early.wait(30)
+        assert wait_until(lambda: attacker.exists(keys.record) == 1)
+        attacker.set(keys.lease, b"\xff\xfe", keepttl=True)
+        got = fetch(b, "vid_binlease")
+    finally:
+        release.set()
+    _join([leader])
+    assert got.status_code == 200 and got.content == body
+    assert leader.body == body
+    assert "failed unexpectedly" not in caplog.text  # was: UnicodeDecodeError, fill lost
+
+
+def test_a_huge_value_at_a_lease_or_record_name_is_not_polled_whole(
+    standin: StandIn,
+    start_replica: ProxyFactory,
+    redis_server: RedisServer,
+    shared_secret_file: Path,
+) -> None:
+    """Fleet single-flight: a waiting replica polls the lease and its record every few ms. A
+    writer without the secret who puts 16 MiB at those names (visible to SCAN) must not make
+    each poll pull 16 MiB: the replica waits out the lease, fetches the exact body itself, and
+    Redis sends it little."""
+    body = standin.add("session", SESSION, "arr_hugelease", 5000)
+    keys = _keys(shared_secret_file, "arr_hugelease")
+    attacker = _client(redis_server)
+    junk = b"J" * (16 * 1024 * 1024)
+    b = start_replica(redis_lease_ttl="1s")
+    attacker.set(keys.lease, junk, px=700)
+    attacker.set(keys.record, junk, px=700)
+    before = _sent_bytes(redis_server)
+
+    got = fetch(b, "arr_hugelease")
+
+    assert got.status_code == 200 and got.content == body
+    assert _sent_bytes(redis_server) - before < 4 * 1024 * 1024
