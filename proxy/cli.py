@@ -79,7 +79,7 @@ _HELP = {
     "shutdown_timeout": "how long shutdown waits for running fetches (default 10s)",
     "chunk_size": "bytes per read when serving from disk (default 256KiB)",
     "http": "auto, h11 or httptools (default auto: httptools when installed)",
-    "workers": "server processes sharing the port and the cache (default 1)",
+    "workers": "server processes sharing the port and the cache, or auto: one per core (default 1)",
     "log_level": "critical, error, warning, info or debug (default info)",
     "log_format": "access log lines as text or json (default text)",
     "access_log": "one line per request on stdout: true or false (default true)",

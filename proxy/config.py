@@ -112,6 +112,13 @@ def _parse_int(value: object) -> int:
         raise ValueError(f"{value!r} is not a whole number") from None
 
 
+def _parse_workers(value: object) -> int:
+    """A number of server processes, or ``auto``: one per core this process may run on."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return min(64, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    return _parse_int(value)
+
+
 def _parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -310,7 +317,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "shutdown_timeout": parse_duration,
     "chunk_size": parse_size,
     "http": _parse_str,
-    "workers": _parse_int,
+    "workers": _parse_workers,
     "log_level": _parse_str,
     "log_format": _parse_str,
     "access_log": _parse_bool,

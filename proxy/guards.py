@@ -142,7 +142,7 @@ class HeadMeter:
         limit. False (nothing counted) sends ``data`` through the line-by-line meter, which
         also names the limit a head breaks."""
         end = data.find(b"\r\n\r\n")
-        if end <= 0:
+        if end <= 0 or data[0] in b"\r\n":  # empty lines before the request line are skipped
             return False
         head = data[:end]
         if head.count(b"\n") != head.count(b"\r\n"):  # a bare LF ends a line too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -183,3 +184,13 @@ def test_prefetch_settings() -> None:
             load(env={}, flags={key: value})
     with pytest.raises(ConfigError, match=r"^prefetch_scan_limit: must be at least 4KiB"):
         load(env={}, flags={"prefetch_scan_limit": "100"})
+
+
+def test_workers_auto_is_one_per_usable_core() -> None:
+    """``workers = "auto"`` (file, environment or flag) is the cores this process may run on;
+    anything else must still be a number."""
+    cores = len(os.sched_getaffinity(0))
+    assert load(env={"VLMRUN_CACHE_WORKERS": "auto"}).workers == min(64, cores)
+    assert load(env={}, flags={"workers": " Auto "}).workers == min(64, cores)
+    with pytest.raises(ConfigError, match="workers"):
+        load(env={"VLMRUN_CACHE_WORKERS": "many"})

@@ -132,6 +132,7 @@ def test_meter_reads_a_head_the_same_however_it_is_split(
     [
         (b"GET / HTTP/1.1\r\nA: b\r\n\r\nX", (True, 2, 24)),
         (b"\r\n\nGET / HTTP/1.1\nA: b\n\n", (True, 2, 24)),  # leading empty lines skipped
+        (b"\r\nGET / HTTP/1.1\r\n\r\n", (True, 1, 20)),  # ... by the one-read path too
         (b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 8 + b"\r\n", (True, 9, 66)),
         (b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 9, ("refused",)),  # 9 fields
         (b"GET / HTTP/1.1\r\nA: " + b"b" * 57 + b"\r\n\r\n", (True, 2, 80)),  # 60 bytes
