@@ -2,11 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test check bench bench-quick load lock clean
+.PHONY: serve test check bench bench-quick bench-scale load lock clean
 
-$(VENV)/.installed: pyproject.toml
+# The pinned set CI tests (requirements-test.lock), then the checkers on top.
+$(VENV)/.installed: pyproject.toml requirements-test.lock
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --require-hashes -r requirements-test.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
+	$(VENV)/bin/pip install -q 'ruff>=0.6' 'mypy>=1.11'
 	touch $@
 
 serve: $(VENV)/.installed
@@ -25,6 +28,10 @@ bench: $(VENV)/.installed
 
 bench-quick: $(VENV)/.installed
 	$(PY) bench/run.py --quick
+
+# 1M entries of 1 KiB beside 1k (filled once into /tmp/vlmrun-scale, about 4 GiB; ~20 minutes).
+bench-scale: $(VENV)/.installed
+	$(PY) bench/scale.py $(SCALE_FLAGS)
 
 load: $(VENV)/.installed
 	$(PY) bench/load.py

@@ -10,6 +10,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import errno
 import http.client
 import ipaddress
 import json
@@ -32,7 +33,7 @@ from proxy.config import BASE_CONFIG_ENV, KEYS, Config, ConfigError, env_name, f
 from proxy.guards import Limits
 from proxy.metrics import MULTIPROC_ENV
 from proxy.protocols import GuardedHTTP
-from proxy.services import prepare_directory
+from proxy.services import inspect_directory, prepare_directory
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,20 @@ def check_health(cache_dir: str | Path, timeout: float = 2.0) -> str:
     return url
 
 
+def listen_problem(config: Config) -> str | None:
+    """Why ``serve`` could not listen where it is told, in one line that says what to change;
+    None if it can. Asked before the banner and ``serve.json``: a second ``serve`` on a taken
+    port must neither announce an address it never gets nor overwrite the running server's
+    record, and uvicorn's own message (errno 98, exit 3) does not say what to do."""
+    error = doctor.bind_error(config)
+    if error is None:
+        return None
+    if error.errno == errno.EADDRINUSE and doctor.proxy_answers(config):
+        why = "a proxy already answers there (vlmrun-cache stats shows it)"
+        return doctor.cannot_listen(config, error, why)
+    return doctor.cannot_listen(config, error)
+
+
 def serve(config: Config) -> None:
     configure_logging(config.log_level)
     warn_if_clear_text(config)
@@ -374,8 +389,36 @@ def _sources(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # here, so that a reader gone early is caught below
+        return code
+    except BrokenPipeError:
+        # `vlmrun-cache ls --json | head`: the reader has what it wanted; no traceback. stdout
+        # now points at /dev/null, so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _unrecognized(command: str | None, unknown: list[str]) -> str:
+    """argparse's message, and for a setting given to an operator command, where it goes."""
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    flags = {flag_name(key): key for key in KEYS}
+    settings = [flags[arg.split("=", 1)[0]] for arg in unknown if arg.split("=", 1)[0] in flags]
+    if command in admin.COMMANDS and settings:
+        key = settings[0]
+        message += (
+            f"\n`{command}` takes settings from --config FILE and the environment only: set "
+            f"{env_name(key)}, or `{key} = ...` in the file, as for the server it works beside"
+        )
+    return message
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(_unrecognized(args.command, unknown))
     if args.command is None:  # a first try: lead to serve rather than fail with a usage error
         parser.print_help()
         return 2
@@ -386,8 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     checking = args.command == "healthcheck"
     try:
         config = _load(args)
-        # Before uvicorn starts, so that an unsafe directory is one clean line, not a traceback.
-        prepare_directory(config.cache_dir)
+        if checking:  # the same rules for the directory, but a health check creates nothing
+            inspect_directory(config.cache_dir)
+        elif problem := listen_problem(config):
+            print(f"vlmrun-cache: {problem}", file=sys.stderr)
+            return 2
+        else:  # before uvicorn starts: an unsafe directory is one clean line, not a traceback
+            prepare_directory(config.cache_dir)
     except ConfigError as exc:
         print(f"vlmrun-cache: invalid setting {exc}", file=sys.stderr)
         return 1 if checking else 2  # a health check exits 0 or 1 (Docker reserves 2)

@@ -70,21 +70,37 @@ def check_port(config: Config) -> Check:
     taken by a proxy that answers ``/healthz`` is fine."""
     where = listen_url(config)
     clients = f"clients: export VLMRUN_BASE_URL={client_base_url(config)}"
+    error = bind_error(config)
+    if error is None:
+        return Check("listen", True, f"{where} is free; {clients}")
+    if error.errno == errno.EADDRINUSE and proxy_answers(config):
+        return Check("listen", True, f"a proxy already answers at {where}; {clients}")
+    return Check("listen", False, cannot_listen(config, error))
+
+
+def bind_error(config: Config) -> OSError | None:
+    """Why a socket cannot be bound where ``serve`` would listen (bound and closed at once, with
+    uvicorn's ``SO_REUSEADDR``), or None."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((config.host, config.port))
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE and _proxy_answers(config):
-            return Check("listen", True, f"a proxy already answers at {where}; {clients}")
-        why = "in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror
-        change = f"change {_setting('port')} or {_setting('host')}"
-        return Check("listen", False, f"cannot listen on {where}: {why}; {change}")
-    return Check("listen", True, f"{where} is free; {clients}")
+        return exc
+    return None
 
 
-def _proxy_answers(config: Config) -> bool:
+def cannot_listen(config: Config, error: OSError, why: str = "") -> str:
+    """One line for a failed bind that says what to change."""
+    if not why:
+        in_use = error.errno == errno.EADDRINUSE
+        why = "in use by another program" if in_use else error.strerror or str(error)
+    change = f"change {_setting('port')} or {_setting('host')}"
+    return f"cannot listen on {listen_url(config)}: {why}; {change}"
+
+
+def proxy_answers(config: Config) -> bool:
     url = client_base_url(config).removesuffix("/v1") + "/healthz"
     try:  # our own server on this machine: that it answers matters, not who signed its cert
         response = httpx.get(url, timeout=2, verify=False, trust_env=False)  # noqa: S501

@@ -85,9 +85,11 @@ class Fill:
         #: Until a client joins, it is abandoned past ``prefetch_max_object_size``; a client
         #: that joins it is never handed its non-200 answer (it fetches on its own instead).
         self.prefetch = prefetch
-        #: True once a client joined this prefetch (:meth:`Fills.adopt`): from then on it is
-        #: that client's fill, no longer counted as a prefetch.
+        #: True once a client adopted this prefetch (:meth:`Fills.adopt`): from then on it is a
+        #: client's fill, counted in ``max_fills_per_key``, no longer as a prefetch.
         self.adopted = False
+        #: True once any client joined this prefetch (its first read, counted once).
+        self.joined = False
         #: Called once on adoption (the prefetcher frees the slot it held for this fill).
         self.on_adopt: Callable[[], None] | None = None
         #: Why a prefetch stopped short of storing the body ("too_large", or "not_stored" for
@@ -370,17 +372,25 @@ class Fills:
     # -- the fill task ------------------------------------------------------------------------
 
     def adopt(self, fill: Fill) -> bool:
-        """A client joins the prefetch ``fill``: it becomes a client's fill (the prefetch's slot
-        is freed for the next one). True the first time, for counting."""
-        if not fill.prefetch or fill.adopted:
+        """A client joins the prefetch ``fill``. True the first time, for counting.
+
+        The fill becomes a client's fill (the prefetch's slot is freed for the next one) only
+        if the credential it is fetched with has room for one more (``max_fills_per_key``): it
+        then counts there. Otherwise it stays a prefetch, within the prefetcher's limits, until
+        it ends or a later client joins with room: a key joining every prefetch its answers
+        start must not get a fill per reference besides its share."""
+        if not fill.prefetch:
             return False
+        first, fill.joined = not fill.joined, True
+        if fill.adopted or fill.done or self._per_key.full(fill.fingerprint):
+            return first
+        self._per_key.acquire(fill.fingerprint)
         fill.adopted = True
-        if not fill.done:
-            self._prefetching -= 1
+        self._prefetching -= 1
         if fill.on_adopt is not None:
             callback, fill.on_adopt = fill.on_adopt, None
             callback()
-        return True
+        return first
 
     def _abandon_prefetch(self, fill: Fill, length: int | None) -> bool:
         """True if ``fill`` is a prefetch nobody joined whose body is over its cap."""
@@ -495,10 +505,9 @@ class Fills:
             fill.done = True
             fill.started.set()
             self._running.pop(fill.key, None)
-            if fill.prefetch:
-                if not fill.adopted:
-                    self._prefetching -= 1
-            else:
+            if fill.prefetch and not fill.adopted:
+                self._prefetching -= 1
+            else:  # a client's fill, or a prefetch a client adopted (counted there)
                 self._per_key.release(fill.fingerprint)
             if on_done is not None:
                 try:
@@ -763,8 +772,14 @@ def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> Ent
 
 
 def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
-    """Tell this host's other workers which temporary file ``fill`` writes (they follow it)."""
+    """Tell this host's other workers which temporary file ``fill`` writes (they follow it).
+
+    Not a prefetch of unannounced size: it is abandoned at ``prefetch_max_object_size`` unless
+    a client of its own process joins, which would break a follower's transfer; other workers
+    wait for its claim instead, and fetch themselves if it is abandoned."""
     if claim is None or fill.validators is None:
+        return
+    if fill.prefetch and fill.expected_length is None:
         return
     claim.announce(
         Announcement(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
+import sqlite3
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +47,9 @@ OWNED_NAMES = {
 }
 
 
-#: Housekeeping rounds (of TOUCH_FLUSH_SECONDS) between sweeps of expired proofs.
+log = logging.getLogger(__name__)
+
+#: Housekeeping rounds (of TOUCH_FLUSH_SECONDS) between sweeps of expired proofs in memory.
 PROOF_EXPIRY_ROUNDS = 60
 
 
@@ -192,6 +197,13 @@ def _check_owned(path: Path, kind: int, tighten: bool = True) -> None:
             os.close(fd)
 
 
+def sweep_at_low_priority(store: Store) -> None:
+    """Lower this thread's priority (on Linux a thread has its own nice value), then sweep."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    store.sweep_orphans()
+
+
 class Services:
     """Config and metrics from construction; the rest exists between :meth:`open` and close."""
 
@@ -320,21 +332,32 @@ class Services:
         return await anyio.to_thread.run_sync(self.access.adopt, fingerprint, scope, proven)
 
     async def _sweep_once(self) -> None:
-        """The orphan sweep, by one worker process per server start."""
+        """The orphan sweep, by one worker process per server start, in a thread of its own
+        at the lowest priority (not one of anyio's, which would keep that priority)."""
         if await anyio.to_thread.run_sync(self.store.claim_sweep):
-            await anyio.to_thread.run_sync(self.store.sweep_orphans)
+            threading.Thread(
+                target=sweep_at_low_priority, args=(self.store,), name="orphan-sweep", daemon=True
+            ).start()
 
     async def _flush_touches_periodically(self) -> None:
-        """Every :data:`TOUCH_FLUSH_SECONDS`: persist access times, and pick up scopes another
-        worker process split (so a split reaches every worker within that time)."""
+        """Every :data:`TOUCH_FLUSH_SECONDS`: persist access times, pick up scopes another
+        worker process split (so a split reaches every worker within that time), and delete a
+        bounded batch of expired proofs from disk; now and then, from memory too."""
         rounds = 0
         while True:
             await anyio.sleep(TOUCH_FLUSH_SECONDS)
             await anyio.to_thread.run_sync(self.store.flush_touches)
             await anyio.to_thread.run_sync(self.access.refresh)
+            await anyio.to_thread.run_sync(self._expire_proofs)
             rounds += 1
             if rounds % PROOF_EXPIRY_ROUNDS == 0:
-                await anyio.to_thread.run_sync(self.access.expire)
+                await anyio.to_thread.run_sync(self.access.forget_stale)
+
+    def _expire_proofs(self) -> None:
+        try:
+            self.access.expire()
+        except sqlite3.Error as exc:  # locked by another worker's batch: the next round
+            log.debug("expired proofs not deleted this round: %s", exc)
 
     async def close(self) -> None:
         self.serving = False

@@ -236,7 +236,9 @@ class StandIn:
             self._requests_changed.notify_all()
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope["query_string"].decode(), keep_blank_values=True))
-        token = headers.get("authorization", "").removeprefix("Bearer ")
+        # As FastAPI's HTTPBearer reads it: the scheme in any case, the token after one space.
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        token = token if scheme.lower() == "bearer" else ""
         method = scope["method"]
         if path == "/_standin/hits":
             return await self._json(
@@ -311,7 +313,10 @@ class StandIn:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(self._name(k), v.encode()) for k, v in headers],
+                "headers": [
+                    (self._name(k), v.encode("latin-1") if k == "Retry-After" else v.encode())
+                    for k, v in headers
+                ],
             }
         )
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import stat
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from proxy.access import REVOCATIONS_FILE, AccessProofs, Revocations
+from proxy.access import (
+    REVOCATIONS_FILE,
+    AccessProofs,
+    Revocations,
+    existing_secret,
+    fingerprint_with,
+)
 from proxy.store import RECHECK_SECONDS
 
 
@@ -71,9 +80,38 @@ def test_expired_proofs_are_dropped_from_disk_and_memory(
     now[0] += 100
     proofs.record(fp, ("session", "new"))
     now[0] += 30
-    assert proofs.expire() == 1  # ("session", "old") is 130 s old
+    assert proofs.expire() == 1  # ("session", "old") is 130 s old; "*" was proven again
+    assert proofs.forget_stale() == 1
+    assert _proofs_on_disk(tmp_path) == 2  # ("session", "new") and ("*",)
     assert not proofs.has_proof(fp, ("session", "old"), offline=True)
     assert proofs.has_proof(fp, ("session", "new"), offline=True)
+
+
+def _proofs_on_disk(directory: Path) -> int:
+    with contextlib.closing(sqlite3.connect(directory / "access" / "cache.db")) as db:
+        return int(db.execute("SELECT count(*) FROM Cache").fetchone()[0])
+
+
+def test_a_backlog_of_expired_proofs_drains_in_bounded_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the store deletes nothing (start-up never waits for a backlog); each expire()
+    deletes at most its batch, oldest first, and never a live proof."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=60, offline_ttl=120)
+    for index in range(25):
+        proofs.record(proofs.fingerprint(f"Bearer old{index}"), ("session", "s"))
+    now[0] += 100
+    live = proofs.fingerprint("Bearer live")
+    proofs.record(live, ("session", "s"))
+    now[0] += 30  # the 25 old keys' 50 proofs are expired, the live key's 2 are not
+    proofs.close()
+    proofs = AccessProofs(tmp_path, ttl=60, offline_ttl=120)
+    assert _proofs_on_disk(tmp_path) == 52
+    assert [proofs.expire(limit=20) for _ in range(4)] == [20, 20, 10, 0]
+    assert _proofs_on_disk(tmp_path) == 2
+    assert proofs.has_proof(live, ("session", "s"), offline=True)
 
 
 def test_revocations_void_earlier_proofs_in_memory_and_on_disk(
@@ -118,3 +156,63 @@ def test_an_unreadable_revocation_file_voids_every_proof(tmp_path: Path) -> None
     assert not proofs.has_proof(fingerprint, ("session", "s"))
     (tmp_path / REVOCATIONS_FILE).rmdir()
     assert proofs.has_proof(fingerprint, ("session", "s"))
+
+
+def test_revoking_a_key_revokes_every_spelling_of_its_scheme(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API reads ``bearer K`` and ``BEARER K`` as ``Bearer K`` (HTTPBearer). A holder of a
+    leaked key who used another spelling before ``revoke --key-file`` (which names ``Bearer
+    K``) must not keep its proofs: every spelling is one credential. The token itself is not
+    folded: ``Bearer k`` is another key."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=600)
+    spelt = proofs.fingerprint("bEaReR Key-1")
+    assert spelt is not None
+    proofs.record(spelt, ("session", "s"))
+    now[0] += 1
+    Revocations.append(
+        tmp_path, fingerprint_with(existing_secret(tmp_path) or b"", "Bearer Key-1"), now[0]
+    )
+    time.sleep(RECHECK_SECONDS)
+    for spelling in ("bEaReR Key-1", "bearer Key-1", "BEARER Key-1", "Bearer Key-1"):
+        assert proofs.fingerprint(spelling) == spelt
+        assert not proofs.has_proof(proofs.fingerprint(spelling), ("session", "s"))
+    assert proofs.fingerprint("Bearer key-1") != spelt
+    assert proofs.fingerprint("Bearer  Key-1") != spelt  # a token with a space: not the key
+    proofs.close()
+
+
+def _open_at_once(directory: Path, workers: int) -> tuple[list[str | None], list[BaseException]]:
+    """Construct AccessProofs on ``directory`` from ``workers`` threads released together."""
+    start = threading.Barrier(workers)
+    found: list[str | None] = []
+    failed: list[BaseException] = []
+
+    def open_proofs() -> None:
+        start.wait(timeout=30)
+        try:
+            found.append(AccessProofs(directory, ttl=60).fingerprint("Bearer t"))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_proofs) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return found, failed
+
+
+def test_workers_creating_the_secret_at_once_all_read_the_same_whole_secret(
+    tmp_path: Path,
+) -> None:
+    """Eight workers starting at once on a new cache directory: none reads a secret half
+    written (it is linked into place whole), all fingerprint alike, no draft is left."""
+    for attempt in range(20):
+        directory = tmp_path / str(attempt)
+        directory.mkdir()
+        found, failed = _open_at_once(directory, 8)
+        assert failed == [] and len(found) == 8 and len(set(found)) == 1
+        assert [p.name for p in directory.iterdir() if p.name.startswith(".secret")] == []

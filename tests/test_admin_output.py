@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import SESSION, TOKEN
 from tests.helpers import fetch
-from tests.operators import misses_then_hits
+from tests.operators import admin, misses_then_hits
 from tests.servers import ServerThread
 from tests.standin import StandIn
 
@@ -114,3 +114,37 @@ def test_purge_asks_on_a_terminal(standin: StandIn, proxy: ServerThread, cache_d
     code, out, shown = on_terminal(args, typed=b"y\n", stdin=True)
     assert code == 0 and out.startswith("removed 1 entry, 3000 bytes")
     assert fetch(proxy, "arr_9b0201").headers["x-cache"] == "MISS"
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(
+    standin: StandIn, proxy: ServerThread, cache_dir: Path
+) -> None:
+    """`vlmrun-cache ls --json | head -c 100`: the pipe closes before the listing is written;
+    the command ends quietly with status 1 instead of a BrokenPipeError traceback. The same
+    for doctor, which flushes each line as it goes."""
+    misses_then_hits(proxy, standin, "arr_9b0301")
+    for args in (["ls", "--json"], ["doctor", "--upstream", proxy.url, "--port", "0"]):
+        reader, writer = os.pipe()
+        os.close(reader)  # gone before the first byte, as head is after its 100 bytes
+        try:
+            ended = subprocess.run(
+                _command(*args, "--cache-dir", str(cache_dir)),
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            os.close(writer)
+        assert (ended.returncode, ended.stderr) == (1, ""), args
+
+
+def test_a_setting_flag_given_to_a_command_says_where_settings_go(tmp_path: Path) -> None:
+    """``purge --redis-url ...`` (as the server takes it) is refused with where the setting goes
+    instead, so that a purge never runs without the Redis the server uses."""
+    ran = admin("purge", "--all", "--yes", "--redis-url", "redis://127.0.0.1:1/0")
+    assert ran.code == 2
+    assert "unrecognized arguments: --redis-url" in ran.err
+    assert "VLMRUN_CACHE_REDIS_URL" in ran.err and "redis_url = ..." in ran.err
+    assert "VLMRUN_CACHE" not in admin("stats", "--bogus").err  # not a setting: argparse's words

@@ -256,3 +256,42 @@ def test_an_upstream_error_status_is_reported_as_answered() -> None:
         server.stop()
     assert answer.status == 503 and not answer.reachable
     assert answer.describe().startswith("answered 503 in ")
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", "http://127.0.0.1:9", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_taken_port_stops_start_up_saying_what_to_change(tmp_path: Path) -> None:
+    """Another program on the port: exit 2 and one line saying what to change, before the
+    banner announces an address it never gets and before the cache directory is created
+    (uvicorn alone logs errno 98 and exits 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _serve("--port", str(port), "--cache-dir", str(tmp_path / "cache"))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"vlmrun-cache: cannot listen on http://127.0.0.1:{port}: in use by another program; "
+        "change port (VLMRUN_CACHE_PORT, --port) or host (VLMRUN_CACHE_HOST, --host)\n"
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_second_serve_leaves_the_running_one_alone(daemon: Daemon, cache_dir: Path) -> None:
+    """serve run again where a proxy already listens says so, and the running server's record
+    of its address (serve.json, which healthcheck and stats dial) stays as it was."""
+    record = (cache_dir / "serve.json").read_bytes()
+    result = _serve("--port", str(daemon.port), "--cache-dir", str(cache_dir))
+    assert result.returncode == 2
+    assert "a proxy already answers there (vlmrun-cache stats shows it)" in result.stderr
+    assert "listening on" not in result.stderr
+    assert (cache_dir / "serve.json").read_bytes() == record
+    assert httpx.get(f"{daemon.url}/healthz").status_code == 200

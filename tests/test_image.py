@@ -244,6 +244,24 @@ def test_healthcheck_fails_without_an_address_or_a_valid_setting(tmp_path: Path)
     assert result.returncode == 1 and "invalid setting port:" in result.stderr
 
 
+def test_healthcheck_creates_nothing(tmp_path: Path) -> None:
+    """Asked about a cache directory that does not exist, the health check says so (exit 1)
+    and leaves it missing; in one that exists it writes nothing (it reads serve.json and
+    dials). A directory others may write is refused, as serve refuses it."""
+    missing = tmp_path / "never-served"
+    result = healthcheck("--cache-dir", str(missing))
+    assert result.returncode == 1 and "No such file or directory" in result.stderr
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    assert healthcheck("--cache-dir", str(empty)).returncode == 1
+    assert list(empty.iterdir()) == []
+    empty.chmod(0o777)
+    (empty / ADDRESS_FILE).write_text('{"scheme": "http", "host": "127.0.0.1", "port": 9}')
+    loose = healthcheck("--cache-dir", str(empty))
+    assert loose.returncode == 1 and "writable by group or others" in loose.stderr
+
+
 def test_wildcard_address_is_dialled_on_loopback(start_proxy: ProxyFactory, tmp_path: Path) -> None:
     """A server listening on 0.0.0.0 is checked at 127.0.0.1 (and :: at ::1)."""
     proxy = start_proxy()

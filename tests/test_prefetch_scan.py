@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
+import secrets
+import tracemalloc
 import zlib
 from typing import Any
 
@@ -214,3 +217,34 @@ def test_splitting_a_text_into_events_never_changes_what_is_found(
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     assert _scan([_event(p) for p in pieces]) == _scan([_event(text)])
+
+
+def test_a_gzip_stream_of_several_members_is_read_to_its_last_member() -> None:
+    """A gzip body may be several members back to back (RFC 1952 §2.2; a server that compresses
+    each event on its own sends that): a reference in a later member is found, as the client's
+    own gzip decoder finds it."""
+    members = [gzip.compress(_event(text)) for text in ("first ", "then img_a1b2c3 ", "end")]
+    assert gzip.decompress(b"".join(members)).count(b"img_a1b2c3") == 1
+    expected = [("session", "sess_1", "img_a1b2c3")]
+    assert _scan(members, encoding="gzip") == expected
+    assert _scan([b"".join(members)], encoding="gzip") == expected
+
+
+def test_memory_stays_bounded_past_the_end_of_a_gzip_member() -> None:
+    """An endless stream of gzip members (each event its own member) once held every byte after
+    the first member in the decompressor's ``unused_data``; now the scan limit counts the
+    decoded bytes of every member and the scanner lets go of the rest."""
+    member = gzip.compress(b"".join(_event(secrets.token_hex(500)) for _ in range(40)))
+    found: Found = []
+    scanner = Scanner("completion", "sse", "gzip", 64 * 1024, lambda *ref: found.append(ref))
+    tracemalloc.start()
+    try:
+        for _ in range(500):  # about 12 MiB on the wire
+            scanner.feed(member)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024**2, peak
+    scanner.feed(gzip.compress(_event("img_a1b2c3 ")))  # past the limit: not read any more
+    scanner.finish()
+    assert found == []

@@ -190,6 +190,9 @@ def test_stats_and_purge_cover_redis(
     purged = admin("purge", "--session", SESSION, "--yes", cache_dir=tmp_path / "a")
     assert purged.code == 0, purged.err
     assert "removed 1 entry from Redis" in purged.out
+    left = admin("stats", cache_dir=tmp_path / "a")
+    assert left.code == 0, left.err
+    assert "\nredis            1 entry, " in left.out
     assert fetch(b, "arr_p1").headers["x-cache"] == "MISS"  # not from Redis any more
     hit = fetch(b, "arr_p2", scope="execution", scope_id=EXECUTION)
     assert hit.headers["cache-status"].endswith("detail=redis")

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import random
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from proxy.services import sweep_at_low_priority
 from proxy.store import EntryMeta
 from proxy.store.disk import DiskStore
-from proxy.store.index import Index
+from proxy.store.index import READERS, Index
+from proxy.store.sweeps import SWEEP_PAUSE, SWEEP_STEP
+
+
+def _meta(body: bytes) -> EntryMeta:
+    return EntryMeta(
+        "application/octet-stream", len(body), hashlib.sha256(body).hexdigest(), time.time()
+    )
 
 
 def _put(store: DiskStore, key: str, body: bytes) -> bool:
     fill = store.begin_fill()
     fill.file.write(body)
-    meta = EntryMeta(
-        "application/octet-stream", len(body), hashlib.sha256(body).hexdigest(), time.time()
-    )
-    return store.commit(key, fill, meta)
+    return store.commit(key, fill, _meta(body))
 
 
 @pytest.fixture
@@ -232,28 +240,83 @@ def test_room_for_one_large_object_among_many_small_ones(tmp_path: Path) -> None
     newest.close()
 
 
+def _commit_many(directory: str, name: str, start: Any, results: Any) -> None:
+    """In a process of its own: commit 60 entries of 9,000 bytes into a 100,000-byte store,
+    reporting every total seen above the bound."""
+    store = DiskStore(directory, 100_000, 100_000)
+    start.wait(timeout=60)
+    overshoot = []
+    for index in range(60):
+        _put(store, f"{name}{index}", b"z" * 9_000)
+        if (size := store.stats().bytes) > 100_000:
+            overshoot.append(size)
+    results.put(overshoot)
+
+
 def test_two_processes_committing_at_once_keep_the_bound(tmp_path: Path) -> None:
-    """Two stores on one directory (two workers) making room at once never overshoot it."""
-
-    stores = [DiskStore(tmp_path, 100_000, 100_000) for _ in range(2)]
-    start = threading.Barrier(2)
-    overshoot: list[int] = []
-
-    def work(store: DiskStore, name: str) -> None:
-        start.wait()
-        for index in range(60):
-            _put(store, f"{name}{index}", b"z" * 9_000)
-            if (size := store.stats().bytes) > 100_000:
-                overshoot.append(size)
-
-    threads = [
-        threading.Thread(target=work, args=(s, n)) for s, n in zip(stores, "ab", strict=True)
+    """Two processes (two workers) making room in one directory at once never overshoot it:
+    the room-making lock is an flock, not a lock of one process."""
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(2), context.Queue()
+    workers = [
+        context.Process(target=_commit_many, args=(str(tmp_path), name, start, results))
+        for name in "ab"
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert overshoot == []
+    for worker in workers:
+        worker.start()
+    seen = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    assert seen == [[], []]
+    assert DiskStore(tmp_path, 100_000, 100_000).stats().bytes <= 100_000
+
+
+def test_making_room_releases_the_lock_between_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for one large object among many small ones is made a batch at a time: while one
+    batch's files are unlinked, another store (another worker) commits."""
+    monkeypatch.setattr("proxy.store.disk._EVICT_BATCH", 100)
+    store = DiskStore(tmp_path, max_bytes=1_000_000, max_object_bytes=1_000_000)
+    store.load((f"small{i}", b"s" * 400, _meta(b"s" * 400)) for i in range(2000))
+    other = DiskStore(tmp_path, max_bytes=1_000_000, max_object_bytes=1_000_000)
+    committed: list[bool] = []
+    unlink = Index.unlink
+
+    def unlink_while_another_commits(index: Index, entries: Any) -> None:
+        if not committed:  # the first batch: the other store must get the lock meanwhile
+            worker = threading.Thread(target=lambda: committed.append(_put(other, "o", b"o")))
+            worker.start()
+            worker.join(timeout=30)
+            assert committed == [True], "the commit lock was held while unlinking"
+        unlink(index, entries)
+
+    monkeypatch.setattr(Index, "unlink", unlink_while_another_commits)
+    assert _put(store, "large", b"L" * 600_000)
+    assert store.stats().bytes <= 1_000_000
+    entry = other.get("o")
+    assert entry is not None
+    entry.close()
+
+
+def test_recency_of_lookups_outside_the_memory_index_drives_eviction(tmp_path: Path) -> None:
+    """A key read through the index (not the memory index) counts as recently used once the
+    batched access times are flushed: eviction takes an older, unread one instead."""
+    writer = DiskStore(tmp_path, max_bytes=3_000, max_object_bytes=3_000)
+    for key in ("a", "b", "c"):
+        assert _put(writer, key, b"x" * 1_000)
+    Index(tmp_path / "entries").record_access_times({"a": 1.0, "b": 2.0, "c": 3.0})
+    reader = DiskStore(tmp_path, max_bytes=3_000, max_object_bytes=3_000)
+    entry = reader.get("a")  # a lookup through the index, by a process that never saw "a"
+    assert entry is not None
+    entry.close()
+    reader.flush_touches()
+    assert _put(writer, "d", b"y" * 1_000)
+    assert _keys(tmp_path) == {"a", "c", "d"}
+
+
+def _keys(directory: Path) -> set[str]:
+    return {entry.key for entry in Index(directory / "entries").entries()}
 
 
 def test_sweep_merges_index_and_directories_exactly(tmp_path: Path) -> None:
@@ -301,3 +364,92 @@ def test_removal_spares_an_entry_replaced_since_it_was_listed(
         assert entry.file.read() == b"new" * 100
     assert store.get("other") is None and store.stats().entries == 1
     assert store.stats().bytes == 300
+
+
+def test_lookups_from_many_threads_share_a_few_index_connections(tmp_path: Path) -> None:
+    """Lookups through the index from 24 threads at once open at most READERS connections
+    (one per thread cost ~1.9 MiB each), and every lookup finds its entry."""
+    writer = DiskStore(tmp_path, 10_000_000, 400_000)
+    writer.load((f"k{i}", b"%d" % i, _meta(b"%d" % i)) for i in range(24))
+    reader = DiskStore(tmp_path, 10_000_000, 400_000)  # no memory index: every get queries
+    start = threading.Barrier(24)
+    found: list[bytes] = []
+
+    def look(index: int) -> None:
+        start.wait(timeout=30)
+        entry = reader.get(f"k{index}")
+        assert entry is not None
+        with entry.file:
+            found.append(entry.file.read())
+
+    threads = [threading.Thread(target=look, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(found) == sorted(b"%d" % i for i in range(24))
+    assert 1 <= reader._readers.opened <= READERS
+
+
+def test_the_orphan_sweep_stops_when_the_store_closes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sweep still walking when the store closes stops at its next pause, and says so."""
+    store = DiskStore(tmp_path, 10_000_000, 400_000)
+    for index in range(3 * SWEEP_STEP):
+        name = f"{index:032x}.val"
+        path = tmp_path / "entries" / name[:2] / name[2:4] / name[4:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"orphan")
+    store.close()
+    with caplog.at_level("INFO", logger="proxy.store.sweeps"):
+        assert store.sweep_orphans(min_age=0) == SWEEP_STEP
+    assert f"orphan sweep: {SWEEP_STEP} files checked" in caplog.text
+    assert "stopped: the store closed" in caplog.text
+
+
+def test_the_orphan_sweep_paces_itself_over_indexed_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep pauses every SWEEP_STEP files it walks, indexed ones included (a full cache
+    is nearly all indexed files), and reports how many it checked."""
+    pauses: list[float] = []
+    store = DiskStore(tmp_path, 10_000_000, 400_000)
+    store.load((f"k{i}", b"x", _meta(b"x")) for i in range(2 * SWEEP_STEP + 5))
+    monkeypatch.setattr(store._closing, "wait", lambda seconds: bool(pauses.append(seconds)))
+    with caplog.at_level("INFO", logger="proxy.store.sweeps"):
+        assert store.sweep_orphans(min_age=0) == 0
+    assert pauses == [SWEEP_PAUSE, SWEEP_PAUSE]
+    assert f"orphan sweep: {2 * SWEEP_STEP + 5} files checked" in caplog.text
+
+
+def test_the_orphan_sweep_runs_at_the_lowest_priority_in_a_thread_of_its_own() -> None:
+    """The server's sweep thread lowers its own priority to nice 19; the caller's is unchanged
+    (a pooled worker thread must not keep a lowered priority)."""
+    seen: list[int] = []
+
+    class Probe:
+        def sweep_orphans(self) -> int:
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return 0
+
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    sweeper = threading.Thread(target=sweep_at_low_priority, args=(Probe(),))
+    sweeper.start()
+    sweeper.join(timeout=30)
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
+
+
+def test_load_stores_many_entries_in_batches(tmp_path: Path) -> None:
+    """DiskStore.load indexes entries a batch per transaction: each reads back, one over
+    max_object_bytes is skipped, the bound holds, and no temporary file is left."""
+    store = DiskStore(tmp_path, max_bytes=10_000, max_object_bytes=1_000)
+    items = [(f"k{i}", b"%04d" % i * 25, _meta(b"%04d" % i * 25)) for i in range(120)]
+    items.insert(7, ("big", b"b" * 1_001, _meta(b"b" * 1_001)))
+    assert store.load(items, batch=16) == 120
+    assert store.stats().bytes <= 10_000 and store.get("big") is None
+    newest = store.get("k119")
+    assert newest is not None and newest.file.read() == b"0119" * 25
+    newest.close()
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -86,7 +86,7 @@ def stats(args: argparse.Namespace, config: Config) -> int:
         try:
             result["redis"] = found = shared.stats(config)
             redis_line = (
-                f"{found['entries']} entries, {human_size(found['bytes'])} at {found['url']} "
+                f"{_entries(found['entries'])}, {human_size(found['bytes'])} at {found['url']} "
                 f"(keys {found['prefix']}*)"
             )
         except Failed as exc:

@@ -51,6 +51,8 @@ Kind = Literal["completion", "execution"]
 Format = Literal["json", "sse"]
 #: Called with (scope kind, scope id, object id) for each reference found.
 Found = Callable[[str, str, str], None]
+#: What :func:`parse_json` finds in a JSON answer: its scope, if any, and its references.
+Parsed = tuple[tuple[str, str] | None, list[str]]
 
 
 class _Stop(Exception):
@@ -62,21 +64,33 @@ class _Decoder:
 
     def __init__(self, encoding: str) -> None:
         coding = encoding.strip().lower()
-        if coding in ("", "identity"):
-            self._zlib = None
-        elif coding in ("gzip", "x-gzip"):
-            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._wbits = 0
+        if coding in ("gzip", "x-gzip"):
+            self._wbits = 16 + zlib.MAX_WBITS
         elif coding == "deflate":
-            self._zlib = zlib.decompressobj(zlib.MAX_WBITS)
-        else:  # br, zstd, several codings: not ours to read
+            self._wbits = zlib.MAX_WBITS
+        elif coding not in ("", "identity"):  # br, zstd, several codings: not ours to read
             raise _Stop(f"cannot decode {coding!r}")
+        self._zlib = zlib.decompressobj(self._wbits) if self._wbits else None
 
     def decode(self, data: bytes, budget: int) -> bytes:
-        """Up to ``budget`` decoded bytes of ``data`` (the rest of the answer is not read)."""
+        """Up to ``budget`` decoded bytes of ``data`` (the rest of the answer is not read).
+
+        A gzip body may be several members back to back: each ending member's ``unused_data``
+        starts the next one. (Left in a finished decompressor, every later byte would pile up
+        in its ``unused_data``: an endless stream of members would grow without bound.)
+        """
         if self._zlib is None:
             return data[:budget]
+        out = b""
         try:
-            out = self._zlib.decompress(data, budget)
+            while data and len(out) < budget:
+                if self._zlib.eof:
+                    if self._wbits != 16 + zlib.MAX_WBITS:  # one zlib stream, then nothing
+                        raise _Stop("data after the end of the deflate stream")
+                    self._zlib = zlib.decompressobj(self._wbits)
+                out += self._zlib.decompress(data, budget - len(out))
+                data = self._zlib.unused_data if self._zlib.eof else b""
         except zlib.error as exc:
             raise _Stop(str(exc)) from None
         return out
@@ -85,8 +99,19 @@ class _Decoder:
 class Scanner:
     """Scans one answer; see the module docstring. ``feed`` and ``finish`` never raise."""
 
-    def __init__(self, kind: Kind, form: Format, encoding: str, limit: int, found: Found) -> None:
+    def __init__(
+        self,
+        kind: Kind,
+        form: Format,
+        encoding: str,
+        limit: int,
+        found: Found,
+        execution: str | None = None,
+    ) -> None:
         self.kind = kind
+        #: The execution id the request named (``GET /v1/agent/executions/{id}``), if any: an
+        #: answer about another execution is not scanned.
+        self.execution = execution
         self.form = form
         self._found = found
         self._left = limit
@@ -127,13 +152,34 @@ class Scanner:
         except Exception:  # _Stop, or anything a hostile body provokes: stop, never raise
             self._stop()
 
+    def take_json(self) -> bytes | None:
+        """The whole JSON body read so far, taken out of the scanner for :func:`parse_json`
+        (which may then run in a worker thread); None for events, or once stopped."""
+        if not self._alive or self.form != "json":
+            return None
+        body, self._buffer = bytes(self._buffer), bytearray()
+        return body
+
+    def parsed(self, parsed: Parsed) -> None:
+        """What :func:`parse_json` found in the body :meth:`take_json` gave: report it."""
+        scope, refs = parsed
+        try:
+            if scope is not None:
+                self._set_scope(*scope)
+            for object_id in refs:
+                self._ref(object_id)
+        except _Stop:
+            pass
+        self._stop()
+
     def finish(self) -> None:
         """The answer ended whole: scan what waited for more."""
         if not self._alive:
             return
         try:
-            if self.form == "json":
-                self._json(bytes(self._buffer))
+            body = self.take_json()
+            if body is not None:
+                self.parsed(parse_json(self.kind, body, self.execution))
             else:
                 for text in list(self._tails):
                     self._text(text, "", final=True)
@@ -243,25 +289,6 @@ class Scanner:
             self._ref(match.group())
         self._tails[text] = whole[-CARRY:]
 
-    # -- JSON bodies --------------------------------------------------------------------------
-
-    def _json(self, body: bytes) -> None:
-        try:
-            document = json.loads(body)
-        except (ValueError, RecursionError):
-            return
-        if not isinstance(document, dict):
-            return
-        if self.kind == "completion":
-            self._set_scope("session", document.get("session_id"))
-        elif document.get("status") == "completed":
-            self._set_scope("execution", document.get("id"))
-        else:
-            return
-        for value in _strings(document):
-            for match in REF.finditer(value):
-                self._ref(match.group())
-
     # -- results ------------------------------------------------------------------------------
 
     def _set_scope(self, kind: str, scope_id: object) -> None:
@@ -287,6 +314,38 @@ class Scanner:
             object_id = self._refs[self._reported]
             self._reported += 1
             self._found(kind, scope_id, object_id)
+
+
+def parse_json(kind: Kind, body: bytes, execution: str | None = None) -> Parsed:
+    """The scope and the references (unique, in order, at most :data:`MAX_REFS`) of a JSON
+    answer: for a completion its ``session_id``; for an execution its ``id``, and only when its
+    ``status`` is ``completed`` (and the id is ``execution``, the one the request named, if
+    any). A pure function that never raises: parsing a large body costs tens of milliseconds,
+    so :class:`proxy.prefetch.watch.Watch` runs it off the event loop."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, []
+    if not isinstance(document, dict):
+        return None, []
+    if kind == "completion":
+        kind_id = ("session", document.get("session_id"))
+    elif document.get("status") == "completed":
+        kind_id = ("execution", document.get("id"))
+    else:
+        return None, []
+    if not _valid_id(kind_id[1]) or (execution is not None and kind_id[1] != execution):
+        return None, []
+    scope = (kind_id[0], str(kind_id[1]))
+    refs: list[str] = []
+    # One search, not one per string: a newline is no word character, so no match spans two
+    # strings and \b holds at each string's edges, as it would in each alone.
+    for match in REF.finditer("\n".join(_strings(document))):
+        if match.group() not in refs:
+            refs.append(match.group())
+            if len(refs) >= MAX_REFS:
+                break
+    return scope, refs
 
 
 def _valid_id(value: object) -> bool:

@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import anyio
 import anyio.to_thread
 
 from proxy.access import AccessProofs
@@ -124,6 +125,9 @@ class Prefetcher:
         self._paused = _Expiring()
         self._counted_reads: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Large JSON answers are parsed in a worker thread, one at a time: a flood of them
+        #: takes neither the threads that disk reads need nor more than one core.
+        self.scan_limiter = anyio.CapacityLimiter(1)
         #: Set by the app when the access log is on.
         self.access_log: LogRecord | None = None
         self._closed = False
@@ -223,14 +227,17 @@ class Prefetcher:
         self._pump()
 
     def _finished(self, job: Job, started: float, fill: Fill) -> None:
-        """Called by the fill as it ends, before its readers hear of it."""
-        result = self._result(job, fill)  # before the next job starts: it may be refused now
-        self._count(result)
-        if result != "already_cached" and self.access_log is not None:
-            self._log(fill, started)
-        if not fill.adopted:
-            fill.on_adopt = None
-            self._free(job)
+        """Called by the fill as it ends, before its readers hear of it. The job's slot is
+        given back whatever happens here: a slot kept by mistake is never found again."""
+        try:
+            result = self._result(job, fill)  # before the next job starts: it may be refused
+            self._count(result)
+            if result != "already_cached" and self.access_log is not None:
+                self._log(fill, started)
+        finally:
+            if not fill.adopted:
+                fill.on_adopt = None
+                self._free(job)
 
     def _result(self, job: Job, fill: Fill) -> str:
         status = fill.status
@@ -295,7 +302,7 @@ def _pause(retry_after: str | None) -> float:
         return DEFAULT_PAUSE
     value = retry_after.strip()
     seconds: float | None = None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²" is a digit to isdigit, not to float
         seconds = float(value)
     else:
         try:

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
+import anyio.to_thread
 import httpx
 
-from proxy.prefetch.scan import Format, Kind, Scanner
+from proxy.prefetch.scan import Format, Kind, Scanner, parse_json
 from proxy.prefetch.scheduler import Prefetcher
 
 _SLASHES = re.compile(rb"/{2,}")
-_EXECUTION = re.compile(rb"/v1/agent/executions/[^/]+")
+_EXECUTION = re.compile(rb"/v1/agent/executions/([^/]+)")
+#: A JSON answer up to this size is parsed on the event loop (well under a millisecond).
+INLINE_JSON = 64 * 1024
 
 
 def watched(method: str, raw_path: bytes) -> Kind | None:
@@ -38,6 +42,17 @@ def watched(method: str, raw_path: bytes) -> Kind | None:
     ):
         return "execution"
     return None
+
+
+def requested_execution(method: str, raw_path: bytes) -> str | None:
+    """The execution id a ``GET /v1/agent/executions/{id}`` names (as the API decodes it): its
+    answer is scanned only if it is about that execution. An upstream answering another one
+    (a misrouted or stale answer) prefetches nothing."""
+    path = _SLASHES.sub(b"/", raw_path.split(b"?", 1)[0])
+    match = _EXECUTION.fullmatch(path) if method == "GET" else None
+    if match is None:
+        return None
+    return unquote(match.group(1).decode("latin-1"), errors="replace")
 
 
 def _format(content_type: str) -> Format | None:
@@ -79,11 +94,30 @@ class Watch:
             received += len(chunk)
             if self.length is not None and received >= self.length:  # the last one
                 self.scanner.feed(chunk)
-                self.scanner.finish()
+                await self._finish()
                 yield chunk
                 continue
             yield chunk
             self.scanner.feed(chunk)  # after the chunk went out: never delays it
+        await self._finish()
+
+    async def _finish(self) -> None:
+        """Scan what waited for the end. A JSON body larger than :data:`INLINE_JSON` is parsed
+        in a worker thread, one at a time: parsing a megabyte of small values takes tens of
+        milliseconds, which on the event loop would stall every other client, at the will of
+        whoever polls a large answer. While another answer is being parsed, this one is not
+        scanned at all: its last chunk must not wait behind someone else's answers."""
+        body = self.scanner.take_json()
+        if body is not None:
+            kind = self.scanner.kind
+            limiter = self._prefetcher.scan_limiter
+            if len(body) <= INLINE_JSON:
+                self.scanner.parsed(parse_json(kind, body, self.scanner.execution))
+            elif limiter.available_tokens >= 1:
+                parsed = await anyio.to_thread.run_sync(
+                    parse_json, kind, body, self.scanner.execution, limiter=limiter
+                )
+                self.scanner.parsed(parsed)
         self.scanner.finish()
 
 
@@ -109,6 +143,7 @@ def observe(
         return None
     encoding = response.headers.get("content-encoding", "")
     watch = Watch(kind, form, encoding, limit, prefetcher, authorization, fingerprint)
+    watch.scanner.execution = requested_execution(method, raw_path)
     length = response.headers.get("content-length", "")
     watch.length = int(length) if length.isdigit() else None
     return watch

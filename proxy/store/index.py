@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
 import re
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ _FILENAME = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]+\.val")
 _PAGE = 2000
 #: Seconds to wait for a writer holding the database (another process committing).
 _BUSY_TIMEOUT = 10.0
+#: Read-only connections the disk tier's lookups share (see :class:`Readers`).
+READERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,63 @@ class IndexedEntry:
     access_time: float
     #: Our metadata as JSON (see proxy.store.EntryMeta), or None.
     tag: str | None
+
+
+class Readers:
+    """At most ``size`` read-only connections to the index, shared by any number of threads.
+
+    A connection per worker thread cost about 1.9 MiB each (SQLite's page cache and
+    statements), times anyio's 40 threads; a lookup takes well under a millisecond, so a few
+    connections serve them all. A thread takes an idle one, or opens one while fewer than
+    ``size`` exist, or waits for one (a C-level queue: no Python lock on the way). After
+    :meth:`reset` (the index was moved aside) each is reopened when next taken.
+    """
+
+    def __init__(self, db_path: Path, size: int = READERS) -> None:
+        self.db_path = db_path
+        self.size = size
+        self._idle: queue.SimpleQueue[tuple[sqlite3.Connection, int]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._generation = 0
+        #: Connections that exist (at most ``size``; for tests and the benchmark).
+        self.opened = 0
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection for this block; blocks while ``size`` others are in use."""
+        try:
+            db, generation = self._idle.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                new = self.opened < self.size
+                self.opened += new
+            db, generation = (self._connect(), self._generation) if new else self._idle.get()
+        if generation != self._generation:
+            db.close()
+            db, generation = self._connect(), self._generation
+        try:
+            yield db
+        finally:
+            self._idle.put((db, generation))
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = f"file:{self.db_path}?mode=ro"
+        return sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False)
+
+    def reset(self) -> None:
+        """Close the idle connections; those in use are reopened when next taken."""
+        with self._lock:
+            self._generation += 1
+        closed = 0
+        while True:
+            try:
+                db, _ = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            db.close()
+            closed += 1
+        with self._lock:
+            self.opened -= closed
 
 
 class Index:
@@ -105,16 +166,6 @@ class Index:
                 return
             after = int(rows[-1][0])
 
-    def least_recently_used(self, limit: int) -> list[tuple[str, int, bool]]:
-        """Up to ``limit`` (key, size, prefetched and unread) triples, least recently used
-        first. (A JSON string value cannot contain the unescaped ``"prefetched":true``.)"""
-        rows = self.query(
-            "SELECT key, size, instr(tag, '\"prefetched\":true') > 0 FROM Cache WHERE raw = 1"
-            " ORDER BY access_time LIMIT ?",
-            (limit,),
-        )
-        return [(str(key), int(size), bool(unread)) for key, size, unread in rows]
-
     # -- writes -------------------------------------------------------------------------------
 
     def record_access_times(self, touched: Mapping[str, float]) -> None:
@@ -124,6 +175,59 @@ class Index:
                 "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1",
                 [(when, key) for key, when in touched.items()],
             )
+
+    def remove_least_recent(self, excess: int, limit: int) -> list[tuple[IndexedEntry, bool]]:
+        """Remove least recently used entries until ``excess`` bytes are gone, at most
+        ``limit`` of them, in one short transaction; returns them, files not yet unlinked, each
+        with whether it was prefetched and never read. (A JSON string value cannot contain the
+        unescaped ``"prefetched":true``.)
+
+        One ``DELETE`` for the lot (diskcache's ``delete`` costs a query and a statement per
+        key). The caller unlinks the files with :meth:`unlink`, after its own lock is released:
+        with the rows gone no process can find them, and an unlink is the slow part.
+        """
+        with contextlib.closing(
+            sqlite3.connect(self.db_path, timeout=_BUSY_TIMEOUT, isolation_level=None)
+        ) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                chosen: list[tuple[IndexedEntry, bool]] = []
+                rows = db.execute(
+                    "SELECT rowid, key, filename, size, access_time,"
+                    " instr(tag, '\"prefetched\":true') > 0 FROM Cache WHERE raw = 1"
+                    " ORDER BY access_time LIMIT ?",
+                    (limit,),
+                )
+                for rowid, key, filename, size, access_time, unread in rows:
+                    entry = IndexedEntry(
+                        key=str(key),
+                        rowid=int(rowid),
+                        filename=None if filename is None else str(filename),
+                        size=int(size or 0),
+                        access_time=float(access_time or 0.0),
+                        tag=None,
+                    )
+                    chosen.append((entry, bool(unread)))
+                    excess -= int(size or 0)
+                    if excess <= 0:
+                        break
+                if chosen:
+                    rowids = ",".join(str(entry.rowid) for entry, _ in chosen)
+                    db.execute(f"DELETE FROM Cache WHERE rowid IN ({rowids})")  # noqa: S608
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return chosen
+
+    def unlink(self, entries: Iterable[IndexedEntry]) -> None:
+        """Delete the files of entries whose rows are gone (directories are kept: a commit
+        may be renaming into one)."""
+        for entry in entries:
+            path = self.path(entry)
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def replace_tag(self, key: str, old: str, new: str) -> bool:
         """Change the entry's metadata from ``old`` to ``new``; False if it was not ``old``
@@ -159,9 +263,5 @@ class Index:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        for entry in removed:
-            path = self.path(entry)
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        self.unlink(removed)
         return removed
