@@ -203,6 +203,7 @@ class ArtifactRoute:
             if refusal is not None:
                 hit.close()
                 return refusal
+            hit = self.s.chain.keep(key.cache_key, hit)  # backfill a Redis hit: authorized now
             response = self._entry_response(request, key, hit, outcome, authorization)
         except BaseException:
             hit.close()

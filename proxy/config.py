@@ -352,17 +352,30 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+#: ``password=`` in a URL's query string: redis-py takes the password from there too.
+_QUERY_PASSWORD = re.compile(r"(?i)([?&;]password=)[^&;#]*")
+
+
 def redact_url(url: str) -> str:
-    """``url`` without its password (``redis://:***@host``), for every place it is shown."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` without its password (``redis://:***@host``, ``?password=***``), for every place
+    it is shown. A raw password may hold ``/ # ?`` or ``@``: everything before the last ``@``
+    after the scheme is taken as user info (hiding too much is the safe side)."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
+    userinfo, _, location = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user + ':' if colon else ''}***@{location}"
+
+
+def _parses(url: str) -> bool:
+    """Whether ``url`` has a host and a numeric port (or none), as redis-py will read it."""
+    try:
+        parts = urlsplit(url)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # "Port could not be cast to integer value as <part of a password>"
+        return False
 
 
 def _validate_redis(config: Config, fail: Callable[[str, str], None], has_secret: bool) -> None:
@@ -373,6 +386,12 @@ def _validate_redis(config: Config, fail: Callable[[str, str], None], has_secret
         fail(
             "redis_url",
             f"{redact_url(config.redis_url)!r} is not a redis://, rediss:// or unix:// URL",
+        )
+    if parts.scheme in ("redis", "rediss") and not _parses(config.redis_url):
+        fail(  # the URL is not shown: a password split at the wrong place is unredactable
+            "redis_url",
+            "does not parse as redis://[[user]:password@]host[:port][/db]; percent-encode "
+            "/ # ? @ in a password, or put it in redis_password_file",
         )
     if not has_secret:
         fail(

@@ -14,6 +14,7 @@ import time
 import httpx
 
 from proxy import __version__
+from proxy.config import redact_url
 
 HEALTH_PATH = "/v1/health"
 #: Statuses that show the API is there: fine, or refusing a request that has no key.
@@ -21,9 +22,14 @@ _ANSWERS_WITHOUT_A_KEY = frozenset({401, 403})
 
 
 def display_url(url: str) -> str:
-    """``url`` without a user name or password, for messages."""
-    parsed = httpx.URL(url)
-    return str(parsed.copy_with(userinfo=b"")) if parsed.userinfo else url
+    """``url`` without a user name or password (user info, or ``password=`` in the query, which
+    redis-py reads too), for messages. Never raises, even for a URL that does not parse: a raw
+    password holding ``/`` or ``#`` must not reach a message through an exception's text."""
+    shown = redact_url(url)
+    scheme, separator, rest = shown.partition("://")
+    if separator and "@" in rest:
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+    return shown
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,9 +84,11 @@ def _keys(secret_file: Path, object_id: str) -> Keys:
 
 
 def _polling(server: RedisServer) -> int:
-    """Connections whose last command was the MGET of a replica waiting for a lease holder to
-    publish (one per waiting replica: its poll loop reuses its pooled connection)."""
-    return sum(" cmd=mget " in line for line in server.cli("CLIENT", "LIST").splitlines())
+    """Connections whose last command was the script that reads the lease and its record, of a
+    replica waiting for a lease holder to publish (one per waiting replica: its poll loop reuses
+    its pooled connection; a holder's renewal is a script too, but not before a third of its
+    lease's life)."""
+    return sum(" cmd=eval " in line for line in server.cli("CLIENT", "LIST").splitlines())
 
 
 def _fill_bytes(cache_dir: Path) -> int:

@@ -120,3 +120,52 @@ def test_range_of_a_redis_hit(standin: StandIn, start_replica: ProxyFactory) -> 
         artifact_url(b, "vid_range"), headers={**auth(), "Range": "bytes=100-199999"}, timeout=20
     )
     assert part.status_code == 206 and part.content == body[100:200000]
+
+
+def test_a_refused_key_does_not_copy_redis_entries_to_the_replicas_disk(
+    standin: StandIn, start_replica: ProxyFactory
+) -> None:
+    """A key without access to a session, asking B for its artifacts, is refused; it must not
+    make B copy them from Redis to its disk on the way (the backfill comes after the access
+    check, like every byte): else refused requests fill and churn a replica's disk LRU."""
+    standin.add("session", SESSION, "arr_refused_copy", 4000)
+    a, b = start_replica(), start_replica()
+    assert fetch(a, "arr_refused_copy").status_code == 200
+    assert stored_in_redis(a)
+
+    assert fetch(b, "arr_refused_copy", token=OTHER_TOKEN).status_code == 404
+    granted = fetch(b, "arr_refused_copy")
+    assert granted.status_code == 200
+    assert granted.headers["cache-status"].endswith("detail=redis")  # B's disk had nothing
+
+
+def test_two_accounts_with_one_scope_id_never_get_each_others_bytes_through_redis(
+    standin: StandIn, start_replica: ProxyFactory
+) -> None:
+    """Two accounts hold the same session id with other bytes; splits are kept per replica, so
+    a replica that has not split the scope finds the other account's fill in Redis. Whatever
+    replica each asks, in whatever order, as a hit or a range: each gets its own bytes."""
+    alice, bob = "key-alice-r", "key-bob-r"
+    scope = "sess_shared_id"
+    bodies = {alice: b"\x01A" * 20_000, bob: b"\x02B" * 21_000}
+    for token, body in bodies.items():
+        standin.add_for(token, "session", scope, "arr_000001", body)
+    a, b, c = start_replica(), start_replica(), start_replica()
+
+    def own(replica: ServerThread, token: str, **headers: str) -> None:
+        answer = fetch(replica, "arr_000001", token, "session", scope, **headers)
+        if answer.status_code == 206:  # a miss may answer a range with the whole body
+            assert answer.content == bodies[token][10:21]
+        else:
+            assert answer.status_code == 200 and answer.content == bodies[token]
+
+    own(a, alice)  # Alice's bytes go to Redis under the scope's shared key
+    assert stored_in_redis(a)
+    own(b, bob)  # a Redis hit of Alice's bytes for B: Bob's check splits the scope on B only
+    own(b, bob, Range="bytes=10-20")
+    own(c, bob, Range="bytes=10-20")  # C has not split: Redis again
+    own(c, alice)
+    for replica in (a, b, c):
+        for token in (bob, alice):
+            own(replica, token)
+            own(replica, token, Range="bytes=10-20")

@@ -16,9 +16,10 @@ The contract the route relies on (every tier):
 
 :class:`Chain` asks its tiers in order; a disk hit small enough for the memory tier is copied
 there on the way, and a hit from the shared tier (:mod:`proxy.store.shared`) is written to disk
-(backfill): a whole body in the background, a streamed one as it streams (committed only once
-its digest matched). Backfills are bounded (:data:`BACKFILLS` at once; more are skipped: the
-next hit tries again) and never slow or fail the hit.
+(backfill, by :meth:`Chain.keep` once the client is authorized): a whole body in the background,
+a streamed one as it streams (committed only once its digest matched). Backfills are bounded
+(:data:`BACKFILLS` at once; more are skipped: the next hit tries again) and never slow or fail
+the hit.
 """
 
 from __future__ import annotations
@@ -320,12 +321,19 @@ class Chain:
         if found is None:
             if self.shared is None:
                 return None
-            shared = await self.shared.lookup(key)
-            return None if shared is None else self.disk.backfilled(key, shared)
+            return await self.shared.lookup(key)  # backfilled by :meth:`keep`, once authorized
         hit, path, inode = found
         if hit.body is not None:
             self.memory.put(key, hit.meta, hit.body, path, inode)
         return hit
+
+    def keep(self, key: str, hit: Hit) -> Hit:
+        """``hit``, arranged to be written to disk on the way if it came from the shared tier.
+        The route calls this only once the client may read the entry: a refused request must
+        not copy entries from Redis to this replica's disk (nor churn its LRU)."""
+        if self.shared is None or hit.tier != self.shared.name:
+            return hit
+        return self.disk.backfilled(key, hit)
 
     async def evict(self, key: str) -> None:
         self.memory.drop(key)

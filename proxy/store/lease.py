@@ -65,6 +65,15 @@ end
 return 0
 """
 
+#: Bytes of a lease or a record read at most: a genuine lease is a 32-character token and a
+#: record a few KiB of JSON; anything longer was written by someone else, and a waiter polls
+#: every few ms, so it must not pull such a value in whole each time.
+VALUE_READ = 64 * 1024
+#: The lease and the record, each cut at ARGV[1] bytes ("" for a key that is not there).
+_READ_BOTH = """
+return {redis.call('GETRANGE', KEYS[1], 0, ARGV[1]), redis.call('GETRANGE', KEYS[2], 0, ARGV[1])}
+"""
+
 #: First and longest pause between two looks at a lease whose holder has not published yet.
 POLL_FIRST = 0.002
 POLL_MOST = 0.02
@@ -204,17 +213,20 @@ async def claim(
                 if await _stored(call, keys):
                     await held.release()
                     return STORED
-                note = keys.unseal(await call(lambda c: c.get(keys.record)))
+                note = keys.unseal(await _read(call, keys.record))
                 if note is not None and not note.shared:  # the last holder could not share
                     await held.release(unshared=True)
                     return note
                 return held
-            holder, value = await call(lambda c: c.mget(keys.lease, keys.record))
+            holder, value = await call(
+                lambda c: c.eval(_READ_BOTH, 2, keys.lease, keys.record, VALUE_READ - 1)
+            )
             record = keys.unseal(value)
-            mine = record is not None and (holder is None or holder.decode() == record.token)
-            if record is not None and mine and (not record.shared or holder is not None):
+            # Compared as bytes: a lease anyone rewrote need not even be UTF-8.
+            mine = record is not None and (not holder or holder == record.token.encode())
+            if record is not None and mine and (not record.shared or bool(holder)):
                 return record
-            if holder is not None:
+            if holder:
                 seen_holder = True
             elif await _stored(call, keys):
                 return STORED
@@ -237,5 +249,10 @@ async def _stored(call: Guarded, keys: Keys) -> bool:
 
 async def holder_is(call: Guarded, keys: Keys, token: str) -> bool:
     """True while ``token`` holds the lease (raises Unavailable)."""
-    holder: bytes | None = await call(lambda c: c.get(keys.lease))
-    return holder is not None and holder.decode() == token
+    return await _read(call, keys.lease) == token.encode()
+
+
+async def _read(call: Guarded, name: str) -> bytes:
+    """The value at ``name``, at most :data:`VALUE_READ` bytes of it (b"" if there is none)."""
+    found: bytes = await call(lambda c: c.getrange(name, 0, VALUE_READ - 1))
+    return found

@@ -26,7 +26,9 @@ request is verified the same way (the whole body is read). A Redis administrator
 entries and deny service; never make a replica serve wrong bytes.
 
 Proofs: ``<redis_prefix>proof:<HMAC of fingerprint and scope>``, valued with the time proven and
-its HMAC; written with their remaining life as TTL. Refusals are never written.
+its HMAC; written with their remaining life as TTL. Refusals are never written. Redis's TTLs
+are not trusted either: an entry sealed more than ``shared_ttl`` ago is a miss (and deleted), a
+proof older than its life is not adopted, and a proof lookup reads a few dozen bytes at most.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import json
 import logging
 import secrets
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -65,6 +68,12 @@ MAX_PENDING_WRITES = 32
 STREAM_READ = 1024 * 1024
 #: Bodies up to this size are hashed on the event loop (about 60 us at most).
 INLINE_HASH_LIMIT = 128 * 1024
+#: Seconds the replicas' clocks may disagree by: an entry sealed longer than ``shared_ttl`` plus
+#: this ago is stale whatever Redis's own TTL says.
+CLOCK_SKEW = 300.0
+#: Bytes a proof lookup reads at most: a genuine record (milliseconds and an HMAC) is under 64;
+#: a longer value at a proof's name is a forgery and must not be pulled in whole.
+PROOF_READ = 128
 #: A temporary key lives this long unless renamed (an upload that died leaves nothing for long).
 TEMP_TTL_MS = 300_000
 
@@ -217,10 +226,17 @@ class SharedTier:
         if not tail:
             return None
         opened = self.names.unseal(name, tail)
-        if opened is None or opened[0].length > self.max_object_bytes:
+        if opened is None:
             await self._reject(name)
             return None
         meta, total = opened
+        if meta.length > self.max_object_bytes:
+            return None  # genuine, from a replica with a larger limit: a miss here, kept
+        if time.time() - meta.stored_at > self.ttl_ms / 1000 + CLOCK_SKEW:
+            # Redis's TTL is no promise (anyone who can write Redis can PERSIST a key, or keep
+            # a copy and write it back): the sealed time is.
+            await self.evict(key)
+            return None
         if total <= len(tail):
             body = tail[: meta.length] if total == len(tail) else None
         elif meta.length <= self.buffer_size:
@@ -290,8 +306,13 @@ class SharedTier:
         )
         return data
 
-    async def _append(self, name: str, data: bytes) -> None:
-        await self.call(lambda c: c.append(name, data), bulk=True)
+    async def _append(self, name: str, data: bytes, position: int) -> None:
+        """Append ``data`` at ``position`` of the temporary key ``name``. APPEND to a key that
+        is gone (evicted by allkeys-lru, or deleted by a purge) creates a fresh one: its new
+        length tells, and the upload stops before a torn value is published."""
+        length = await self.call(lambda c: c.append(name, data), bulk=True)
+        if length != position + len(data):
+            raise OSError("the temporary key was evicted or deleted during the upload")
 
     async def _set(self, name: str, value: bytes, ttl_ms: int) -> None:
         await self.call(lambda c: c.set(name, value, px=ttl_ms))
@@ -347,10 +368,10 @@ class SharedTier:
                     data = await read(position, min(self.chunk_size, meta.length - position))
                     if not data:
                         raise OSError("the stored entry is shorter than its record")
-                    await self._append(temp, data)
+                    await self._append(temp, data, position)
                     position += len(data)
                 trailer = self.names.seal(name, meta)
-                await self._append(temp, trailer)
+                await self._append(temp, trailer, position)
                 await self.call(lambda c: c.rename(temp, name))
                 await self.call(lambda c: c.pexpire(name, self.ttl_ms))
             self._on_write("stored")
@@ -392,7 +413,7 @@ class SharedTier:
         record fails the HMAC, or Redis is unavailable)."""
         name = self.names.proof(fingerprint, scope)
         try:
-            found: bytes | None = await self.call(lambda c: c.get(name))
+            found: bytes = await self.call(lambda c: c.getrange(name, 0, PROOF_READ - 1))
         except Unavailable:
             return None
         if not found or len(found) <= _SIG:
