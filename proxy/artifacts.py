@@ -29,7 +29,7 @@ from proxy.errors import (
     UriTooLong,
     json_response,
 )
-from proxy.fills import Fill, FillFailed, Reader
+from proxy.fill import Fill, FillFailed, Reader
 from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
 from proxy.keys import ArtifactKey, parse_key
 from proxy.metrics import SOURCES

@@ -94,7 +94,7 @@ async def follow(
 
 
 class FollowedFill(Protocol):
-    """What :func:`follow` needs of a fill (:class:`proxy.fills.Fill` provides it)."""
+    """What :func:`follow` needs of a fill (:class:`proxy.fill.Fill` provides it)."""
 
     def attach(
         self,

@@ -39,7 +39,8 @@ from proxy.access import AccessProofs
 from proxy.accesslog import Record
 from proxy.capacity import PerKey
 from proxy.config import Config
-from proxy.fills import Fill, Fills
+from proxy.fill import Fill
+from proxy.fills import Fills
 from proxy.keys import ArtifactKey, ScopeKind
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, Store
