@@ -173,8 +173,9 @@ def test_holder_killed_another_replica_takes_over(
 ) -> None:
     """The lease holder is a real ``vlmrun-cache serve`` killed with SIGKILL while it fetches.
     Clients of the other replicas all get the exact body: before the holder's first byte, a
-    replica takes the expired lease over and fetches for both; mid-body, each follower resumes
-    from upstream after the bytes it relayed (checking that they are upstream's first bytes).
+    replica takes the expired lease over and fetches for both; mid-body, a follower resumes from
+    upstream after the bytes it relayed (checking that they are upstream's first bytes), and the
+    other does too or finishes from the entry the first one published.
     Never a short or wrong 200; requests after the kill are served, exactly."""
     body = standin.add("session", SESSION, "vid_killed", size=2 * HALF)
     held = threading.Event()
@@ -206,9 +207,11 @@ def test_holder_killed_another_replica_takes_over(
     if moment == "before_headers":  # a replica took the expired lease over, the other followed
         assert _leases([b, c], "taken_over") == 1
         assert standin.hits("session", SESSION, "vid_killed") == 2
-    else:  # each follower resumed upstream
-        assert _leases([b, c], "resumed") == 2
-        assert standin.hits("session", SESSION, "vid_killed") == 3
+    else:  # a follower resumed upstream; the other did too, or finished from the entry the
+        # first published once it had resumed (both are exact; which one is a matter of timing)
+        resumed = _leases([b, c], "resumed")
+        assert resumed in (1, 2)
+        assert standin.hits("session", SESSION, "vid_killed") == 1 + resumed
     for replica in (b, c):
         again = fetch(replica, "vid_killed")
         assert again.status_code == 200 and again.content == body
