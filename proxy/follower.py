@@ -26,7 +26,7 @@ import anyio.to_thread
 
 from proxy.store import Store
 from proxy.store.claims import POLL_SECONDS, Announcement
-from proxy.store.disk import fill_finished
+from proxy.store.locks import unheld
 from proxy.validators import Validators
 
 #: Most bytes read from the followed file per step (one worker-thread hop).
@@ -51,7 +51,7 @@ class _Progress:
         data = os.pread(self.fd, READ_BYTES, self.offset)
         finished = False
         if not data:
-            finished = fill_finished(self.fd)
+            finished = unheld(self.fd)
             if finished:
                 data = os.pread(self.fd, READ_BYTES, self.offset)
                 finished = not data  # more to read first

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 
+from proxy.store.locks import try_lock
+
 #: How often a waiting process looks again whether a holder finished (a cross-process wait:
 #: there is no event to wait on).
 POLL_SECONDS = 0.005
@@ -164,13 +166,7 @@ class Claims:
 
     def try_claim(self, key: str) -> int | None:
         """A held lock (its descriptor) if no other process is fetching ``key``, else None."""
-        fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+        return try_lock(self._path(key))
 
     @staticmethod
     def release(fd: int) -> None:

@@ -43,6 +43,7 @@ from diskcache.core import MODE_BINARY
 
 from proxy.store import Entry, EntryMeta, FillFile, StoreStats, sweeps
 from proxy.store.index import ENTRIES_DIR, INDEX_FILE, Index, Readers
+from proxy.store.locks import unheld
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,6 @@ _EVICT_BATCH = 1024
 TOUCH_FLUSH_SECONDS = 1.0
 #: Entries remembered by the in-memory index.
 MEMO_ENTRIES = 100_000
-
-
-def fill_finished(fd: int) -> bool:
-    """True once no process writes the fill file open as ``fd``: its writer holds an exclusive
-    ``flock`` from creation until it closes the file (committed, discarded or crashed)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return True
 
 
 def peek_stats(directory: str | Path, max_bytes: int) -> StoreStats:
@@ -298,7 +288,7 @@ class DiskStore:
             return None
         finally:
             os.close(tmp)
-        if fill_finished(fd):
+        if unheld(fd):  # its writer has finished
             os.close(fd)
             return None
         return fd

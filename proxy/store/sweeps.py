@@ -12,7 +12,6 @@ Nothing here follows a symbolic link or deletes a name outside the directory it 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import sqlite3
@@ -21,6 +20,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from proxy.store.locks import try_lock, unheld
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,9 @@ def _abandoned(name: str, directory: int) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+        return unheld(fd)
     finally:
-        os.close(fd)  # also drops the lock we may have taken
-    return True
+        os.close(fd)
 
 
 def sweep_orphans(entries_dir: Path, db_path: Path, min_age: float, stop: threading.Event) -> int:
@@ -132,10 +130,4 @@ def claim(lock_path: Path) -> int | None:
     """A descriptor holding ``lock_path``'s ``flock`` for the first process to ask; None for
     the others while it lives. The holder keeps it open for its life: the other workers of the
     same server then skip the orphan sweep."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(lock_path)
