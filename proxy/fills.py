@@ -245,7 +245,7 @@ class Fills:
             if held is not None:
                 broadcast = await self._broadcast(fill, held)
                 held = None
-            _announce(claim, fill, temp)
+            await _announce(claim, fill, temp)
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
@@ -392,7 +392,7 @@ class Fills:
             fill.content_type, fill.expected_length = record.content_type, record.expected_length
             fill.validators, fill.filler, fill.following = validators, record.filler, True
             fill.remote = True
-            _announce(claim, fill, temp)
+            await _announce(claim, fill, temp)
             fill._fd = os.open(temp.path, os.O_RDONLY)
             fill.started.set()
 
@@ -566,8 +566,9 @@ def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> Ent
     )
 
 
-def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
-    """Tell this host's other workers which temporary file ``fill`` writes (they follow it).
+async def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
+    """Tell this host's other workers which temporary file ``fill`` writes (they follow it):
+    a small file written and renamed, in a worker thread like the store's other writes.
 
     Not a prefetch of unannounced size: it is abandoned at ``prefetch_max_object_size`` unless
     a client of its own process joins, which would break a follower's transfer; other workers
@@ -576,13 +577,12 @@ def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
         return
     if fill.prefetch and fill.expected_length is None:
         return
-    claim.announce(
-        Announcement(
-            fill.key.cache_key,
-            os.path.basename(temp.path),
-            fill.content_type,
-            fill.expected_length,
-            fill.validators.to_dict(),
-            fill.filler,
-        )
+    announcement = Announcement(
+        fill.key.cache_key,
+        os.path.basename(temp.path),
+        fill.content_type,
+        fill.expected_length,
+        fill.validators.to_dict(),
+        fill.filler,
     )
+    await anyio.to_thread.run_sync(claim.announce, announcement)
