@@ -10,13 +10,14 @@ Locks die with their process, so a crashed worker never leaves a key stuck. Two 
 slot only wait for each other; they never share bytes.
 
 The holder, once it knows the body will be stored, *announces* its fill (:meth:`Lease.announce`):
-a small JSON record next to the lock file naming the key, the temporary file it is writing and
-what upstream said about the body. A worker that finds the lock taken and an announcement for
-its key gets that :class:`Announcement` back instead of waiting, and follows the file as it
-grows (:mod:`proxy.fills`); without one (the holder has not begun writing yet, or will not
-store the body) it waits as before and then reads the committed entry from disk. An announcement
-is removed before its lock is released, and is only believed while the lock is held, so one left
-by a crashed worker is never followed (the follower also checks the file's own lock).
+a small JSON record, written into the lock file it holds, naming the key, the temporary file it
+is writing and what upstream said about the body. A worker that finds the lock taken and an
+announcement for its key gets that :class:`Announcement` back instead of waiting, and follows
+the file as it grows (:mod:`proxy.fills`); without one (the holder has not begun writing yet, or
+will not store the body) it waits as before and then reads the committed entry from disk. An
+announcement is cleared before its lock is released (and by the next holder after a crash), and
+is only believed while the lock is held, so one left by a crashed worker is never followed (the
+follower also checks the file's own lock).
 """
 
 from __future__ import annotations
@@ -98,35 +99,38 @@ class Coordinator(Protocol):
         is now stored."""
 
 
-#: Lock files at most (created on first use, empty).
+#: Lock files at most (created on first use; a holder writes its announcement into its own).
 SLOTS = 4096
 
 
 class _Held:
-    def __init__(self, fd: int, record: Path) -> None:
+    """A held slot lock; its announcement is written into the lock file itself.
+
+    Writing it there, not into a file of its own, keeps a miss from creating and deleting an
+    inode: on ext4 without a journal every such create scans past recently deleted inodes,
+    which made that churn the largest cost of a miss (bench/misses.py)."""
+
+    def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
-        self._record = record
         self._announced = False
 
     def announce(self, announcement: Announcement) -> None:
         if self._fd is None:
             return
-        temporary = self._record.with_name(f"{self._record.name}.{os.getpid()}.tmp")
+        data = announcement.to_json().encode()
+        # A reader may see it empty or torn: that parses as no announcement, and it looks again.
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(announcement.to_json())
-            os.replace(temporary, self._record)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
             self._announced = True
         except OSError:  # followers then wait for the commit instead
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+            pass
 
     def release(self) -> None:
         if self._fd is not None:
             if self._announced:  # before the lock goes: nobody may follow a finished fill
                 with contextlib.suppress(OSError):
-                    os.unlink(self._record)
+                    os.ftruncate(self._fd, 0)
             Claims.release(self._fd)
             self._fd = None
 
@@ -143,7 +147,8 @@ class Claims:
         return self.directory / f"{slot:04x}.lock"
 
     def _record(self, key: str) -> Path:
-        return self._path(key).with_suffix(".fill")
+        """Where the holder of ``key``'s slot announces its fill: the lock file itself."""
+        return self._path(key)
 
     def announced(self, key: str) -> Announcement | None:
         """The announcement of the running fill of ``key`` in another process, if any.
@@ -165,8 +170,17 @@ class Claims:
         return announcement
 
     def try_claim(self, key: str) -> int | None:
-        """A held lock (its descriptor) if no other process is fetching ``key``, else None."""
-        return try_lock(self._path(key))
+        """A held lock (its descriptor) if no other process is fetching ``key``, else None.
+
+        What a crashed holder announced is cleared first: nobody may follow it."""
+        fd = try_lock(self._path(key))
+        if fd is not None and os.fstat(fd).st_size:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                self.release(fd)
+                raise
+        return fd
 
     @staticmethod
     def release(fd: int) -> None:
@@ -177,7 +191,7 @@ class Claims:
     def _attempt(self, key: str) -> Lease | Announcement | None:
         fd = self.try_claim(key)
         if fd is not None:
-            return _Held(fd, self._record(key))
+            return _Held(fd)
         return self.announced(key)
 
     async def claim(self, key: str, patience: float) -> Lease | Announcement | None:

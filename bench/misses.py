@@ -1,0 +1,177 @@
+"""Miss throughput: the proxy filling many distinct small artifacts, beside a minimal forwarder.
+
+    python bench/misses.py                       # 5 alternating rounds of 5 s, 32 connections
+    python bench/misses.py --rounds 3 --seconds 3 --size 65536
+
+Every request names an artifact nobody asked for before (wrk with a Lua script: a new object id
+per request, a new prefix per run), so every one is a miss: the proxy checks the key, fetches
+upstream, streams the bytes to its client while writing them to a temporary file, hashes them,
+fsyncs and commits the entry (off the event loop) and logs the line. The baseline is
+bench/forwarder.py: the same server, protocol, loop and client library (httpx, one pool with
+the proxy's limits), relaying the same answers and doing nothing else.
+
+Both are pinned to core 0; the stand-in API (no added latency: a fast upstream, so the servers'
+own CPU is what limits) and wrk to core 1. The proxy runs as ``serve`` runs with no flags
+(access log on, to a file); its cache starts empty and stays below its size limit. Checks: every
+wrk answer was a 2xx with the whole body; after each proxy run, an id of that run is a HIT (its
+fill was committed) and the number of entries grew by the number of requests. The ratio is
+taken within each round; the table gives medians (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import SCOPE, TOKEN, child, free_port, pinned, standin
+from bench.servers import LOAD_CPU, SERVER_CPU, cpu_seconds
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+#: A new object id per request: ``arr_<size>_<run prefix>_<counter>`` (the stand-in generates
+#: any ``arr_<size>_...`` in its session).
+LUA = """
+local counter = 0
+local prefix = "x"
+local size = "1024"
+init = function(args)
+  prefix = args[1]
+  size = args[2]
+end
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", "/v1/artifacts?object_id=arr_" .. size .. "_" .. prefix .. "_"
+    .. counter .. "&session_id=%s")
+end
+"""
+
+
+def wrk_misses(
+    base: str, script: Path, prefix: str, size: int, connections: int, seconds: float
+) -> dict[str, float]:
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s"]
+    args += ["--latency", "-H", f"Authorization: Bearer {TOKEN}", "-s", str(script), base]
+    args += ["--", prefix, str(size)]
+    out = subprocess.run(pinned(args, LOAD_CPU), capture_output=True, text=True, check=True).stdout
+    from bench.loadgen import _SIZES, _field, _ms  # wrk's output, read the way loadgen reads it
+
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors against {base}:\n{out}")
+    requests = int(_field(r"(\d+) requests in", out))
+    amount, unit = re.findall(r"requests in [\d.]+\w+, ([\d.]+)(\w+) read", out)[0]
+    received = float(amount) * _SIZES[unit]
+    if received < requests * size:
+        raise RuntimeError(f"short bodies from {base}: {received} bytes for {requests} answers")
+    return {
+        "rps": float(_field(r"Requests/sec:\s+([\d.]+)", out)),
+        "p50": _ms(_field(r"^\s+50%\s+(\S+)", out)),
+        "p99": _ms(_field(r"^\s+99%\s+(\S+)", out)),
+        "requests": requests,
+    }
+
+
+@contextlib.contextmanager
+def servers(upstream: str, cache_dir: str, logs: Path) -> Iterator[dict[str, tuple[str, int]]]:
+    proxy_port, forwarder_port = free_port(), free_port()
+    proxy_args = [sys.executable, "-m", "proxy", "serve", "--port", str(proxy_port)]
+    proxy_args += ["--upstream", upstream, "--cache-dir", cache_dir]
+    forwarder_args = [sys.executable, "bench/forwarder.py", "--port", str(forwarder_port)]
+    forwarder_args += ["--upstream", upstream]
+    with (
+        child(proxy_args, proxy_port, SERVER_CPU, logs / "proxy.log") as proxy,
+        child(forwarder_args, forwarder_port, SERVER_CPU, logs / "forwarder.log") as forwarder,
+    ):
+        yield {
+            "proxy": (f"http://127.0.0.1:{proxy_port}", proxy.pid),
+            "forwarder": (f"http://127.0.0.1:{forwarder_port}", forwarder.pid),
+        }
+
+
+def entries(cache_dir: str) -> int:
+    """Committed entries in the proxy's store, counted by their files."""
+    return sum(1 for _ in Path(cache_dir, "entries").rglob("*") if _.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument(
+        "--connections", type=int, default=32, help="at most max_fills_per_key (32): one key"
+    )
+    parser.add_argument("--size", type=int, default=1024)
+    args = parser.parse_args()
+    upstream_port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-misses-") as tmp:
+        logs = Path(tmp)
+        script = logs / "misses.lua"
+        script.write_text(LUA.replace("%s", SCOPE))
+        cache_dir = str(logs / "cache")
+        with (
+            standin(upstream_port, cpu=LOAD_CPU, log=logs / "standin.log"),
+            servers(f"http://127.0.0.1:{upstream_port}", cache_dir, logs) as targets,
+        ):
+            for base, _pid in targets.values():  # warm both: connections, imports, the store
+                for n in range(20):
+                    object_id = f"arr_{args.size}_warm{n}"
+                    url = f"{base}/v1/artifacts?object_id={object_id}&session_id={SCOPE}"
+                    httpx.get(url, headers=AUTH, timeout=30).raise_for_status()
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+            for _round in range(args.rounds):
+                for name, (base, pid) in targets.items():
+                    prefix = uuid.uuid4().hex[:12]
+                    before, stored = cpu_seconds(pid), entries(cache_dir)
+                    run = wrk_misses(
+                        base, script, prefix, args.size, args.connections, args.seconds
+                    )
+                    run["cpu_us"] = (cpu_seconds(pid) - before) / run["requests"] * 1e6
+                    run["cores"] = (cpu_seconds(pid) - before) / args.seconds
+                    if name == "proxy":
+                        url = f"{base}/v1/artifacts?object_id=arr_{args.size}_{prefix}_10&session_id={SCOPE}"
+                        answer = httpx.get(url, headers=AUTH, timeout=30)
+                        if answer.headers.get("X-Cache") != "HIT":
+                            raise RuntimeError(
+                                f"a miss of this run was not committed: {answer.headers}"
+                            )
+                        if entries(cache_dir) - stored < run["requests"]:
+                            raise RuntimeError(
+                                "fewer entries than misses: some streamed through uncached"
+                            )
+                    results[name].append(run)
+            committed = entries(cache_dir)
+    ratios = [
+        p["rps"] / f["rps"] for p, f in zip(results["proxy"], results["forwarder"], strict=True)
+    ]
+    print(f"{args.size} B artifacts, {args.connections} connections, ", end="")
+    print(f"{args.rounds} rounds of {args.seconds:g} s")
+    print("| server | misses/s | p50 ms | p99 ms | server CPU µs/miss | server CPU, cores |")
+    print("|---|---|---|---|---|---|")
+    for name, runs in results.items():
+        rps = [r["rps"] for r in runs]
+        p50, p99, cpu, cores = (
+            statistics.median(r[field] for r in runs) for field in ("p50", "p99", "cpu_us", "cores")
+        )
+        print(
+            f"| {name} | {statistics.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f}) "
+            f"| {p50:.1f} | {p99:.1f} | {cpu:.0f} | {cores:.2f} |"
+        )
+    print(
+        f"proxy / forwarder: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+    )
+    print(f"entries committed by the proxy: {committed}")
+
+
+if __name__ == "__main__":
+    main()
