@@ -36,6 +36,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SCOPE, TOKEN, child, free_port, pinned, standin
+from bench.loadgen import _SIZES, _field, _ms
 from bench.servers import LOAD_CPU, SERVER_CPU, cpu_seconds
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,8 +66,6 @@ def wrk_misses(
     args += ["--latency", "-H", f"Authorization: Bearer {TOKEN}", "-s", str(script), base]
     args += ["--", prefix, str(size)]
     out = subprocess.run(pinned(args, LOAD_CPU), capture_output=True, text=True, check=True).stdout
-    from bench.loadgen import _SIZES, _field, _ms  # wrk's output, read the way loadgen reads it
-
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk saw errors against {base}:\n{out}")
     requests = int(_field(r"(\d+) requests in", out))
@@ -90,8 +89,10 @@ def servers(upstream: str, cache_dir: str, logs: Path) -> Iterator[dict[str, tup
     forwarder_args = [sys.executable, "bench/forwarder.py", "--port", str(forwarder_port)]
     forwarder_args += ["--upstream", upstream]
     with (
-        child(proxy_args, proxy_port, SERVER_CPU, logs / "proxy.log") as proxy,
-        child(forwarder_args, forwarder_port, SERVER_CPU, logs / "forwarder.log") as forwarder,
+        child(proxy_args, proxy_port, SERVER_CPU, logs / "misses-proxy.log") as proxy,
+        child(
+            forwarder_args, forwarder_port, SERVER_CPU, logs / "misses-forwarder.log"
+        ) as forwarder,
     ):
         yield {
             "proxy": (f"http://127.0.0.1:{proxy_port}", proxy.pid),
@@ -104,6 +105,80 @@ def entries(cache_dir: str) -> int:
     return sum(1 for _ in Path(cache_dir, "entries").rglob("*") if _.is_file())
 
 
+Runs = dict[str, list[dict[str, float]]]
+
+
+def measure(rounds: int, seconds: float, connections: int, size: int, logs: Path) -> Runs:
+    """Each server's wrk runs (misses/s, p50, p99 ms, requests, CPU µs per miss, cores), in
+    alternating rounds; the servers' logs go to ``logs``."""
+    upstream_port = free_port()
+    script = logs / "misses.lua"
+    script.write_text(LUA.replace("%s", SCOPE))
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-misses-") as cache_dir,
+        standin(upstream_port, cpu=LOAD_CPU, log=logs / "misses-api.log"),
+        servers(f"http://127.0.0.1:{upstream_port}", cache_dir, logs) as targets,
+    ):
+        for base, _pid in targets.values():  # warm both: connections, imports, the store
+            for n in range(20):
+                httpx.get(address(base, size, f"warm{n}"), headers=AUTH, timeout=30)
+        results: Runs = {name: [] for name in targets}
+        for _round in range(rounds):
+            for name, (base, pid) in targets.items():
+                prefix = uuid.uuid4().hex[:12]
+                before, stored = cpu_seconds(pid), entries(cache_dir)
+                run = wrk_misses(base, script, prefix, size, connections, seconds)
+                used = cpu_seconds(pid) - before
+                run["cpu_us"], run["cores"] = used / run["requests"] * 1e6, used / seconds
+                if name == "proxy":
+                    check_committed(base, size, prefix, entries(cache_dir) - stored, run)
+                results[name].append(run)
+    return results
+
+
+def address(base: str, size: int, name: str) -> str:
+    return f"{base}/v1/artifacts?object_id=arr_{size}_{name}&session_id={SCOPE}"
+
+
+def check_committed(base: str, size: int, prefix: str, stored: int, run: dict[str, float]) -> None:
+    """Every miss of the run was filled and committed: a HIT now, and an entry each."""
+    answer = httpx.get(address(base, size, f"{prefix}_10"), headers=AUTH, timeout=30)
+    if answer.headers.get("X-Cache") != "HIT":
+        raise RuntimeError(f"a miss of this run was not committed: {answer.headers}")
+    if stored < run["requests"]:
+        raise RuntimeError(f"{stored} entries for {run['requests']} misses: some not stored")
+
+
+def rows(results: Runs) -> list[list[str]]:
+    """Table rows: server, misses/s median (min-max), p50, p99, CPU µs per miss, cores."""
+    out = []
+    for name, runs in results.items():
+        rps = [r["rps"] for r in runs]
+        p50, p99, cpu, cores = (
+            statistics.median(r[field] for r in runs) for field in ("p50", "p99", "cpu_us", "cores")
+        )
+        out.append(
+            [
+                name,
+                f"{statistics.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f})",
+                f"{p50:.1f}",
+                f"{p99:.1f}",
+                f"{cpu:,.0f}",
+                f"{cores:.2f}",
+            ]
+        )
+    return out
+
+
+HEADER = ["server", "misses/s", "p50 ms", "p99 ms", "server CPU µs/miss", "server CPU, cores"]
+
+
+def ratios(results: Runs) -> list[float]:
+    """proxy ÷ forwarder misses/s, within each round."""
+    pairs = zip(results["proxy"], results["forwarder"], strict=True)
+    return [proxy["rps"] / forwarder["rps"] for proxy, forwarder in pairs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -113,64 +188,16 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=1024)
     args = parser.parse_args()
-    upstream_port = free_port()
-    with tempfile.TemporaryDirectory(prefix="bench-misses-") as tmp:
-        logs = Path(tmp)
-        script = logs / "misses.lua"
-        script.write_text(LUA.replace("%s", SCOPE))
-        cache_dir = str(logs / "cache")
-        with (
-            standin(upstream_port, cpu=LOAD_CPU, log=logs / "standin.log"),
-            servers(f"http://127.0.0.1:{upstream_port}", cache_dir, logs) as targets,
-        ):
-            for base, _pid in targets.values():  # warm both: connections, imports, the store
-                for n in range(20):
-                    object_id = f"arr_{args.size}_warm{n}"
-                    url = f"{base}/v1/artifacts?object_id={object_id}&session_id={SCOPE}"
-                    httpx.get(url, headers=AUTH, timeout=30).raise_for_status()
-            results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-            for _round in range(args.rounds):
-                for name, (base, pid) in targets.items():
-                    prefix = uuid.uuid4().hex[:12]
-                    before, stored = cpu_seconds(pid), entries(cache_dir)
-                    run = wrk_misses(
-                        base, script, prefix, args.size, args.connections, args.seconds
-                    )
-                    run["cpu_us"] = (cpu_seconds(pid) - before) / run["requests"] * 1e6
-                    run["cores"] = (cpu_seconds(pid) - before) / args.seconds
-                    if name == "proxy":
-                        url = f"{base}/v1/artifacts?object_id=arr_{args.size}_{prefix}_10&session_id={SCOPE}"
-                        answer = httpx.get(url, headers=AUTH, timeout=30)
-                        if answer.headers.get("X-Cache") != "HIT":
-                            raise RuntimeError(
-                                f"a miss of this run was not committed: {answer.headers}"
-                            )
-                        if entries(cache_dir) - stored < run["requests"]:
-                            raise RuntimeError(
-                                "fewer entries than misses: some streamed through uncached"
-                            )
-                    results[name].append(run)
-            committed = entries(cache_dir)
-    ratios = [
-        p["rps"] / f["rps"] for p, f in zip(results["proxy"], results["forwarder"], strict=True)
-    ]
+    with tempfile.TemporaryDirectory(prefix="bench-misses-logs-") as logs:
+        results = measure(args.rounds, args.seconds, args.connections, args.size, Path(logs))
     print(f"{args.size} B artifacts, {args.connections} connections, ", end="")
     print(f"{args.rounds} rounds of {args.seconds:g} s")
-    print("| server | misses/s | p50 ms | p99 ms | server CPU µs/miss | server CPU, cores |")
-    print("|---|---|---|---|---|---|")
-    for name, runs in results.items():
-        rps = [r["rps"] for r in runs]
-        p50, p99, cpu, cores = (
-            statistics.median(r[field] for r in runs) for field in ("p50", "p99", "cpu_us", "cores")
-        )
-        print(
-            f"| {name} | {statistics.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f}) "
-            f"| {p50:.1f} | {p99:.1f} | {cpu:.0f} | {cores:.2f} |"
-        )
-    print(
-        f"proxy / forwarder: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-    )
-    print(f"entries committed by the proxy: {committed}")
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for row in rows(results):
+        print("| " + " | ".join(row) + " |")
+    found = ratios(results)
+    print(f"proxy / forwarder: {statistics.median(found):.2f} ({min(found):.2f}-{max(found):.2f})")
 
 
 if __name__ == "__main__":

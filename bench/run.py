@@ -3,7 +3,7 @@ same run.
 
     python bench/run.py                 # everything (about 5 minutes)
     python bench/run.py --quick         # fewer, shorter runs (to bench/results/quick.md)
-    python bench/run.py --only hits     # one section: hits, attack, miss, coalesce, memory, scale, workers
+    python bench/run.py --only hits     # one section: hits, attack, miss, misses, coalesce, memory, scale, workers
 
 Starts on loopback: the stand-in API (150 ms latency by default), the proxy as ``serve`` runs
 (no flags but the upstream, the cache directory and the port; default log level, its log to a
@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import misses
 from bench.common import ROOT, access_log_off_means, free_port, proxy, standin
 from bench.hits import (
     Arm,
@@ -81,7 +82,7 @@ from bench.servers import (
 __all__ = ["SERVER_CPU", "cpu_seconds", "url", "wrk"]
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
-SECTIONS = ["hits", "attack", "miss", "coalesce", "memory", "scale", "workers"]
+SECTIONS = ["hits", "attack", "miss", "misses", "coalesce", "memory", "scale", "workers"]
 ATTACK = {"silent": 400, "dribble": 100}
 _serial = iter(range(10**9))
 
@@ -547,6 +548,34 @@ def run_miss(bench: Bench) -> None:
     )
 
 
+def run_misses(bench: Bench) -> None:
+    plan = bench.plan
+    seconds, rounds, connections, size = 2 * plan.seconds, plan.rounds, 32, KiB
+    results = misses.measure(rounds, seconds, connections, size, bench.logs)
+    found = misses.ratios(results)
+    bench.report.key.append(
+        [
+            "1 KiB misses/s, 32 conns: proxy ÷ minimal forwarder",
+            f"{statistics.median(found):.2f} ({min(found):.2f}-{max(found):.2f})",
+            f"wrk, a new key per request, {rounds} alternating rounds of {seconds:g} s",
+        ]
+    )
+    bench.report.add(
+        table(
+            "Miss throughput",
+            misses.HEADER,
+            misses.rows(results),
+            f"Every request a new {size} B artifact (wrk with a Lua script), {connections} "
+            f"connections (one key: its max_fills_per_key), {rounds} rounds of {seconds:g} s "
+            "alternating the proxy (a fresh cache; every miss fetched, written, fsynced, "
+            "committed and logged, checked after each run) and bench/forwarder.py (the same "
+            "server, protocol, loop and httpx client, relaying only). The stand-in API here "
+            "has no added latency, so the servers' CPU is what limits. misses/s: median "
+            "(min-max); the rest medians. bench/misses.py runs this section alone.",
+        )
+    )
+
+
 def nginx_for_streams(bench: Bench) -> list[Target]:
     """nginx for the single-run sections (misses, coalescing, memory): sendfile on."""
     return [t for name, t in bench.targets.items() if name == "nginx, sendfile on"]
@@ -620,6 +649,7 @@ SECTION_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "hits": run_hits,
     "attack": run_attack,
     "miss": run_miss,
+    "misses": run_misses,
     "coalesce": run_coalesce,
     "memory": run_memory,
     "scale": run_scale,

@@ -8,7 +8,6 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
@@ -24,6 +23,7 @@ from proxy.front import ArtifactApp, Front
 from proxy.metrics import Metrics
 from proxy.probe import display_url
 from proxy.services import Services
+from proxy.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +86,17 @@ def create_app(config: Config | None = None) -> Front:
         finally:
             await services.close()
             if access_log is not None:
-                await anyio.to_thread.run_sync(access_log.stop)
+                await run_sync(access_log.stop)
 
     async def healthz(_request: Request) -> Response:
         return json_response(200, {"status": "ok"})
 
     async def readyz(_request: Request) -> Response:
-        ready = services.serving and await anyio.to_thread.run_sync(services.store.ready)
+        ready = services.serving and await run_sync(services.store.ready)
         return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready"})
 
     async def metrics(_request: Request) -> Response:
-        stats = await anyio.to_thread.run_sync(services.store.stats)
+        stats = await run_sync(services.store.stats)
         services.metrics.circuit_open.set(services.upstream.breaker.state == "open")
         services.metrics.upstream_up.set(not services.upstream.offline)
         shared = services.chain.shared

@@ -11,7 +11,6 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 
-import anyio.to_thread
 import httpx
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -38,6 +37,7 @@ from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.resume import rest_from_upstream
 from proxy.services import Services
 from proxy.store.chain import Corrupt, Hit, Interrupted
+from proxy.threads import run_sync
 from proxy.upstream import Answer, read_answer
 from proxy.validators import Validators
 
@@ -135,13 +135,13 @@ class ArtifactRoute:
         needed = scope if own else key.proof_scope(self.s.config.access_check == "object", filler)
         if (
             access.remembered(fingerprint, needed)
-            or await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed)
+            or await run_sync(access.has_proof, fingerprint, needed)
             or await self.s.shared_proof(fingerprint, needed)
         ):
             self._proven.inc()
             return None
         # A proof too old to trust online may still serve while the API cannot be reached.
-        fallback = await anyio.to_thread.run_sync(access.has_proof, fingerprint, needed, True)
+        fallback = await run_sync(access.has_proof, fingerprint, needed, True)
         check = self.s.upstream.artifact_request(key, authorization)
         try:
             async with self.s.upstream.stream(check, artifact=True, retry=not fallback) as upstream:
@@ -151,7 +151,7 @@ class ArtifactRoute:
                     answer = None
                 else:  # the status line is the proof; skip the body
                     proven = (scope,) if own else (scope, needed)
-                    await anyio.to_thread.run_sync(access.record, fingerprint, *proven)
+                    await run_sync(access.record, fingerprint, *proven)
                     self.s.share_proofs(fingerprint, *proven)
                     checks.labels("granted").inc()
                     return None
@@ -181,7 +181,7 @@ class ArtifactRoute:
             key.scope_kind,
             key.scope_id,
         )
-        await anyio.to_thread.run_sync(self.s.access.split, key.scope_kind, key.scope_id)
+        await run_sync(self.s.access.split, key.scope_kind, key.scope_id)
 
     # -- hit ----------------------------------------------------------------------------------
 

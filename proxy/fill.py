@@ -16,11 +16,11 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-import anyio.to_thread
 import httpx
 
 from proxy.errors import ProxyError
 from proxy.keys import ArtifactKey
+from proxy.threads import run_sync
 from proxy.upstream import Answer
 from proxy.validators import Validators
 
@@ -161,7 +161,7 @@ class Fill:
                 data = self._from_window(offset, size)
                 if data is None:  # fell behind the window: that part is on disk
                     size = min(size, self.durable - offset)
-                    data = await anyio.to_thread.run_sync(os.pread, fd, size, offset)
+                    data = await run_sync(os.pread, fd, size, offset)
                     if len(data) != size:
                         raise FillFailed("temporary file shrank under a reader")
                 offset += len(data)

@@ -49,6 +49,7 @@ from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
 from proxy.store.claims import POLL_SECONDS, Announcement, Coordinator, Lease
 from proxy.store.lease import Held, Stored
+from proxy.threads import run_sync
 from proxy.upstream import Upstream, read_answer, translate
 from proxy.validators import Validators
 
@@ -290,7 +291,7 @@ class Fills:
             if response is not None:
                 await response.aclose()
             if temp is not None:
-                await anyio.to_thread.run_sync(self._store.discard, temp)
+                await run_sync(self._store.discard, temp)
             if claim is not None:
                 claim.release()
             if broadcast is not None:  # the fetch failed or was abandoned
@@ -328,13 +329,13 @@ class Fills:
             got = await self._coordinator.claim(key, max(0.0, give_up - time.monotonic()))
             if not isinstance(got, Announcement):
                 break
-            fd = await anyio.to_thread.run_sync(self._store.open_fill, got.name)
+            fd = await run_sync(self._store.open_fill, got.name)
             if fd is not None:
                 return fd, got
             await anyio.sleep(POLL_SECONDS)  # it just ended: its lock goes next
         if got is None:
             return None
-        entry = await anyio.to_thread.run_sync(self._store.get, key)
+        entry = await run_sync(self._store.get, key)
         if entry is None:
             return got
         entry.close()
@@ -418,7 +419,7 @@ class Fills:
                 await self._commit(fill.key, pending, meta, publish=remote.resumed)
         finally:
             if temp is not None:
-                await anyio.to_thread.run_sync(self._store.discard, temp)
+                await run_sync(self._store.discard, temp)
 
     async def _begin(self, length: int | None) -> FillFile | None:
         """A temporary file for a body of ``length`` bytes, or None if it will not be stored
@@ -428,11 +429,11 @@ class Fills:
         directory = getattr(self._store, "directory", None)
         try:
             if directory is not None:
-                free = (await anyio.to_thread.run_sync(shutil.disk_usage, directory)).free
+                free = (await run_sync(shutil.disk_usage, directory)).free
                 if free - (length or 0) < self._config.min_free_space:
                     self._metrics.store_failures.labels("no_space").inc()
                     return None
-            return await anyio.to_thread.run_sync(self._store.begin_fill)
+            return await run_sync(self._store.begin_fill)
         except OSError as exc:
             log.warning("cannot start a fill (%s); streaming through uncached", exc.strerror)
             self._metrics.store_failures.labels("write").inc()
@@ -469,7 +470,7 @@ class Fills:
                 batch = b"".join(pending)
                 pending.clear()
                 try:
-                    await anyio.to_thread.run_sync(write, batch)
+                    await run_sync(write, batch)
                 except OSError as exc:  # the digests already include the batch
                     self._spill(fill, exc)
                 if not fill.disk_failed:
@@ -533,7 +534,7 @@ class Fills:
         """Store the entry; True if it was stored (then copied to the shared tier with
         ``publish``)."""
         try:
-            stored = await anyio.to_thread.run_sync(self._store.commit, key.cache_key, temp, meta)
+            stored = await run_sync(self._store.commit, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()
@@ -545,7 +546,7 @@ class Fills:
     def _remember_proof(self, fill: Fill) -> None:
         scope = fill.key.proof_scope(self._config.access_check == "object")
         self._spawn(
-            anyio.to_thread.run_sync(self._access.record, fill.fingerprint, scope),
+            run_sync(self._access.record, fill.fingerprint, scope),
             "record proof",
         )
         if self._share_proofs is not None:
@@ -585,4 +586,4 @@ async def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
         fill.validators.to_dict(),
         fill.filler,
     )
-    await anyio.to_thread.run_sync(claim.announce, announcement)
+    await run_sync(claim.announce, announcement)

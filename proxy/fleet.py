@@ -34,6 +34,7 @@ from proxy.store import EntryMeta, lease
 from proxy.store.lease import Held, Keys, Record, Stored, holder_is
 from proxy.store.redisclient import Guarded, Unavailable
 from proxy.store.shared import STREAM_READ, TAIL_READ, TEMP_TTL_MS, Names
+from proxy.threads import run_sync
 from proxy.validators import Validators
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ async def resumable(
     offset = 0
     try:
         async for data in remote.chunks():
-            await anyio.to_thread.run_sync(relayed.update, data)
+            await run_sync(relayed.update, data)
             offset += len(data)
             yield data
         return

@@ -27,6 +27,7 @@ import anyio.to_thread
 from proxy.store import Store
 from proxy.store.claims import POLL_SECONDS, Announcement
 from proxy.store.locks import unheld
+from proxy.threads import run_sync
 from proxy.validators import Validators
 
 #: Most bytes read from the followed file per step (one worker-thread hop).
@@ -76,7 +77,7 @@ async def follow(
     progress = _Progress(fd)
     give_up = time.monotonic() + patience
     while True:
-        data, finished = await anyio.to_thread.run_sync(progress.step)
+        data, finished = await run_sync(progress.step)
         if data:
             fill.append_durable(data)
         elif finished:
@@ -85,7 +86,7 @@ async def follow(
             raise FollowFailed("the followed fill did not finish in time")
         else:
             await anyio.sleep(POLL_SECONDS)
-    entry = await anyio.to_thread.run_sync(store.get, announcement.key)
+    entry = await run_sync(store.get, announcement.key)
     if entry is None:
         raise FollowFailed("the followed fill stored nothing")
     entry.close()

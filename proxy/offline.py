@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import re
 
-import anyio.to_thread
 from starlette.responses import Response
 
 from proxy.access import AccessProofs
 from proxy.errors import json_response
+from proxy.threads import run_sync
 
 HEALTH_PATH = "/v1/health"
 OFFLINE = (b"X-Cache", b"OFFLINE")
@@ -35,7 +35,7 @@ def is_health(method: str, path: str) -> bool:
 async def health(access: AccessProofs, authorization: str | None) -> Response:
     """The offline answer to ``GET /v1/health`` for this credential."""
     fingerprint = access.fingerprint(authorization)
-    if await anyio.to_thread.run_sync(access.has_any_proof, fingerprint, True):
+    if await run_sync(access.has_any_proof, fingerprint, True):
         payload = {"status": "ok", "detail": "VLM Run API unreachable; serving cached artifacts"}
         return json_response(200, payload, [OFFLINE])
     payload = {"detail": "VLM Run API unreachable; no recent proof for this key"}

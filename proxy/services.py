@@ -31,6 +31,7 @@ from proxy.store.disk import TOUCH_FLUSH_SECONDS, DiskStore
 from proxy.store.memory import MemoryTier
 from proxy.store.redisclient import guarded
 from proxy.store.shared import SharedTier
+from proxy.threads import run_sync
 from proxy.upstream import Upstream
 
 #: The names the proxy keeps in its cache directory, and the type each must have. None of them
@@ -224,8 +225,8 @@ class Services:
 
     async def open(self) -> None:
         config = self.config
-        directory = await anyio.to_thread.run_sync(prepare_directory, config.cache_dir)
-        self.store = await anyio.to_thread.run_sync(
+        directory = await run_sync(prepare_directory, config.cache_dir)
+        self.store = await run_sync(
             lambda: DiskStore(
                 directory,
                 max_bytes=config.max_size,
@@ -236,8 +237,8 @@ class Services:
             )
         )
         # Once per server start; fills running in other processes hold locks and are spared.
-        await anyio.to_thread.run_sync(self.store.sweep_temporary)
-        secret = await anyio.to_thread.run_sync(shared_secret, config.secret_file, os.environ)
+        await run_sync(self.store.sweep_temporary)
+        secret = await run_sync(shared_secret, config.secret_file, os.environ)
         self.chain = Chain(
             MemoryTier(config.memory_cache_size, config.memory_cache_size // 64),
             DiskTier(
@@ -248,7 +249,7 @@ class Services:
             ),
             self._shared_tier(secret),
         )
-        self.access = await anyio.to_thread.run_sync(
+        self.access = await run_sync(
             AccessProofs, directory, config.proof_ttl, config.offline_proof_ttl, secret
         )
         self.upstream = Upstream(config)
@@ -329,12 +330,12 @@ class Services:
         proven = await shared.proven_at(fingerprint, scope)
         if proven is None:
             return False
-        return await anyio.to_thread.run_sync(self.access.adopt, fingerprint, scope, proven)
+        return await run_sync(self.access.adopt, fingerprint, scope, proven)
 
     async def _sweep_once(self) -> None:
         """The orphan sweep, by one worker process per server start, in a thread of its own
         at the lowest priority (not one of anyio's, which would keep that priority)."""
-        if await anyio.to_thread.run_sync(self.store.claim_sweep):
+        if await run_sync(self.store.claim_sweep):
             threading.Thread(
                 target=sweep_at_low_priority, args=(self.store,), name="orphan-sweep", daemon=True
             ).start()
@@ -346,12 +347,12 @@ class Services:
         rounds = 0
         while True:
             await anyio.sleep(TOUCH_FLUSH_SECONDS)
-            await anyio.to_thread.run_sync(self.store.flush_touches)
-            await anyio.to_thread.run_sync(self.access.refresh)
-            await anyio.to_thread.run_sync(self._expire_proofs)
+            await run_sync(self.store.flush_touches)
+            await run_sync(self.access.refresh)
+            await run_sync(self._expire_proofs)
             rounds += 1
             if rounds % PROOF_EXPIRY_ROUNDS == 0:
-                await anyio.to_thread.run_sync(self.access.forget_stale)
+                await run_sync(self.access.forget_stale)
 
     def _expire_proofs(self) -> None:
         try:
@@ -367,5 +368,5 @@ class Services:
         await self.fills.aclose()
         await self.chain.aclose()
         await self.upstream.aclose()
-        await anyio.to_thread.run_sync(self.store.close)
-        await anyio.to_thread.run_sync(self.access.close)
+        await run_sync(self.store.close)
+        await run_sync(self.access.close)

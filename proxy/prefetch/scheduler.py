@@ -44,6 +44,7 @@ from proxy.fills import Fills
 from proxy.keys import ArtifactKey, ScopeKind
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, Store
+from proxy.threads import run_sync
 from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ class Prefetcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _mark_read(self, cache_key: str, meta: EntryMeta) -> None:
-        if await anyio.to_thread.run_sync(self._store.first_read, cache_key, meta):
+        if await run_sync(self._store.first_read, cache_key, meta):
             self._metrics.prefetch_hits.inc()
 
 

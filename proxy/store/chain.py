@@ -38,6 +38,7 @@ import anyio.to_thread
 from proxy.integrity import Verifier, intact
 from proxy.store import Entry, EntryMeta, FillFile, Store
 from proxy.store.memory import MemoryTier
+from proxy.threads import run_sync
 
 if TYPE_CHECKING:
     from proxy.store.shared import SharedTier
@@ -128,11 +129,11 @@ class DiskTier:
             try:
                 found = self._open(key, memory_only=True)
             except Corrupt:
-                await anyio.to_thread.run_sync(self._corrupt, key)
+                await run_sync(self._corrupt, key)
                 return None
             if found is not None:
                 return found
-        return await anyio.to_thread.run_sync(self._open, key)
+        return await run_sync(self._open, key)
 
     def _open(self, key: str, memory_only: bool = False) -> tuple[Hit, str, int] | None:
         """Blocks: one worker-thread hop does all the disk work of a small hit. With
@@ -177,12 +178,12 @@ class DiskTier:
                 position = start
                 while position < end:
                     size = min(chunk_size, end - position)
-                    data = await anyio.to_thread.run_sync(read, size, position)
+                    data = await run_sync(read, size, position)
                     position += len(data)
                     if len(data) != size or (
                         position == end and verifier is not None and not verifier.matches()
                     ):
-                        await anyio.to_thread.run_sync(self._corrupt, key)
+                        await run_sync(self._corrupt, key)
                         raise Corrupt(key)
                     yield data
             finally:
@@ -196,7 +197,7 @@ class DiskTier:
         self.store.evict(key)
 
     async def evict(self, key: str) -> None:
-        await anyio.to_thread.run_sync(self.store.evict, key)
+        await run_sync(self.store.evict, key)
 
     async def read(self, key: str, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the stored entry ``key`` (fewer if it is gone), for
@@ -209,7 +210,7 @@ class DiskTier:
             with entry.file:
                 return os.pread(entry.file.fileno(), size, offset)
 
-        return await anyio.to_thread.run_sync(pread)
+        return await run_sync(pread)
 
     # -- backfill from a slower tier ----------------------------------------------------------
 
@@ -234,7 +235,7 @@ class DiskTier:
                     yield data
                 return
             async with self._backfills:
-                fill = await anyio.to_thread.run_sync(self._begin, hit.meta.length)
+                fill = await run_sync(self._begin, hit.meta.length)
                 try:
                     async for data in hit.chunks(start, end, verify):
                         if fill is not None:
@@ -242,11 +243,11 @@ class DiskTier:
                         yield data
                     if fill is not None:  # every byte arrived and the digest matched
                         pending, fill = fill, None
-                        await anyio.to_thread.run_sync(self._commit, key, pending, meta)
+                        await run_sync(self._commit, key, pending, meta)
                 finally:
                     if fill is not None:
                         with anyio.CancelScope(shield=True):
-                            await anyio.to_thread.run_sync(self.store.discard, fill)
+                            await run_sync(self.store.discard, fill)
 
         return Hit(hit.meta, hit.tier, stream=stream, close=hit.close, source=hit.source)
 
@@ -265,7 +266,7 @@ class DiskTier:
                     return
                 self._commit(key, fill, meta)
 
-            await anyio.to_thread.run_sync(write)
+            await run_sync(write)
 
     def _begin(self, length: int) -> FillFile | None:
         """Blocks. A temporary file, unless the disk lacks room (then no backfill)."""
@@ -282,9 +283,9 @@ class DiskTier:
 
     async def _append(self, fill: FillFile, data: bytes) -> FillFile | None:
         try:
-            await anyio.to_thread.run_sync(fill.file.write, data)
+            await run_sync(fill.file.write, data)
         except OSError:
-            await anyio.to_thread.run_sync(self.store.discard, fill)
+            await run_sync(self.store.discard, fill)
             return None
         return fill
 

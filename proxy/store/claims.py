@@ -36,6 +36,7 @@ import anyio
 import anyio.to_thread
 
 from proxy.store.locks import try_lock
+from proxy.threads import run_sync
 
 #: How often a waiting process looks again whether a holder finished (a cross-process wait:
 #: there is no event to wait on).
@@ -197,7 +198,7 @@ class Claims:
     async def claim(self, key: str, patience: float) -> Lease | Announcement | None:
         give_up = time.monotonic() + patience
         while True:
-            got = await anyio.to_thread.run_sync(self._attempt, key)
+            got = await run_sync(self._attempt, key)
             if got is not None:
                 return got
             if time.monotonic() > give_up:

@@ -45,12 +45,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-import anyio.to_thread
-
 from proxy.config import Config
 from proxy.store import EntryMeta
 from proxy.store.chain import Corrupt, Hit, Interrupted
 from proxy.store.redisclient import Guarded, Unavailable
+from proxy.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +253,7 @@ class SharedTier:
         digest = (
             _sha256(body)  # a thread hop costs more than hashing a small body here
             if len(body) <= INLINE_HASH_LIMIT
-            else await anyio.to_thread.run_sync(_sha256, body)
+            else await run_sync(_sha256, body)
         )
         if digest != meta.sha256:
             await self._reject(name)
@@ -285,7 +284,7 @@ class SharedTier:
                         raise Interrupted(first - len(held), sent)
                     raise Corrupt(name)
                 before = digest.copy()
-                await anyio.to_thread.run_sync(digest.update, data)  # off the event loop
+                await run_sync(digest.update, data)  # off the event loop
                 position += size
                 piece = data[max(start - first, 0) : max(end - first, 0)]
                 if piece:
