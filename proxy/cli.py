@@ -78,7 +78,7 @@ _HELP = {
     "header_timeout": "time to receive a request head from its first byte (default 10s)",
     "min_free_space": "disk space to keep free; fetches beyond it are not stored (default 256MiB)",
     "shutdown_timeout": "how long shutdown waits for running fetches (default 10s)",
-    "chunk_size": "bytes per read when serving from disk (default 256KiB)",
+    "chunk_size": "bytes per read when serving from disk (default 1MiB)",
     "http": "auto, h11 or httptools (default auto: httptools when installed)",
     "workers": "server processes sharing the port and the cache, or auto: one per core (default 1)",
     "log_level": "critical, error, warning, info or debug (default info)",

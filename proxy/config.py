@@ -216,7 +216,9 @@ class Config:
     min_free_space: int = 256 * 1024**2
     #: How long shutdown waits for running fills before abandoning them.
     shutdown_timeout: float = 10.0
-    chunk_size: int = 256 * 1024
+    #: Bytes per disk read when serving (and per message sent): 1 MiB reads serve a 50 MiB hit
+    #: about 1.4x as fast as 256 KiB ones here (bench/run.py), each read being a thread hop.
+    chunk_size: int = 1024 * 1024
     #: uvicorn's HTTP implementation: httptools (fast) when installed, else h11.
     http: str = "auto"
     #: Server processes sharing the port and the disk cache.
