@@ -61,8 +61,10 @@ def child(
     cpu: int | None = None,
     log: Path | None = None,
     env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``args`` (listening on ``port``) for the duration of the block; stop it by its PID.
+    """Run ``args`` (listening on ``port``, in ``cwd``) for the duration of the block; stop it
+    by its PID.
 
     Its stdout and stderr are appended to ``log`` (a file, which never blocks a writer the way
     an undrained pipe does), or discarded without one.
@@ -73,7 +75,7 @@ def child(
             out = stack.enter_context(log.open("ab"))
         process = subprocess.Popen(
             pinned(args, cpu),
-            cwd=ROOT,
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
             env=None if env is None else {**os.environ, **env},

@@ -28,14 +28,14 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SCOPE, TOKEN, child, free_port, pinned, standin
+from bench.common import ROOT, SCOPE, TOKEN, child, free_port, pinned, standin
 from bench.loadgen import _SIZES, _field, _ms
 from bench.servers import LOAD_CPU, SERVER_CPU, cpu_seconds
 
@@ -82,22 +82,37 @@ def wrk_misses(
 
 
 @contextlib.contextmanager
-def servers(upstream: str, cache_dir: str, logs: Path) -> Iterator[dict[str, tuple[str, int]]]:
-    proxy_port, forwarder_port = free_port(), free_port()
-    proxy_args = [sys.executable, "-m", "proxy", "serve", "--port", str(proxy_port)]
-    proxy_args += ["--upstream", upstream, "--cache-dir", cache_dir]
-    forwarder_args = [sys.executable, "bench/forwarder.py", "--port", str(forwarder_port)]
-    forwarder_args += ["--upstream", upstream]
-    with (
-        child(proxy_args, proxy_port, SERVER_CPU, logs / "misses-proxy.log") as proxy,
-        child(
-            forwarder_args, forwarder_port, SERVER_CPU, logs / "misses-forwarder.log"
-        ) as forwarder,
-    ):
-        yield {
-            "proxy": (f"http://127.0.0.1:{proxy_port}", proxy.pid),
-            "forwarder": (f"http://127.0.0.1:{forwarder_port}", forwarder.pid),
-        }
+def servers(
+    upstream: str, cache_dir: str, logs: Path, before: Sequence[str] = ()
+) -> Iterator[dict[str, tuple[str, int, str]]]:
+    """name -> (base URL, PID, cache directory): the proxy, the forwarder, and the proxy of
+    each revision in ``before`` (from a git worktree of its own)."""
+    with contextlib.ExitStack() as stack:
+        found = {}
+        trees = {"proxy": ROOT, **{f"proxy at {rev}": worktree(stack, rev) for rev in before}}
+        for name, tree in trees.items():
+            port, cache = free_port(), str(Path(cache_dir, name.replace(" ", "-")))
+            args = [sys.executable, "-m", "proxy", "serve", "--port", str(port)]
+            args += ["--upstream", upstream, "--cache-dir", cache]
+            log = logs / f"misses-{name.replace(' ', '-')}.log"
+            process = stack.enter_context(child(args, port, SERVER_CPU, log, cwd=tree))
+            found[name] = (f"http://127.0.0.1:{port}", process.pid, cache)
+        port = free_port()
+        args = [sys.executable, "bench/forwarder.py", "--port", str(port), "--upstream", upstream]
+        process = stack.enter_context(child(args, port, SERVER_CPU, logs / "misses-forwarder.log"))
+        found["forwarder"] = (f"http://127.0.0.1:{port}", process.pid, "")
+        yield found
+
+
+def worktree(stack: contextlib.ExitStack, rev: str) -> Path:
+    """A detached git worktree of ``rev``, removed when ``stack`` closes."""
+    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rev-"))) / "tree"
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run(
+        [*git, "worktree", "add", "--detach", str(path), rev], check=True, capture_output=True
+    )
+    stack.callback(subprocess.run, [*git, "worktree", "remove", "--force", str(path)], check=False)
+    return path
 
 
 def entries(cache_dir: str) -> int:
@@ -108,7 +123,14 @@ def entries(cache_dir: str) -> int:
 Runs = dict[str, list[dict[str, float]]]
 
 
-def measure(rounds: int, seconds: float, connections: int, size: int, logs: Path) -> Runs:
+def measure(
+    rounds: int,
+    seconds: float,
+    connections: int,
+    size: int,
+    logs: Path,
+    before: Sequence[str] = (),
+) -> Runs:
     """Each server's wrk runs (misses/s, p50, p99 ms, requests, CPU µs per miss, cores), in
     alternating rounds; the servers' logs go to ``logs``."""
     upstream_port = free_port()
@@ -117,21 +139,21 @@ def measure(rounds: int, seconds: float, connections: int, size: int, logs: Path
     with (
         tempfile.TemporaryDirectory(prefix="bench-misses-") as cache_dir,
         standin(upstream_port, cpu=LOAD_CPU, log=logs / "misses-api.log"),
-        servers(f"http://127.0.0.1:{upstream_port}", cache_dir, logs) as targets,
+        servers(f"http://127.0.0.1:{upstream_port}", cache_dir, logs, before) as targets,
     ):
-        for base, _pid in targets.values():  # warm both: connections, imports, the store
+        for base, _pid, _cache in targets.values():  # warm both: connections, imports, the store
             for n in range(20):
                 httpx.get(address(base, size, f"warm{n}"), headers=AUTH, timeout=30)
         results: Runs = {name: [] for name in targets}
         for _round in range(rounds):
-            for name, (base, pid) in targets.items():
+            for name, (base, pid, cache) in targets.items():
                 prefix = uuid.uuid4().hex[:12]
-                before, stored = cpu_seconds(pid), entries(cache_dir)
+                started, stored = cpu_seconds(pid), entries(cache) if cache else 0
                 run = wrk_misses(base, script, prefix, size, connections, seconds)
-                used = cpu_seconds(pid) - before
+                used = cpu_seconds(pid) - started
                 run["cpu_us"], run["cores"] = used / run["requests"] * 1e6, used / seconds
-                if name == "proxy":
-                    check_committed(base, size, prefix, entries(cache_dir) - stored, run)
+                if cache:
+                    check_committed(base, size, prefix, entries(cache) - stored, run)
                 results[name].append(run)
     return results
 
@@ -173,9 +195,9 @@ def rows(results: Runs) -> list[list[str]]:
 HEADER = ["server", "misses/s", "p50 ms", "p99 ms", "server CPU µs/miss", "server CPU, cores"]
 
 
-def ratios(results: Runs) -> list[float]:
-    """proxy ÷ forwarder misses/s, within each round."""
-    pairs = zip(results["proxy"], results["forwarder"], strict=True)
+def ratios(results: Runs, name: str = "proxy") -> list[float]:
+    """``name`` ÷ forwarder misses/s, within each round."""
+    pairs = zip(results[name], results["forwarder"], strict=True)
     return [proxy["rps"] / forwarder["rps"] for proxy, forwarder in pairs]
 
 
@@ -187,17 +209,25 @@ def main() -> None:
         "--connections", type=int, default=32, help="at most max_fills_per_key (32): one key"
     )
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument(
+        "--before", action="append", default=[], help="also the proxy of this git revision"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-misses-logs-") as logs:
-        results = measure(args.rounds, args.seconds, args.connections, args.size, Path(logs))
+        results = measure(
+            args.rounds, args.seconds, args.connections, args.size, Path(logs), args.before
+        )
     print(f"{args.size} B artifacts, {args.connections} connections, ", end="")
     print(f"{args.rounds} rounds of {args.seconds:g} s")
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER))
     for row in rows(results):
         print("| " + " | ".join(row) + " |")
-    found = ratios(results)
-    print(f"proxy / forwarder: {statistics.median(found):.2f} ({min(found):.2f}-{max(found):.2f})")
+    for name in results:
+        if name != "forwarder":
+            found = ratios(results, name)
+            low, mid, high = min(found), statistics.median(found), max(found)
+            print(f"{name} / forwarder: {mid:.2f} ({low:.2f}-{high:.2f})")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -52,6 +53,8 @@ _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 #: Credentials whose fingerprints are remembered at most.
 MEMORY_FINGERPRINTS = 4096
 #: Proofs kept in memory at most.
+#: A proof on disk is rewritten when this fraction of ``ttl`` has passed since it was written.
+REWRITE_FRACTION = 0.1
 MEMORY_PROOFS = 100_000
 #: Expired proofs deleted from disk per call of :meth:`AccessProofs.expire` (~10 ms).
 EXPIRE_BATCH = 2000
@@ -204,6 +207,8 @@ class AccessProofs:
         self._fingerprints: dict[str, str] = {}
         #: (fingerprint, *scope) -> when it was proven (time.time()); a cache of the disk proofs.
         self._recent: dict[tuple[str, ...], float] = {}
+        #: (fingerprint, *scope) -> when this process last wrote its proof to disk.
+        self._written: dict[tuple[str, ...], float] = {}
         #: (kind, scope id) of every split scope.
         self._split: frozenset[tuple[str, str]] = frozenset()
         self._splits_path = self.directory / _SPLITS_FILE
@@ -270,15 +275,30 @@ class AccessProofs:
         return self.has_proof(fingerprint, _ANY, offline)
 
     def record(self, fingerprint: str | None, *scopes: ProofScope) -> None:
-        """Remember that the API just accepted ``fingerprint`` for each of ``scopes``."""
+        """Remember that the API just accepted ``fingerprint`` for each of ``scopes``.
+
+        In memory every time; on disk (where other workers and the next start read it) at
+        most once per :data:`REWRITE_FRACTION` of ``ttl`` per proof: every miss of one key in
+        one session proves the same thing, and two SQLite transactions per miss were a
+        measurable share of a miss (bench/misses.py). A proof on disk is so at most that much
+        older than the last acceptance, which only makes it expire sooner, never later; a
+        revocation since it was written has it rewritten at once."""
         if fingerprint is None:
             return
         now = time.time()
+        rewrite = self.ttl * REWRITE_FRACTION
         for scope in (*scopes, _ANY):
-            # An int (milliseconds): diskcache stores it as is; floats it would pickle.
-            self._proofs.set(
-                self._key(fingerprint, scope), int(now * 1000), expire=self.offline_ttl
-            )
+            slot = (fingerprint, *scope)
+            written = self._written.get(slot, -math.inf)
+            # A revocation since (``revoke``, in any process) voided the copy on disk.
+            if now - written >= rewrite or self.revocations.voids(fingerprint, written):
+                # An int (milliseconds): diskcache stores it as is; floats it would pickle.
+                self._proofs.set(
+                    self._key(fingerprint, scope), int(now * 1000), expire=self.offline_ttl
+                )
+                if len(self._written) >= MEMORY_PROOFS:
+                    self._written.clear()
+                self._written[slot] = now
             self._keep(fingerprint, scope, now)
 
     def adopt(self, fingerprint: str, scope: ProofScope, proven: float) -> bool:

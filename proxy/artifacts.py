@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 from starlette.background import BackgroundTask
@@ -270,7 +270,7 @@ class ArtifactRoute:
         response = StreamingResponse(
             self._stream_hit(key, hit, start, end, verify, authorization),
             status_code=status,
-            background=BackgroundTask(hit.close),
+            background=_closing(hit.close),
         )
         return _raw(response, raw)
 
@@ -368,9 +368,7 @@ class ArtifactRoute:
             reader.close()
             raise
         self._count("miss" if outcome == b"MISS" else "coalesced")
-        response = StreamingResponse(
-            self._stream_fill(reader), background=BackgroundTask(reader.close)
-        )
+        response = StreamingResponse(self._stream_fill(reader), background=_closing(reader.close))
         return _raw(response, _fill_headers(fill, outcome))
 
     async def _bypass(self, request: Request) -> Response:
@@ -461,6 +459,17 @@ class Whole(Response):
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         await send({"type": "http.response.body", "body": self.body})
+
+
+def _closing(close: Callable[[], None]) -> BackgroundTask:
+    """``close`` after the response, on the event loop: a plain function given to a
+    BackgroundTask runs in anyio's thread pool (a thread hop per response), and these only
+    close a descriptor and give back counts that belong to the loop."""
+
+    async def run() -> None:
+        close()
+
+    return BackgroundTask(run)
 
 
 def _raw(response: Response, headers: RawHeaders) -> Response:

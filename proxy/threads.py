@@ -6,11 +6,11 @@ and run-variable lookups per call), one through a plain executor about 9 us. A m
 several hops (lookup, claim, temporary file, write, commit, access proof), so this is part of
 what a miss costs beside a bare forwarder (bench/misses.py).
 
-The semantics the callers rely on are kept: a caller cancelled while its call runs still waits
-for the call to finish before the cancellation reaches it (a cancelled fill never discards a
-temporary file that a commit is still renaming), and a call not yet started when its caller
-is cancelled never starts. Calls run in a pool of :data:`THREADS` threads of their own, apart
-from the anyio limiter that Starlette uses.
+The semantics the callers rely on are kept: a caller whose cancel scope is cancelled while its
+call runs still waits for the call and gets its result before the cancellation reaches it (a
+cancelled fill never discards a temporary file that a commit is still renaming, nor loses the
+open file that ``begin_fill`` returned). Calls run in a pool of :data:`THREADS` threads of their
+own, apart from the anyio limiter that Starlette uses.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import asyncio
 import concurrent.futures
 from collections.abc import Callable
 from typing import TypeVar
+
+import anyio
 
 T = TypeVar("T")
 
@@ -32,14 +34,8 @@ _pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="proxy
 async def run_sync(func: Callable[..., T], *args: object) -> T:
     """``func(*args)`` in a worker thread; its result, or its exception."""
     future = _pool.submit(func, *args)
-    try:
-        return await asyncio.wrap_future(future)
-    except asyncio.CancelledError:
-        # Not abandoned: a call that started finishes before the caller hears of the cancel
-        # (one that had not started was cancelled with the wrapper and never runs).
-        while not future.done():
-            try:
-                await asyncio.wait((asyncio.wrap_future(future),))
-            except asyncio.CancelledError:
-                continue
-        raise
+    # Shielded as anyio shields its own: the caller gets the result (an open file, say) even
+    # if its scope was cancelled meanwhile, and hears of the cancellation at its next await.
+    with anyio.CancelScope(shield=True):
+        result = await asyncio.wrap_future(future)
+    return result

@@ -62,6 +62,33 @@ def test_proofs_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not reopened.has_proof(fp, ("session", "s"))
 
 
+def test_a_repeated_proof_is_rewritten_on_disk_only_after_a_tenth_of_its_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every miss of one key in one session proves the same thing: memory takes each, the
+    disk (other workers, the next start) one per ttl/10, so its copy is at most that older."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=60)
+    fp = proofs.fingerprint("Bearer t")
+    proofs.record(fp, ("session", "s"))
+    now[0] += 5
+    proofs.record(fp, ("session", "s"))  # within 6 s: memory only
+    now[0] += 56  # 61 s after the write, 56 s after the last acceptance
+    assert proofs.has_proof(fp, ("session", "s"))  # memory: proven 56 s ago
+    other = AccessProofs(tmp_path, ttl=60)  # another worker reads the disk: 61 s old
+    assert not other.has_proof(fp, ("session", "s"))
+    proofs.record(fp, ("session", "s"))  # over 6 s since the write: to disk again
+    assert AccessProofs(tmp_path, ttl=60).has_proof(fp, ("session", "s"))
+    now[0] += 1
+    assert fp is not None
+    Revocations.append(tmp_path, None, now[0])  # `revoke --all`, from another process
+    time.sleep(RECHECK_SECONDS)  # the documented window, as `revoke` waits it
+    now[0] += 1
+    proofs.record(fp, ("session", "s"))  # 2 s after the last write, but that one is void
+    assert AccessProofs(tmp_path, ttl=60).has_proof(fp, ("session", "s"))
+
+
 def test_secret_file_is_owner_only(tmp_path: Path) -> None:
     """The HMAC secret is created with mode 0600."""
     AccessProofs(tmp_path, ttl=60)
