@@ -10,8 +10,9 @@ fsyncs and commits the entry (off the event loop) and logs the line. The baselin
 bench/forwarder.py: the same server, protocol, loop and client library (httpx, one pool with
 the proxy's limits), relaying the same answers and doing nothing else.
 
-Both are pinned to core 0; the stand-in API (no added latency: a fast upstream, so the servers'
-own CPU is what limits) and wrk to core 1. The proxy runs as ``serve`` runs with no flags
+Both are pinned to core 0; the upstream and wrk to core 1. The upstream is nginx answering every
+``GET /v1/artifacts`` with the same bytes (when installed; else the stand-in API with no added
+latency): a fast upstream, so the servers' own CPU is what limits. The proxy runs as ``serve`` runs with no flags
 (access log on, to a file); its cache starts empty and stays below its size limit. Checks: every
 wrk answer was a 2xx with the whole body; after each proxy run, an id of that run is a HIT (its
 fill was committed) and the number of entries grew by the number of requests. The ratio is
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -133,13 +136,12 @@ def measure(
 ) -> Runs:
     """Each server's wrk runs (misses/s, p50, p99 ms, requests, CPU µs per miss, cores), in
     alternating rounds; the servers' logs go to ``logs``."""
-    upstream_port = free_port()
     script = logs / "misses.lua"
     script.write_text(LUA.replace("%s", SCOPE))
     with (
         tempfile.TemporaryDirectory(prefix="bench-misses-") as cache_dir,
-        standin(upstream_port, cpu=LOAD_CPU, log=logs / "misses-api.log"),
-        servers(f"http://127.0.0.1:{upstream_port}", cache_dir, logs, before) as targets,
+        fast_upstream(size, logs) as upstream,
+        servers(upstream, cache_dir, logs, before) as targets,
     ):
         for base, _pid, _cache in targets.values():  # warm both: connections, imports, the store
             for n in range(20):
@@ -156,6 +158,44 @@ def measure(
                     check_committed(base, size, prefix, entries(cache) - stored, run)
                 results[name].append(run)
     return results
+
+
+@contextlib.contextmanager
+def fast_upstream(size: int, logs: Path) -> Iterator[str]:
+    """The upstream the servers fill from, on the load generator's core: nginx answering every
+    ``GET /v1/artifacts`` with the same ``size`` bytes when nginx is installed (a few µs per
+    answer, always the same: the servers' own CPU is what limits), else the stand-in API."""
+    port = free_port()
+    if shutil.which("nginx") is None:
+        with standin(port, cpu=LOAD_CPU, log=logs / "misses-api.log"):
+            yield f"http://127.0.0.1:{port}"
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-misses-nginx-") as directory:
+        Path(directory, "body").write_bytes(os.urandom(size))
+        conf = Path(directory, "nginx.conf")
+        conf.write_text(STATIC_NGINX.format(dir=directory, port=port))
+        args = ["nginx", "-p", directory, "-c", str(conf), "-g", "daemon off;"]
+        with child(args, port, LOAD_CPU, logs / "misses-nginx.log"):
+            yield f"http://127.0.0.1:{port}"
+
+
+STATIC_NGINX = """
+user root;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    types {{ }}
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        location = /v1/artifacts {{ alias {dir}/body; }}
+    }}
+}}
+"""
 
 
 def address(base: str, size: int, name: str) -> str:

@@ -569,8 +569,9 @@ def run_misses(bench: Bench) -> None:
             f"connections (one key: its max_fills_per_key), {rounds} rounds of {seconds:g} s "
             "alternating the proxy (a fresh cache; every miss fetched, written, fsynced, "
             "committed and logged, checked after each run) and bench/forwarder.py (the same "
-            "server, protocol, loop and httpx client, relaying only). The stand-in API here "
-            "has no added latency, so the servers' CPU is what limits. misses/s: median "
+            "server, protocol, loop and httpx client, relaying only). The upstream here is "
+            "nginx serving the same bytes for every key (bench/misses.py), so the servers' CPU "
+            "is what limits. misses/s: median "
             "(min-max); the rest medians. bench/misses.py runs this section alone.",
         )
     )
