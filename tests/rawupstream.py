@@ -33,6 +33,8 @@ class RawUpstream:
         self.gap = 0.05
         #: (connection number, request head) of every request received.
         self.requests: list[tuple[int, bytes]] = []
+        #: Set each time every part of an answer has been written.
+        self.answered = threading.Event()
         self._lock = threading.Lock()
         self._connections = 0
         self._open: list[socket.socket] = []
@@ -93,3 +95,4 @@ class RawUpstream:
                         conn.sendall(part)
                 except OSError:
                     return
+                self.answered.set()

@@ -161,11 +161,11 @@ def test_an_announcement_is_followed_only_while_its_writer_lives(cache_dir: Path
     assert claims.announced("k") is None  # another key sharing the slot
 
 
-def test_an_announcement_lives_in_the_lock_file_only_while_its_holder_holds_it(
+def test_an_announcement_lives_in_the_lock_file_and_the_next_holder_clears_it(
     tmp_path: Path,
 ) -> None:
     """The holder writes its announcement into the slot's lock file (no file is created per
-    fill); it is gone once released, and what a crashed holder left is cleared by the next."""
+    fill); whoever takes the lock next, after a finished or a crashed holder, clears it first."""
     claims = Claims(tmp_path)
     record = Announcement("k", "a.fill", "text/plain", 3, {}, "")
     lease = claims._attempt("k")
@@ -174,7 +174,10 @@ def test_an_announcement_lives_in_the_lock_file_only_while_its_holder_holds_it(
     assert claims.announced("k") == record
     assert sorted(p.name for p in claims.directory.iterdir()) == [claims._path("k").name]
     lease.release()
+    fd = claims.try_claim("k")
+    assert fd is not None
     assert claims.announced("k") is None
+    Claims.release(fd)
     claims._record("k").write_text(record.to_json())  # left by a holder that crashed
     fd = claims.try_claim("k")
     assert fd is not None

@@ -416,6 +416,22 @@ def test_a_late_body_after_a_bodiless_answer_never_reaches_the_next_user(
     assert second.content == b"answer to /v1/other on connection 2"
 
 
+def test_an_idle_connection_that_turns_readable_is_never_reused(start_proxy, raw_upstream) -> None:
+    """Bytes an upstream writes on a connection after its framed answer, while the connection
+    sits idle in the pool, make it expire (the pool polls every idle socket at once): the next
+    user's request goes out on a new connection and gets its own answer."""
+    raw_upstream.answer = lambda path, n: (
+        [framed(b"first"), b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"]
+        if path == "/v1/first"
+        else framed(f"answer to {path} on connection {n}".encode())
+    )
+    proxy = start_proxy(upstream=raw_upstream.url, max_connections=4)
+    assert httpx.get(f"{proxy.url}/v1/first", headers=auth()).content == b"first"
+    assert raw_upstream.answered.wait(10)  # the unasked answer is in the idle socket now
+    second = httpx.get(f"{proxy.url}/v1/other", headers=auth(OTHER_TOKEN))
+    assert second.content == b"answer to /v1/other on connection 2"
+
+
 def test_a_duplicate_credential_on_passthrough_gets_a_400(standin: StandIn, proxy) -> None:
     """Two Authorization headers (a way to be counted as another key) are refused everywhere."""
     answer = raw_exchange(

@@ -15,9 +15,9 @@ is writing and what upstream said about the body. A worker that finds the lock t
 announcement for its key gets that :class:`Announcement` back instead of waiting, and follows
 the file as it grows (:mod:`proxy.fills`); without one (the holder has not begun writing yet, or
 will not store the body) it waits as before and then reads the committed entry from disk. An
-announcement is cleared before its lock is released (and by the next holder after a crash), and
-is only believed while the lock is held, so one left by a crashed worker is never followed (the
-follower also checks the file's own lock).
+announcement is only believed while the lock is held, and whoever takes the lock clears what the
+last holder (finished or crashed) left, so a finished or crashed fill is never followed (the
+follower also checks the temporary file's own lock).
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class _Held:
 
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
-        self._announced = False
 
     def announce(self, announcement: Announcement) -> None:
         if self._fd is None:
@@ -123,15 +122,14 @@ class _Held:
         try:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)
-            self._announced = True
         except OSError:  # followers then wait for the commit instead
             pass
 
     def release(self) -> None:
+        """Drop the lock. What was announced stays in the file (clearing it here was a syscall
+        on the event loop per miss) and is never followed: a reader believes it only while
+        someone holds the lock, and whoever takes the lock next clears it first."""
         if self._fd is not None:
-            if self._announced:  # before the lock goes: nobody may follow a finished fill
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, 0)
             Claims.release(self._fd)
             self._fd = None
 
