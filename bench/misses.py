@@ -149,6 +149,7 @@ def measure(
         results: Runs = {name: [] for name in targets}
         for _round in range(rounds):
             for name, (base, pid, cache) in targets.items():
+                os.sync()  # the last run's writeback must not land in this one
                 prefix = uuid.uuid4().hex[:12]
                 started, stored = cpu_seconds(pid), entries(cache) if cache else 0
                 run = wrk_misses(base, script, prefix, size, connections, seconds)

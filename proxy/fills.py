@@ -246,8 +246,7 @@ class Fills:
             if held is not None:
                 broadcast = await self._broadcast(fill, held)
                 held = None
-            await _announce(claim, fill, temp)
-            fill._fd = os.open(temp.path, os.O_RDONLY)
+            fill._fd = await _open_for_readers(claim, fill, temp)
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
             tap = broadcast.feed if broadcast is not None else None
@@ -393,8 +392,7 @@ class Fills:
             fill.content_type, fill.expected_length = record.content_type, record.expected_length
             fill.validators, fill.filler, fill.following = validators, record.filler, True
             fill.remote = True
-            await _announce(claim, fill, temp)
-            fill._fd = os.open(temp.path, os.O_RDONLY)
+            fill._fd = await _open_for_readers(claim, fill, temp)
             fill.started.set()
 
             async def fetch() -> httpx.Response:
@@ -427,13 +425,18 @@ class Fills:
         if length is not None and length > self._config.object_size_limit:
             return None
         directory = getattr(self._store, "directory", None)
+        floor = self._config.min_free_space + (length or 0)
+
+        def begin() -> FillFile | None:  # one worker-thread hop for both
+            if directory is not None and shutil.disk_usage(directory).free < floor:
+                return None
+            return self._store.begin_fill()
+
         try:
-            if directory is not None:
-                free = (await run_sync(shutil.disk_usage, directory)).free
-                if free - (length or 0) < self._config.min_free_space:
-                    self._metrics.store_failures.labels("no_space").inc()
-                    return None
-            return await run_sync(self._store.begin_fill)
+            temp = await run_sync(begin)
+            if temp is None:
+                self._metrics.store_failures.labels("no_space").inc()
+            return temp
         except OSError as exc:
             log.warning("cannot start a fill (%s); streaming through uncached", exc.strerror)
             self._metrics.store_failures.labels("write").inc()
@@ -567,23 +570,31 @@ def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> Ent
     )
 
 
-async def _announce(claim: Lease | None, fill: Fill, temp: FillFile) -> None:
-    """Tell this host's other workers which temporary file ``fill`` writes (they follow it):
-    a small file written and renamed, in a worker thread like the store's other writes.
+async def _open_for_readers(claim: Lease | None, fill: Fill, temp: FillFile) -> int:
+    """A descriptor of ``fill``'s temporary file for its readers, and the announcement that
+    tells this host's other workers which file it writes (they follow it): one worker-thread
+    hop for both, like the store's other file work.
 
-    Not a prefetch of unannounced size: it is abandoned at ``prefetch_max_object_size`` unless
-    a client of its own process joins, which would break a follower's transfer; other workers
-    wait for its claim instead, and fetch themselves if it is abandoned."""
-    if claim is None or fill.validators is None:
-        return
-    if fill.prefetch and fill.expected_length is None:
-        return
-    announcement = Announcement(
-        fill.key.cache_key,
-        os.path.basename(temp.path),
-        fill.content_type,
-        fill.expected_length,
-        fill.validators.to_dict(),
-        fill.filler,
-    )
-    await run_sync(claim.announce, announcement)
+    Not announced: a prefetch of unannounced size. It is abandoned at
+    ``prefetch_max_object_size`` unless a client of its own process joins, which would break a
+    follower's transfer; other workers wait for its claim instead, and fetch themselves if it
+    is abandoned."""
+    announcement = None
+    unannounced_size = fill.prefetch and fill.expected_length is None
+    if claim is not None and fill.validators is not None and not unannounced_size:
+        announcement = Announcement(
+            fill.key.cache_key,
+            os.path.basename(temp.path),
+            fill.content_type,
+            fill.expected_length,
+            fill.validators.to_dict(),
+            fill.filler,
+        )
+
+    def open_and_announce() -> int:
+        fd = os.open(temp.path, os.O_RDONLY)
+        if announcement is not None and claim is not None:
+            claim.announce(announcement)
+        return fd
+
+    return await run_sync(open_and_announce)
