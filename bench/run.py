@@ -1,9 +1,12 @@
 """The benchmark: our proxy beside its Python ceilings and nginx's proxy_cache, same machine,
 same run.
 
-    python bench/run.py                 # everything (about 5 minutes)
+    python bench/run.py                 # everything (about 7 minutes)
     python bench/run.py --quick         # fewer, shorter runs (to bench/results/quick.md)
-    python bench/run.py --only hits     # one section: hits, attack, miss, misses, coalesce, memory, scale, workers
+    python bench/run.py --only hits --out /tmp/hits.md
+                                        # one section: hits, attack, miss, misses, coalesce,
+                                        # memory, scale, workers (without --out, it overwrites
+                                        # bench/results/latest.md with that section alone)
 
 Starts on loopback: the stand-in API (150 ms latency by default), the proxy as ``serve`` runs
 (no flags but the upstream, the cache directory and the port; default log level, its log to a
