@@ -136,6 +136,8 @@ def measure(
 ) -> Runs:
     """Each server's wrk runs (misses/s, p50, p99 ms, requests, CPU µs per miss, cores), in
     alternating rounds; the servers' logs go to ``logs``."""
+    if shutil.which("wrk") is None:
+        raise MissingTool("bench/misses.py needs wrk (apt-get install wrk)")
     script = logs / "misses.lua"
     script.write_text(LUA.replace("%s", SCOPE))
     with (
@@ -159,6 +161,19 @@ def measure(
                     check_committed(base, size, prefix, entries(cache) - stored, run)
                 results[name].append(run)
     return results
+
+
+class MissingTool(RuntimeError):
+    """A program the measurement needs is not installed."""
+
+
+def upstream_kind() -> str:
+    """What :func:`fast_upstream` runs on this machine."""
+    return (
+        "nginx serving the same bytes for every key"
+        if shutil.which("nginx")
+        else ("the stand-in API with no added latency (nginx is not installed)")
+    )
 
 
 @contextlib.contextmanager
@@ -255,9 +270,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-misses-logs-") as logs:
-        results = measure(
-            args.rounds, args.seconds, args.connections, args.size, Path(logs), args.before
-        )
+        try:
+            results = measure(
+                args.rounds, args.seconds, args.connections, args.size, Path(logs), args.before
+            )
+        except MissingTool as exc:
+            raise SystemExit(str(exc)) from None
     print(f"{args.size} B artifacts, {args.connections} connections, ", end="")
     print(f"{args.rounds} rounds of {args.seconds:g} s")
     print("| " + " | ".join(HEADER) + " |")

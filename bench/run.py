@@ -554,7 +554,11 @@ def run_miss(bench: Bench) -> None:
 def run_misses(bench: Bench) -> None:
     plan = bench.plan
     seconds, rounds, connections, size = 2 * plan.seconds, plan.rounds, 32, KiB
-    results = misses.measure(rounds, seconds, connections, size, bench.logs)
+    try:
+        results = misses.measure(rounds, seconds, connections, size, bench.logs)
+    except misses.MissingTool as exc:
+        bench.report.add(f"### Miss throughput\n\nNot measured: {exc}.\n")
+        return
     found = misses.ratios(results)
     bench.report.key.append(
         [
@@ -573,9 +577,9 @@ def run_misses(bench: Bench) -> None:
             "alternating the proxy (a fresh cache; every miss fetched, written, fsynced, "
             "committed and logged, checked after each run) and bench/forwarder.py (the same "
             "server, protocol, loop and httpx client, relaying only). The upstream here is "
-            "nginx serving the same bytes for every key (bench/misses.py), so the servers' CPU "
-            "is what limits. misses/s: median "
-            "(min-max); the rest medians. bench/misses.py runs this section alone.",
+            f"{misses.upstream_kind()} (bench/misses.py), so the servers' CPU is what limits. "
+            "misses/s: median (min-max); the rest medians. bench/misses.py runs this section "
+            "alone.",
         )
     )
 

@@ -139,8 +139,9 @@ def section_memory(targets: Sequence[Target], clients: int, size: int, new_id: N
         return rows
     for target in targets:
         object_id = new_id(size)
-        peak = 0
         for phase in ("miss", "hit"):
+            peak = 0
+            reset_peak(target.pid)  # this phase's peak, not the process's since it started
             args = [curl, "-sf", "-o", "/dev/null", "-H", f"Authorization: Bearer {TOKEN}"]
             args.append(url(target.base, object_id))
             started = time.monotonic()
@@ -164,6 +165,12 @@ def section_memory(targets: Sequence[Target], clients: int, size: int, new_id: N
                 ]
             )
     return rows
+
+
+def reset_peak(pid: int) -> None:
+    """Reset the kernel's peak RSS (VmHWM) of ``pid`` (``clear_refs``; Linux, own processes)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def section_scale(counts: list[int]) -> list[Row]:

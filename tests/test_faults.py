@@ -92,7 +92,9 @@ def test_breaker_closes_when_upstream_returns(
     standin: StandIn, upstream: ServerThread, start_proxy
 ) -> None:
     """Once the API is back, the probe after the cooldown succeeds and traffic flows again."""
-    proxy = start_proxy(breaker_threshold=2, breaker_cooldown="200ms", retries=0)
+    # A cooldown long enough that the metric below is read while the breaker is still open on
+    # a busy machine (at 200 ms it sometimes was not).
+    proxy = start_proxy(breaker_threshold=2, breaker_cooldown="2s", retries=0)
     port = upstream.port
     upstream.stop()
     for _ in range(2):
