@@ -29,7 +29,7 @@ bench: $(VENV)/.installed
 bench-quick: $(VENV)/.installed
 	$(PY) bench/run.py --quick
 
-# 1M entries of 1 KiB beside 1k (filled once into /tmp/vlmrun-scale, about 4 GiB; ~20 minutes).
+# 1M entries of 1 KiB beside 1k (filled once into /tmp/vlmrun-scale, about 4 GiB; about half an hour).
 bench-scale: $(VENV)/.installed
 	$(PY) bench/scale.py $(SCALE_FLAGS)
 
