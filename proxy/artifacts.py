@@ -38,7 +38,7 @@ from proxy.resume import rest_from_upstream
 from proxy.services import Services
 from proxy.store.chain import Corrupt, Hit, Interrupted
 from proxy.threads import run_sync
-from proxy.upstream import Answer, read_answer
+from proxy.upstream import FAULT_STATUSES, Answer, read_answer
 from proxy.validators import Validators
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,10 @@ class ArtifactRoute:
         to send instead.
 
         Without a live proof, upstream is asked (the same artifact request, with this
-        credential; the body is not read). Its refusal is relayed. A 200 that contradicts
+        credential; the body is not read). Its refusal is relayed. With a proof too old to
+        trust online but young enough for offline use, the check is not retried and a
+        502/503/504 counts as the API failing, not refusing: the proof serves, as it does
+        when the API cannot be reached. A 200 that contradicts
         ``recorded`` (what the entry or running fill we would serve had from upstream) cannot be
         for the same bytes: the scope is split and this caller is served from upstream.
         """
@@ -150,6 +153,9 @@ class ArtifactRoute:
         check = self.s.upstream.artifact_request(key, authorization)
         try:
             async with self.s.upstream.stream(check, artifact=True, retry=not fallback) as upstream:
+                if fallback and upstream.status_code in FAULT_STATUSES:  # failing, not refusing
+                    checks.labels("offline").inc()
+                    return None
                 if upstream.status_code != 200:
                     answer = await read_answer(upstream)
                 elif recorded is not None and Validators.of(upstream).conflicts(recorded):

@@ -14,7 +14,7 @@ from vlmrun.client.exceptions import APIError, VLMRunError
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
 from tests.helpers import auth, fetch, metric
 from tests.servers import ServerThread
-from tests.standin import StandIn
+from tests.standin import Fault, StandIn
 
 
 def _client(proxy: ServerThread, token: str = TOKEN) -> VLMRun:
@@ -84,3 +84,22 @@ def test_a_reachable_api_answering_5xx_is_relayed(standin: StandIn, proxy) -> No
     assert response.status_code == 503 and "x-cache" not in response.headers
     with pytest.raises(VLMRunError):
         _client(proxy)
+
+
+def test_an_old_proof_serves_the_cache_when_the_api_answers_its_check_with_a_5xx(
+    standin: StandIn, start_proxy
+) -> None:
+    """A key whose proof is past proof_ttl but within offline_proof_ttl is checked again with
+    no retries (so that an unreachable API falls back to the cache at once). A 502/503/504 to
+    that check is the API failing, like a refused connection: the cached bytes are served, not
+    the 503 (found by the bounded load test: one client got a 503 for a cached artifact)."""
+    proxy = start_proxy(proof_ttl="1s", offline_proof_ttl="1h")
+    body = standin.add("session", SESSION, "arr_0ff1e2", size=2_000)
+    assert fetch(proxy, "arr_0ff1e2").content == body
+    time.sleep(1.1)  # let the proof outlive proof_ttl (not a wait for concurrency)
+    standin.faults["arr_0ff1e2"] = Fault(status=503, times=1)
+    answer = fetch(proxy, "arr_0ff1e2")
+    assert (answer.status_code, answer.content) == (200, body)
+    assert metric(proxy, "vlmrun_cache_access_checks_total", result="offline") == 1
+    standin.faults["arr_0ff1e2"] = Fault(status=404, times=1)  # a refusal is still a refusal
+    assert fetch(proxy, "arr_0ff1e2").status_code == 404
