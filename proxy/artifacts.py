@@ -55,6 +55,11 @@ _CACHE_STATUS = {
 }
 #: A GET needs no body; anything larger than this on the cached route is refused.
 MAX_REQUEST_BODY = 64 * 1024
+#: Yielded after each piece of a streamed body: an empty message, which the server sends only
+#: once the client has taken most of the last piece. So the next ``chunk_size`` read waits for
+#: a client that stops reading instead of being held beside the unsent piece (what a stalled
+#: client holds: one piece, not two).
+DRAINED = b""
 
 
 class ArtifactRoute:
@@ -294,6 +299,7 @@ class ArtifactRoute:
             async for data in hit.chunks(start, end, verify):
                 served.inc(len(data))
                 yield data
+                yield DRAINED
         except Interrupted as cut:  # the tier failed mid-body: the rest comes from upstream
             rest = rest_from_upstream(
                 self.s.upstream, key, authorization, hit.meta, cut.offset, cut.digest
@@ -407,6 +413,7 @@ class ArtifactRoute:
             async for data in reader.fill.chunks(self.s.config.chunk_size):
                 served.inc(len(data))
                 yield data
+                yield DRAINED
         except FillFailed as exc:
             raise ResponseAborted(str(exc)) from exc
         finally:

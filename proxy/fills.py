@@ -49,7 +49,7 @@ from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
 from proxy.store.claims import POLL_SECONDS, Announcement, Coordinator, Lease
 from proxy.store.lease import Held, Stored
-from proxy.threads import run_sync
+from proxy.threads import run_commit, run_sync
 from proxy.upstream import Upstream, read_answer, translate
 from proxy.validators import Validators
 
@@ -537,7 +537,7 @@ class Fills:
         """Store the entry; True if it was stored (then copied to the shared tier with
         ``publish``)."""
         try:
-            stored = await run_sync(self._store.commit, key.cache_key, temp, meta)
+            stored = await run_commit(self._store.commit, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()

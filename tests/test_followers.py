@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.keys import ArtifactKey
 from proxy.store.claims import Announcement, Claims
 from proxy.store.disk import DiskStore
 from tests.conftest import OTHER_TOKEN, SESSION, ProxyFactory
@@ -183,3 +184,38 @@ def test_an_announcement_lives_in_the_lock_file_and_the_next_holder_clears_it(
     assert fd is not None
     assert claims.announced("k") is None
     Claims.release(fd)
+
+
+def _same_slot(claims: Claims, object_id: str) -> str:
+    """Another object id of the session whose key shares ``object_id``'s claim slot."""
+    slot = claims._path(ArtifactKey("session", SESSION, object_id).cache_key)
+    for n in range(1_000_000):
+        other = f"arr_{n:06x}"
+        if claims._path(ArtifactKey("session", SESSION, other).cache_key) == slot:
+            return other
+    raise AssertionError("no key shares the slot")
+
+
+def test_a_miss_never_waits_for_another_keys_fill_that_shares_its_slot(
+    standin: StandIn, start_proxy: ProxyFactory, cache_dir: Path
+) -> None:
+    """Keys share the 4096 claim slots. While a long fill of one key holds a slot (it has
+    announced its file), a miss of another key of that slot starts at once instead of waiting
+    for that fill to end or for ``first_byte_timeout``."""
+    proxy = start_proxy(first_byte_timeout="60s")
+    standin.add("session", SESSION, "vid_5107a0", size=2 * HALF)
+    release = threading.Event()
+    standin.faults["vid_5107a0"] = Fault(hold_middle=release, hold_at=HALF, times=1)
+    other = _same_slot(Claims(cache_dir), "vid_5107a0")
+    body = standin.add("session", SESSION, other, size=5000)
+    try:
+        with httpx.stream(
+            "GET", artifact_url(proxy, "vid_5107a0"), headers=auth(), timeout=20
+        ) as long:
+            _, rest = _first_bytes(long, 1)  # its fill has announced its file
+            beside = httpx.get(artifact_url(proxy, other), headers=auth(), timeout=10)
+            assert (beside.status_code, beside.content) == (200, body)
+            release.set()
+            b"".join(rest)
+    finally:
+        release.set()

@@ -38,7 +38,7 @@ import anyio.to_thread
 from proxy.integrity import Verifier, intact
 from proxy.store import Entry, EntryMeta, FillFile, Store
 from proxy.store.memory import MemoryTier
-from proxy.threads import run_sync
+from proxy.threads import run_commit, run_sync
 
 if TYPE_CHECKING:
     from proxy.store.shared import SharedTier
@@ -243,7 +243,7 @@ class DiskTier:
                         yield data
                     if fill is not None:  # every byte arrived and the digest matched
                         pending, fill = fill, None
-                        await run_sync(self._commit, key, pending, meta)
+                        await run_commit(self._commit, key, pending, meta)
                 finally:
                     if fill is not None:
                         with anyio.CancelScope(shield=True):
@@ -266,7 +266,7 @@ class DiskTier:
                     return
                 self._commit(key, fill, meta)
 
-            await run_sync(write)
+            await run_commit(write)
 
     def _begin(self, length: int) -> FillFile | None:
         """Blocks. A temporary file, unless the disk lacks room (then no backfill)."""

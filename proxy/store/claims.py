@@ -7,7 +7,9 @@ one host with ``flock``, and a shared tier may implement it with a lease.
 With ``--workers N`` every worker shares the disk cache. Before fetching a key from upstream, a
 worker takes an exclusive ``flock`` on one of :data:`SLOTS` lock files chosen by the key's hash.
 Locks die with their process, so a crashed worker never leaves a key stuck. Two keys sharing a
-slot only wait for each other; they never share bytes.
+slot never share bytes, and wait for each other only until the holder announces its fill: a key
+that finds its slot announced for another key is fetched at once, unclaimed (at worst another
+worker fetches it too), rather than after that fill or ``first_byte_timeout``.
 
 The holder, once it knows the body will be stored, *announces* its fill (:meth:`Lease.announce`):
 a small JSON record, written into the lock file it holds, naming the key, the temporary file it
@@ -96,8 +98,8 @@ class Coordinator(Protocol):
         """A lease to fetch ``key`` once no other process holds one, or the holder's
         :class:`Announcement` as soon as it has made one (then follow its fill); ``None`` if
         neither came within ``patience`` seconds (the caller then fetches regardless: a
-        duplicate fetch beats a timeout). After a wait the caller should look whether the key
-        is now stored."""
+        duplicate fetch beats a timeout), or at once when the slot's holder announced another
+        key. After a wait the caller should look whether the key is now stored."""
 
 
 #: Lock files at most (created on first use; a holder writes its announcement into its own).
@@ -154,6 +156,13 @@ class Claims:
 
         Only meaningful while that process holds the key's lock (the caller just failed to
         take it); the follower still checks that the file's writer is alive."""
+        announcement = self._announcement(key)
+        if announcement is None or announcement.key != key:  # another key of the slot
+            return None
+        return announcement
+
+    def _announcement(self, key: str) -> Announcement | None:
+        """What the holder of ``key``'s slot announced, whichever key it fetches."""
         try:
             fd = os.open(self._record(key), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
@@ -163,10 +172,7 @@ class Claims:
                 text = record.read(64 * 1024)
             except (OSError, UnicodeDecodeError):
                 return None
-        announcement = Announcement.from_json(text)
-        if announcement is None or announcement.key != key:  # another key of the slot
-            return None
-        return announcement
+        return Announcement.from_json(text)
 
     def try_claim(self, key: str) -> int | None:
         """A held lock (its descriptor) if no other process is fetching ``key``, else None.
@@ -188,15 +194,20 @@ class Claims:
         os.close(fd)
 
     def _attempt(self, key: str) -> Lease | Announcement | None:
+        """A lease; or the holder's announcement, of any key (None if it has made none)."""
         fd = self.try_claim(key)
         if fd is not None:
             return _Held(fd)
-        return self.announced(key)
+        return self._announcement(key)
 
     async def claim(self, key: str, patience: float) -> Lease | Announcement | None:
         give_up = time.monotonic() + patience
         while True:
             got = await run_sync(self._attempt, key)
+            if isinstance(got, Announcement) and got.key != key:
+                # The slot's holder fetches another key (they share one of the SLOTS): waiting
+                # would wait for that fill, as long as it lasts; fetch now, unclaimed.
+                return None
             if got is not None:
                 return got
             if time.monotonic() > give_up:
