@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, SCOPE, TOKEN, child, free_port, pinned, standin
 from bench.loadgen import _SIZES, _field, _ms
-from bench.servers import LOAD_CPU, SERVER_CPU, cpu_seconds
+from bench.servers import LOAD_CPU, NGINX_MAIN, SERVER_CPU, cpu_seconds
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -195,13 +195,9 @@ def fast_upstream(size: int, logs: Path) -> Iterator[str]:
             yield f"http://127.0.0.1:{port}"
 
 
-STATIC_NGINX = """
-user root;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
+STATIC_NGINX = (
+    NGINX_MAIN
+    + """http {{
     access_log off;
     keepalive_requests 1000000;
     types {{ }}
@@ -212,6 +208,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def address(base: str, size: int, name: str) -> str:

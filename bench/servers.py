@@ -46,13 +46,18 @@ def url(base: str, object_id: str) -> str:
     return f"{base}/v1/artifacts?object_id={object_id}&session_id={SCOPE}"
 
 
-NGINX_CONF = """
+#: What every nginx of the benchmarks runs as (``{dir}``: its own temporary directory).
+NGINX_MAIN = """
 user root;
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
-http {{
+"""
+
+NGINX_CONF = (
+    NGINX_MAIN
+    + """http {{
     access_log off;
     # tcp_nopush stays off (nginx's default): with sendfile on it made 50 MiB hits about a third
     # slower here, with wrk reading 8 KiB at a time.
@@ -73,6 +78,7 @@ http {{
     }}
 }}
 """
+)
 
 NGINX_LOCATION = """
 location /v1/artifacts {
