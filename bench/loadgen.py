@@ -10,6 +10,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TypedDict
 
 import httpx
@@ -49,12 +51,22 @@ def _field(pattern: str, text: str) -> str:
     return match.group(1)
 
 
-def wrk(target: str, connections: int, seconds: float, pin: bool = True) -> Load:
-    """Keep-alive GETs of ``target`` from ``connections`` connections for ``seconds`` (whole)."""
+def wrk(
+    target: str,
+    connections: int,
+    seconds: float,
+    pin: bool = True,
+    script: Path | None = None,
+    script_args: Sequence[str] = (),
+    timeout: str = "60s",
+) -> Load:
+    """Keep-alive GETs of ``target`` from ``connections`` connections for ``seconds`` (whole);
+    with ``script``, the requests that Lua script makes (given ``script_args``)."""
     if shutil.which("wrk") is None:
         return asyncio.run(python_load(target, connections, seconds))
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "60s"]
-    args += ["--latency", "-H", f"Authorization: Bearer {TOKEN}", target]
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", timeout]
+    args += ["--latency", "-H", f"Authorization: Bearer {TOKEN}"]
+    args += ["-s", str(script), target, "--", *script_args] if script is not None else [target]
     if pin and (os.cpu_count() or 1) > 1:
         args = pinned(args, LOAD_CPU)
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -38,8 +37,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, SCOPE, TOKEN, child, free_port, pinned, standin
-from bench.loadgen import _SIZES, _field, _ms
+from bench.common import ROOT, SCOPE, TOKEN, child, free_port, standin
+from bench.loadgen import wrk
 from bench.servers import LOAD_CPU, NGINX_MAIN, SERVER_CPU, cpu_seconds
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,22 +64,20 @@ end
 def wrk_misses(
     base: str, script: Path, prefix: str, size: int, connections: int, seconds: float
 ) -> dict[str, float]:
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s"]
-    args += ["--latency", "-H", f"Authorization: Bearer {TOKEN}", "-s", str(script), base]
-    args += ["--", prefix, str(size)]
-    out = subprocess.run(pinned(args, LOAD_CPU), capture_output=True, text=True, check=True).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk saw errors against {base}:\n{out}")
-    requests = int(_field(r"(\d+) requests in", out))
-    amount, unit = re.findall(r"requests in [\d.]+\w+, ([\d.]+)(\w+) read", out)[0]
-    received = float(amount) * _SIZES[unit]
-    if received < requests * size:
-        raise RuntimeError(f"short bodies from {base}: {received} bytes for {requests} answers")
+    """One wrk run of new keys (bench/loadgen.py's wrk with :data:`LUA`): no socket error, and
+    the whole body of every answer."""
+    load = wrk(
+        base, connections, seconds, script=script, script_args=(prefix, str(size)), timeout="30s"
+    )
+    if load["errors"]:
+        raise RuntimeError(f"wrk saw {load['errors']} socket errors against {base}")
+    if load["bytes_per_request"] < size:
+        raise RuntimeError(f"short bodies from {base}: {load['bytes_per_request']:.0f} B each")
     return {
-        "rps": float(_field(r"Requests/sec:\s+([\d.]+)", out)),
-        "p50": _ms(_field(r"^\s+50%\s+(\S+)", out)),
-        "p99": _ms(_field(r"^\s+99%\s+(\S+)", out)),
-        "requests": requests,
+        "rps": load["rps"],
+        "p50": load["p50"],
+        "p99": load["p99"],
+        "requests": load["requests"],
     }
 
 
