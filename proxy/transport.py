@@ -135,13 +135,13 @@ class _Pool(httpcore.AsyncConnectionPool):
             and inner.is_idle()
         ]
         if idle:
+            fds = [inner.fileno() for inner in idle]
             poller = select.poll()
-            for inner in idle:
-                if (fd := inner.fileno()) >= 0:
+            for fd in fds:
+                if fd >= 0:
                     poller.register(fd, select.POLLIN)
             ready = {fd for fd, _events in poller.poll(0)}
-            for inner in idle:  # readable: the server closed it (or wrote what nobody asked)
-                fd = inner.fileno()
+            for inner, fd in zip(idle, fds, strict=True):  # readable: closed, or unasked bytes
                 inner.probed = fd < 0 or fd in ready
         try:
             return super()._assign_requests_to_connections()
