@@ -42,6 +42,8 @@ class Arm:
     label: str
     target: Target
     during: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
+    #: Request header fields besides Authorization (``Name: value``).
+    headers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -140,7 +142,7 @@ def measure(arm: Arm, object_id: str, size: int, connections: int, seconds: floa
         foreign = foreign_cpu_seconds(ours)
         before = cpu_seconds(arm.target.pid)
         started = time.monotonic()
-        load = wrk(url(arm.target.base, object_id), connections, seconds)
+        load = wrk(url(arm.target.base, object_id), connections, seconds, headers=arm.headers)
         cpu = cpu_seconds(arm.target.pid) - before
         foreign = max(0.0, foreign_cpu_seconds(ours) - foreign)
         elapsed = time.monotonic() - started

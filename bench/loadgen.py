@@ -59,13 +59,17 @@ def wrk(
     script: Path | None = None,
     script_args: Sequence[str] = (),
     timeout: str = "60s",
+    headers: Sequence[str] = (),
 ) -> Load:
-    """Keep-alive GETs of ``target`` from ``connections`` connections for ``seconds`` (whole);
-    with ``script``, the requests that Lua script makes (given ``script_args``)."""
+    """Keep-alive GETs of ``target`` from ``connections`` connections for ``seconds`` (whole),
+    with ``headers`` (``Name: value``) besides Authorization; with ``script``, the requests that
+    Lua script makes (given ``script_args``)."""
     if shutil.which("wrk") is None:
-        return asyncio.run(python_load(target, connections, seconds))
+        return asyncio.run(python_load(target, connections, seconds, headers))
     args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", timeout]
     args += ["--latency", "-H", f"Authorization: Bearer {TOKEN}"]
+    for header in headers:
+        args += ["-H", header]
     args += ["-s", str(script), target, "--", *script_args] if script is not None else [target]
     if pin and (os.cpu_count() or 1) > 1:
         args = pinned(args, LOAD_CPU)
@@ -88,13 +92,16 @@ def wrk(
     )
 
 
-async def python_load(target: str, connections: int, seconds: float) -> Load:
+async def python_load(
+    target: str, connections: int, seconds: float, headers: Sequence[str] = ()
+) -> Load:
     """A fallback load generator when wrk is not installed (slower: it is Python)."""
+    extra = dict(header.split(": ", 1) for header in headers)
     latencies: list[float] = []
     received = 0
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=connections)
-    async with httpx.AsyncClient(headers=AUTH, limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(headers={**AUTH, **extra}, limits=limits, timeout=60) as client:
 
         async def loop() -> None:
             nonlocal received

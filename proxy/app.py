@@ -134,4 +134,5 @@ def create_app(config: Config | None = None) -> Front:
     rest: ASGIApp = app
     if access_log is not None:  # one line per request, whichever way it went
         fast, rest = AccessLog(fast, writer=access_log), AccessLog(app, writer=access_log)
-    return Front(rest, fast, app.state)
+    put = None if access_log is None else access_log.put
+    return Front(rest, fast, app.state, now=artifacts.answer_now, log=put)

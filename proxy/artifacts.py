@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy.access import credential
+from proxy.access import ProofScope, credential
 from proxy.errors import (
     PayloadTooLarge,
     ProxyError,
@@ -36,7 +37,9 @@ from proxy.passthrough import relay
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.resume import rest_from_upstream
 from proxy.services import Services
+from proxy.store import EntryMeta
 from proxy.store.chain import Corrupt, Hit, Interrupted
+from proxy.store.memory import MemoryTier
 from proxy.threads import run_sync
 from proxy.upstream import FAULT_STATUSES, Answer, read_answer
 from proxy.validators import Validators
@@ -60,6 +63,12 @@ MAX_REQUEST_BODY = 64 * 1024
 #: a client that stops reading instead of being held beside the unsent piece (what a stalled
 #: client holds: one piece, not two).
 DRAINED = b""
+
+
+#: What no header value may hold (as uvicorn checks it).
+_UNSENDABLE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+#: What :meth:`ArtifactRoute.answer_now` gives: a 200's header fields, its body, and the key.
+Immediate = tuple[RawHeaders, bytes, ArtifactKey]
 
 
 class ArtifactRoute:
@@ -138,9 +147,7 @@ class ArtifactRoute:
         """
         checks = self.s.metrics.access_checks
         access = self.s.access
-        scope = key.proof_scope(self.s.config.access_check == "object")
-        own = (fingerprint or "") == filler
-        needed = scope if own else key.proof_scope(self.s.config.access_check == "object", filler)
+        scope, needed, own = self._proof_scopes(key, fingerprint, filler)
         if (
             access.remembered(fingerprint, needed)
             or await run_sync(access.has_proof, fingerprint, needed)
@@ -185,6 +192,16 @@ class ArtifactRoute:
             raise UpstreamUnavailable("upstream refused access with an oversized body")
         return _replay(answer)
 
+    def _proof_scopes(
+        self, key: ArtifactKey, fingerprint: str | None, filler: str
+    ) -> tuple[ProofScope, ProofScope, bool]:
+        """The scope a proof of this credential covers, the scope it needs to read an entry
+        stored by ``filler``, and whether the credential is ``filler``'s own."""
+        per_object = self.s.config.access_check == "object"
+        scope = key.proof_scope(per_object)
+        own = (fingerprint or "") == filler
+        return scope, scope if own else key.proof_scope(per_object, filler), own
+
     async def _split(self, key: ArtifactKey) -> None:
         """Two credentials got different answers for ``key``: stop sharing its scope."""
         log.warning(
@@ -195,6 +212,51 @@ class ArtifactRoute:
         await run_sync(self.s.access.split, key.scope_kind, key.scope_id)
 
     # -- hit ----------------------------------------------------------------------------------
+
+    def answer_now(self, query: bytes, headers: list[tuple[bytes, bytes]]) -> Immediate | None:
+        """The whole answer to ``GET /v1/artifacts?{query}``, without waiting for anything,
+        when it is the simplest hit: the entry is in the memory tier, this process remembers a
+        live proof that the credential may read it, and the request asks for the whole body
+        with no condition and sends none. Counted as the route counts a hit.
+
+        ``None`` for anything else, also a request the route would refuse: the ASGI route
+        then answers it as always. So this decides nothing the route does not, and never
+        refuses. ``headers`` are the request's, names in lower case (as servers give them).
+        """
+        if len(query) > self.s.config.max_query_length:
+            return None
+        for name, _ in headers:
+            if name in _CONDITIONS or name == b"expect":
+                return None
+        try:
+            key = parse_key(query)
+            authorization = credential(headers)
+        except ProxyError:
+            return None
+        if key is None or authorization is None:
+            return None
+        access = self.s.access
+        fingerprint = access.fingerprint(authorization)
+        if access.is_split(key.scope_kind, key.scope_id):
+            key = key.owned_by(fingerprint)
+        copy = self.s.chain.memory.get(key.cache_key)
+        if copy is None:
+            return None
+        meta = copy.meta
+        _, needed, _ = self._proof_scopes(key, fingerprint, meta.filler)
+        if not access.remembered(fingerprint, needed):
+            return None
+        fields = _body_headers(meta, meta.length, _common_headers(meta, b"HIT", MemoryTier.name))
+        if _UNSENDABLE.search(fields[0][1]):  # a server refuses it: let the route's path do so
+            return None
+        self.s.chain.touch(key.cache_key)
+        self._proven.inc()
+        self._count("hit")
+        self._tiers[MemoryTier.name].inc()
+        self._served["cache"].inc(meta.length)
+        if meta.prefetched:
+            self.s.prefetcher.first_read(key.cache_key, meta)
+        return fields, copy.body, key
 
     async def _hit(
         self,
@@ -239,13 +301,7 @@ class ArtifactRoute:
         its tier, hashed on the way.
         """
         meta = hit.meta
-        common: RawHeaders = [
-            (b"ETag", meta.etag.encode()),
-            CACHE_CONTROL,
-            (b"Accept-Ranges", b"bytes"),
-            (b"X-Cache", outcome.upper().encode()),
-            (b"Cache-Status", _CACHE_STATUS[hit.tier]),
-        ]
+        common = _common_headers(meta, outcome.upper().encode(), hit.tier)
         headers = _conditions(request.scope)
         if "if-none-match" in headers and none_match(headers["if-none-match"], meta.etag):
             hit.close()
@@ -264,11 +320,7 @@ class ArtifactRoute:
                 [(b"Content-Range", f"bytes */{meta.length}".encode()), *common],
             )
         start, end = span if span is not None else (0, meta.length)
-        raw: RawHeaders = [
-            (CONTENT_TYPE, meta.content_type.encode("latin-1")),
-            (CONTENT_LENGTH, str(end - start).encode()),
-            *common,
-        ]
+        raw = _body_headers(meta, end - start, common)
         status = 200
         if span is not None:
             status = 206
@@ -447,6 +499,25 @@ def _conditions(scope: Scope) -> dict[str, str]:
                 found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
         scope["vlmrun_cache.conditions"] = found
     return found
+
+
+def _common_headers(meta: EntryMeta, outcome: bytes, tier: str) -> RawHeaders:
+    """The header fields of every answer from a tier, body or not."""
+    return [
+        (b"ETag", meta.etag.encode()),
+        CACHE_CONTROL,
+        (b"Accept-Ranges", b"bytes"),
+        (b"X-Cache", outcome),
+        (b"Cache-Status", _CACHE_STATUS[tier]),
+    ]
+
+
+def _body_headers(meta: EntryMeta, length: int, common: RawHeaders) -> RawHeaders:
+    return [
+        (CONTENT_TYPE, meta.content_type.encode("latin-1")),
+        (CONTENT_LENGTH, str(length).encode()),
+        *common,
+    ]
 
 
 def _fill_headers(fill: Fill, outcome: bytes) -> RawHeaders:

@@ -189,6 +189,9 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
         "lifespan": "on",
         "server_header": False,
         "access_log": False,  # ours is proxy/accesslog.py
+        # The proxy never looks at the client's address or scheme: uvicorn's X-Forwarded-*
+        # rewriting (on by default for clients on 127.0.0.1) would only cost a dict per request.
+        "proxy_headers": False,
     }
 
 

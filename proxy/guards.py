@@ -144,18 +144,18 @@ class HeadMeter:
         end = data.find(b"\r\n\r\n")
         if end <= 0 or data[0] in b"\r\n":  # empty lines before the request line are skipped
             return False
-        head = data[:end]
-        if head.count(b"\n") != head.count(b"\r\n"):  # a bare LF ends a line too
+        line_ends = data.count(b"\r\n", 0, end)
+        if data.count(b"\n", 0, end) != line_ends:  # a bare LF ends a line too
             return False
-        lines = head.split(b"\r\n")
         limits = self.limits
-        if (
-            end + 4 > limits.max_header_bytes
-            or len(lines) - 1 > limits.max_headers
-            or max(map(len, lines)) > limits.max_header_line
+        if end + 4 > limits.max_header_bytes or line_ends > limits.max_headers:
+            return False
+        # No line is longer than the head; only a head longer than a line can hold one too long.
+        if end > limits.max_header_line and max(map(len, data[:end].split(b"\r\n"))) > (
+            limits.max_header_line
         ):
             return False
-        self.size, self.lines, self.complete = end + 4, len(lines), True
+        self.size, self.lines, self.complete = end + 4, line_ends + 1, True
         return True
 
 
@@ -173,9 +173,19 @@ class FieldCount:
         self.last_line = 0
 
     def target(self, length: int) -> None:
-        """``length`` more bytes of the request target (parsers may report it in pieces)."""
+        """``length`` more bytes of the request target; raise if past a limit."""
+        if not self.fits_target(length):
+            self.refuse_target()
+
+    def fits_target(self, length: int) -> bool:
+        """Count ``length`` more bytes of the request target (parsers may report it in pieces);
+        True if the head is still within every limit, else :meth:`refuse_target` raises."""
         self.target_length += length
         self.size += length
+        limits = self.limits
+        return self.target_length <= limits.max_header_line and self.size <= limits.max_header_bytes
+
+    def refuse_target(self) -> None:
         self.limits.check_line(self.target_length, request_line=True)
         self.limits.check_size(self.size)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -102,6 +103,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.guard = ConnectionGuard(limits, self.loop, server_state, self._responding)
+        #: The app's answer to a hit that needs no waiting (proxy/front.py), if the app is
+        #: ours (uvicorn wraps it in nothing at the settings ``serve`` uses).
+        self._answer_now: AnswerNow | None = getattr(self.app, "answer_now", None)
+        #: The request being parsed was answered by ``_answer_now``.
+        self._answered = False
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -120,13 +126,49 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.guard.admit(data):
             super().data_received(data)
 
-    # httptools calls these as it parses; raising in them stops the parser (HttpParserError).
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.guard.fields.reset()
+    def on_headers_complete(self) -> None:
+        # A request is here: the connection is not idle, even if an answer given earlier in
+        # this same piece of input armed the keep-alive timer.
+        self._unset_keepalive_if_required()
+        if self._answer_now is not None and self._answer_at_once():
+            return
+        super().on_headers_complete()
 
+    def _answer_at_once(self) -> bool:
+        """Answer the parsed head with ``_answer_now`` if it is a plain keep-alive HTTP/1.1 GET,
+        nothing is before it in the connection (no response under way or queued, none waiting
+        for the client to read) and the app has the answer. Its message completes the rest."""
+        parser = self.parser
+        cycle = self.cycle
+        if (
+            (cycle is not None and not cycle.response_complete)
+            or self.pipeline
+            or self.flow.write_paused
+            or self.transport.is_closing()
+            or parser.get_method() != b"GET"
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+            or parser.should_upgrade()
+        ):
+            return False
+        assert self._answer_now is not None
+        answer = self._answer_now(self.url, self.headers, self.server_state.default_headers)
+        if answer is None:
+            return False
+        self.transport.writelines(answer)
+        self._answered = True
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._answered:  # answered requests have none (no length, no transfer coding)
+            super().on_body(body)
+
+    # httptools calls these as it parses; raising in them stops the parser (HttpParserError).
+    # The field count starts at zero (a new guard) and is reset after each message.
     def on_url(self, url: bytes) -> None:
-        self.guard.parsed(lambda: self.guard.fields.target(len(url)))
+        fields = self.guard.fields
+        if not fields.fits_target(len(url)):
+            self.guard.parsed(fields.refuse_target)
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -136,8 +178,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        if self._answered:  # its response is written: what follows is as after any response
+            self._answered = False
+            self.on_response_complete()
+        else:
+            super().on_message_complete()
         self.guard.meter.reset()  # whatever follows starts a new head
+        self.guard.fields.reset()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -146,6 +193,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if not self.guard.answer_pending():
             super().send_400_response(msg)
+
+
+#: :meth:`proxy.front.Front.answer_now`: (target, header fields, the server's fields) -> the
+#: bytes of a whole response, or None.
+_Fields = list[tuple[bytes, bytes]]
+AnswerNow = Callable[[bytes, _Fields, _Fields], list[bytes] | None]
 
 
 def _close_when_silent(protocol: GuardedH11Protocol | GuardedHttpToolsProtocol) -> None:

@@ -316,7 +316,7 @@ class Chain:
     async def lookup(self, key: str) -> Hit | None:
         copy = self.memory.get(key)
         if copy is not None:
-            self.disk.store.touch(key)  # the disk entry is what recency evicts and purges
+            self.touch(key)
             return Hit(copy.meta, self.memory.name, body=copy.body)
         found = await self.disk.lookup(key)
         if found is None:
@@ -327,6 +327,11 @@ class Chain:
         if hit.body is not None:
             self.memory.put(key, hit.meta, hit.body, path, inode)
         return hit
+
+    def touch(self, key: str) -> None:
+        """Record a read of ``key`` served from memory: the disk entry is what recency evicts
+        and purges."""
+        self.disk.store.touch(key)
 
     def keep(self, key: str, hit: Hit) -> Hit:
         """``hit``, arranged to be written to disk on the way if it came from the shared tier.
