@@ -30,13 +30,14 @@ JSON lines always carry every field of :data:`FIELDS` (the scope fields are null
 artifact route). ``ts`` is when the response ended, in UTC.
 
 Cost, measured with bench/accesslog.py (8 KiB hits, one worker pinned to one core): about
-7 us of CPU per request, 2 of them in the writer thread (numbers in the README). Built so:
+7 us of CPU per request when it was measured (numbers in the README). Built so:
 
 * On the event loop: a wrapped ``send`` (a plain function returning the server's awaitable, so
-  no extra coroutine per message) and the record's values appended to a flat list. Not the
-  logging module (a ``LogRecord`` alone costs about 6 us), no second parse of the query.
-* Records wait as plain values, not tuples: a few hundred live tuples per batch set off the
-  garbage collector's full collections (a pause of ~20 ms every few seconds).
+  no extra coroutine per message), and the line formatted at once from the record's values
+  (about 1 us; see :class:`AccessLogWriter` for why not later, in the writer). Not the logging
+  module (a ``LogRecord`` alone costs about 6 us), no second parse of the query.
+* Lines wait as strings, which the garbage collector does not track: a few hundred live tuples
+  per batch set off its full collections (a pause of ~20 ms every few seconds).
 * The writer thread wakes at most every :data:`LINGER` seconds and writes each batch with one
   ``write``: each wake-up and each write hands the interpreter lock back and forth. With
   several worker processes sharing stdout, writes are cut at line ends within ``PIPE_BUF``
@@ -83,7 +84,7 @@ _OUTCOMES = {
     b"OFFLINE": "offline",
     b"PREFETCH": "prefetch",  # a fetch the proxy made itself (proxy/prefetch), method PREFETCH
 }
-#: Records waiting for the writer at most; more are dropped (and counted), not held.
+#: Lines waiting for the writer at most; more are dropped (and counted), not held.
 MAX_PENDING = 100_000
 #: Largest write that a pipe takes whole, so that workers' lines never interleave.
 ATOMIC_WRITE = getattr(select, "PIPE_BUF", 512)
@@ -112,8 +113,6 @@ Record = tuple[
     float,
     float,
 ]
-#: Values per record in the writer's flat buffer.
-WIDTH = 13
 
 
 class AccessLog:
@@ -184,7 +183,7 @@ def _x_cache(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     return b""
 
 
-# -- formatting, in the writer thread: every microsecond here is one the server does not get ----
+# -- formatting: every microsecond here is one the server does not get ------------------------
 
 
 def _status_and_outcome(
@@ -256,8 +255,21 @@ class Formatter:
 
     def fields(self, record: Sequence[Any]) -> dict[str, Any]:
         """A :data:`Record` as the named fields of :data:`FIELDS` (what a JSON line holds)."""
-        (method, path, artifact, kind, scope_id, object_id) = record[:6]
-        (status, cache, sent, complete, failed, began, ended) = record[6:]
+        (
+            method,
+            path,
+            artifact,
+            kind,
+            scope_id,
+            object_id,
+            status,
+            cache,
+            sent,
+            complete,
+            failed,
+            began,
+            ended,
+        ) = record
         route = _route(path, artifact)
         status, word = _status_and_outcome(route, artifact, status, cache, complete, failed)
         return {
@@ -274,8 +286,21 @@ class Formatter:
         }
 
     def text(self, record: Sequence[Any]) -> str:
-        (method, path, artifact, kind, scope_id, object_id) = record[:6]
-        (status, cache, sent, complete, failed, began, ended) = record[6:]
+        (
+            method,
+            path,
+            artifact,
+            kind,
+            scope_id,
+            object_id,
+            status,
+            cache,
+            sent,
+            complete,
+            failed,
+            began,
+            ended,
+        ) = record
         route = _route(path, artifact)
         status, word = _status_and_outcome(route, artifact, status, cache, complete, failed)
         line = (
@@ -286,8 +311,21 @@ class Formatter:
 
     def json(self, record: Sequence[Any]) -> str:
         """The same as ``json.dumps(self.fields(record))``, in a third of the time."""
-        (method, path, artifact, kind, scope_id, object_id) = record[:6]
-        (status, cache, sent, complete, failed, began, ended) = record[6:]
+        (
+            method,
+            path,
+            artifact,
+            kind,
+            scope_id,
+            object_id,
+            status,
+            cache,
+            sent,
+            complete,
+            failed,
+            began,
+            ended,
+        ) = record
         route = _route(path, artifact)
         status, word = _status_and_outcome(route, artifact, status, cache, complete, failed)
         return (
@@ -321,12 +359,18 @@ def stdout_sink() -> Callable[[bytes], None]:
 
 
 class AccessLogWriter:
-    """The records waiting to be written, and the thread that formats and writes them.
+    """The lines waiting to be written, and the thread that writes them.
 
-    :meth:`put` runs on the event loop and never blocks for long: it appends a record's values
-    to a flat list under a lock that the writer holds only to swap that list for an empty one,
-    and wakes the writer when the list was empty. :meth:`start` and :meth:`stop` are for the
-    lifespan; records put before ``stop`` are written before it returns.
+    :meth:`put` runs on the event loop and never blocks for long: it formats the record (about
+    1 us) and appends the line to a list under a lock that the writer holds only to swap that
+    list for an empty one, and wakes the writer when the list was empty. :meth:`start` and
+    :meth:`stop` are for the lifespan; records put before ``stop`` are written before it
+    returns.
+
+    Lines are formatted as they are put, not by the writer: formatting takes the interpreter
+    lock either way, and a writer formatting a busy server's batch at once (2,400 lines, 3 ms,
+    at 48k requests/s) kept the event loop off its core for that long every batch, which was
+    most of the p99 at 32 connections (4.4 ms, against 1.3 ms without the log).
     """
 
     def __init__(
@@ -341,7 +385,7 @@ class AccessLogWriter:
         self._format: Callable[[Sequence[Any]], str] = getattr(self._formatter, log_format)
         self._sink = sink
         self._shared = shared
-        self._buffer: list[object] = []
+        self._lines: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -351,13 +395,18 @@ class AccessLogWriter:
         self._failed = False
 
     def put(self, record: Record) -> None:
+        try:
+            line = self._format(record)
+        except Exception:  # one odd record must not end the log
+            log.exception("cannot format an access log record")
+            return
         with self._lock:
-            buffer = self._buffer
-            if len(buffer) >= MAX_PENDING * WIDTH:
+            lines = self._lines
+            if len(lines) >= MAX_PENDING:
                 self.dropped += 1
                 return
-            buffer.extend(record)  # the values, not the tuple: see the module docstring
-            first = len(buffer) == WIDTH
+            lines.append(line)
+            first = len(lines) == 1
         if first:
             self._wake.set()
 
@@ -386,21 +435,15 @@ class AccessLogWriter:
                 return
 
     def _flush(self) -> None:
+        self._formatter.sync()  # the wall clock, for lines put from now on
         with self._lock:
-            batch, self._buffer = self._buffer, []
+            lines, self._lines = self._lines, []
             dropped, self.dropped = self.dropped, 0
-        self._write(batch, dropped)
+        self._write(lines, dropped)
 
-    def _write(self, batch: list[object], dropped: int) -> None:
+    def _write(self, lines: list[str], dropped: int) -> None:
         if dropped:
             log.warning("stdout is too slow: %d access log lines dropped", dropped)
-        self._formatter.sync()
-        lines = []
-        for start in range(0, len(batch), WIDTH):
-            try:
-                lines.append(self._format(batch[start : start + WIDTH]))
-            except Exception:  # one odd record must not end the log
-                log.exception("cannot format an access log record")
         if not lines:
             return
         if not self._shared:
