@@ -227,3 +227,24 @@ def test_the_writer_keeps_order_and_flushes_on_stop(shared: bool) -> None:
         assert len(writes) > 1 and all(len(chunk) <= select.PIPE_BUF for chunk in writes)
     else:
         assert len(writes) == 1
+
+
+def test_a_line_put_after_the_wall_clock_jumped_is_stamped_with_the_new_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A laptop that slept: the monotonic clock (``perf_counter``, which stamps records) stood
+    still while the wall clock ran on. Lines are formatted as they are put, so the first one
+    put after the wake-up must already be stamped with the wall clock, not hours in the past
+    (its batch has not been flushed yet, and the writer used to follow the clock only then)."""
+    writes: list[bytes] = []
+    writer = AccessLogWriter("json", writes.append)
+    slept = 3 * 3600.0
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + slept)  # the OS clock: a boundary
+    ended = time.perf_counter()
+    writer.put(_record(began=ended - 0.001, ended=ended))
+    writer.start()
+    writer.stop()
+    (line,) = b"".join(writes).decode().splitlines()
+    stamped = datetime.datetime.fromisoformat(json.loads(line)["ts"].replace("Z", "+00:00"))
+    assert abs(stamped.timestamp() - (wall() + slept)) < 60
