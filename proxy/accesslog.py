@@ -42,7 +42,8 @@ Cost, measured with bench/accesslog.py (8 KiB hits, one worker pinned to one cor
   ``write``: each wake-up and each write hands the interpreter lock back and forth. With
   several worker processes sharing stdout, writes are cut at line ends within ``PIPE_BUF``
   instead, so that their lines never interleave.
-* If stdout cannot keep up, records beyond :data:`MAX_PENDING` are dropped and counted.
+* If stdout cannot keep up, records beyond :data:`MAX_PENDING` lines or
+  :data:`MAX_PENDING_CHARS` characters are dropped and counted.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ _OUTCOMES = {
 }
 #: Lines waiting for the writer at most; more are dropped (and counted), not held.
 MAX_PENDING = 100_000
+#: Characters of the lines waiting for the writer at most (as many bytes, but for printable
+#: non-ASCII ids in text lines). A client chooses how long its line is (a path of quotes, each
+#: escaped, is twice its request line; ids of non-ASCII characters, each ``\\uXXXX``, kilobytes):
+#: counting lines alone would let a stdout that blocks pin gigabytes of each worker.
+MAX_PENDING_CHARS = 16 * 1024**2
 #: Largest write that a pipe takes whole, so that workers' lines never interleave.
 ATOMIC_WRITE = getattr(select, "PIPE_BUF", 512)
 #: The writer collects records for this long before writing them in one go (seconds).
@@ -389,6 +395,8 @@ class AccessLogWriter:
         self._sink = sink
         self._shared = shared
         self._lines: list[str] = []
+        #: Characters in ``_lines``.
+        self._chars = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -407,10 +415,11 @@ class AccessLogWriter:
             return
         with self._lock:
             lines = self._lines
-            if len(lines) >= MAX_PENDING:
+            if len(lines) >= MAX_PENDING or self._chars + len(line) > MAX_PENDING_CHARS:
                 self.dropped += 1
                 return
             lines.append(line)
+            self._chars += len(line)
             first = len(lines) == 1
         if first:
             self._wake.set()
@@ -441,7 +450,7 @@ class AccessLogWriter:
 
     def _flush(self) -> None:
         with self._lock:
-            lines, self._lines = self._lines, []
+            lines, self._lines, self._chars = self._lines, [], 0
             dropped, self.dropped = self.dropped, 0
         self._write(lines, dropped)
 

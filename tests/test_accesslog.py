@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import re
 import select
 import signal
@@ -248,3 +249,25 @@ def test_a_line_put_after_the_wall_clock_jumped_is_stamped_with_the_new_time(
     (line,) = b"".join(writes).decode().splitlines()
     stamped = datetime.datetime.fromisoformat(json.loads(line)["ts"].replace("Z", "+00:00"))
     assert abs(stamped.timestamp() - (wall() + slept)) < 60
+
+
+def test_lines_waiting_for_a_blocked_stdout_hold_a_bounded_size_however_long_they_are(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """stdout blocked (a stalled log collector, a paused terminal): lines wait, then are
+    dropped and counted. The bound is on their size, not only their number: a request line of
+    8 KiB of quotes (a GET with a body, refused by the proxy itself: no upstream needed) logs a
+    16 KiB line, and 100,000 such lines would pin 1.6 GB of each worker's memory."""
+    writes: list[bytes] = []
+    writer = AccessLogWriter("text", writes.append)  # not started yet: nothing is written
+    record = _record(route="/v1/" + '"' * 8000, status=400)
+    assert len(format_text(record)) > 16_000
+    for _ in range(3_000):  # 48 MB of lines
+        writer.put(record)
+    with caplog.at_level(logging.WARNING, logger="proxy.accesslog"):
+        writer.start()
+        writer.stop()
+    written = b"".join(writes)
+    assert 0 < len(written) <= 16 * 1024**2
+    dropped = 3_000 - written.count(b"\n")
+    assert dropped > 0 and f"{dropped} access log lines dropped" in caplog.text
