@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from uvicorn.server import ServerState
 
 from proxy.config import Config
-from proxy.errors import HeaderFieldsTooLarge, ProxyError, UriTooLong
+from proxy.errors import BadRequest, HeaderFieldsTooLarge, ProxyError, UriTooLong
 from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -316,6 +316,13 @@ class ConnectionGuard:
             return False
         self._refuse(self.pending.status_code, str(self.pending.detail), linger=True)
         return True
+
+    def refuse_request(self, detail: str) -> None:
+        """The parser failed: answer the limit it tripped over, or else a 400 saying
+        ``detail``, as every refusal: once the responses owed before it are complete."""
+        if self.pending is None:
+            self.pending = BadRequest(detail)
+        self.answer_pending()
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None:

@@ -59,8 +59,7 @@ class GuardedH11Protocol(H11Protocol):
         self.guard.response_complete()
 
     def send_400_response(self, msg: str) -> None:
-        if not self.guard.answer_pending():
-            super().send_400_response(msg)
+        self.guard.refuse_request(msg)
 
 
 class _CheckedH11Connection(h11.Connection):
@@ -191,8 +190,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.response_complete()
 
     def send_400_response(self, msg: str) -> None:
-        if not self.guard.answer_pending():
-            super().send_400_response(msg)
+        # Not uvicorn's: it writes its 400 at once and closes, ahead of the responses owed to
+        # requests pipelined before the refused one (the client would read the 400 as the
+        # answer to its first request, and those answers were lost with the connection).
+        self.guard.refuse_request(msg)
 
 
 #: :meth:`proxy.front.Front.answer_now`: (target, header fields, the server's fields) -> the

@@ -4,11 +4,14 @@ The simplest hit (memory tier, a live proof in memory, no condition) is answered
 head is parsed. These tests check that such an answer is the route's answer to the byte, that it
 keeps a connection's answers in order, that it leaves no idle timer armed over a request behind
 it, and that nothing else takes that way: another credential, a condition, a request the route
-would refuse.
+would refuse. What a client pipelines behind such a hit in the same read gets what it gets
+behind the route's answer, refusals included (which found the parser's 400 overtaking a
+response under way on the route's way).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -223,3 +226,115 @@ def test_a_client_that_pipelines_without_reading_gets_answers_at_once_only_until
             head, got = reader.response()
             assert got == body and head.startswith(b"HTTP/1.1 200 OK")
     assert 1 <= counted.answered < 40
+
+
+def _until_closed(conn: socket.socket) -> bytes:
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return b"\r\n".join(
+        line for line in data.split(b"\r\n") if not line.lower().startswith(b"date:")
+    )
+
+
+#: What a client may put right behind a hit in the same read. Each must get what it gets behind
+#: that hit answered the ASGI way: its own refusal (the guards' 4xx, the parser's 400, the
+#: API's answer for another key), nothing served on the strength of the request before it.
+FOLLOWERS = {
+    "another-key": request("img_0a0a08", OTHER_TOKEN),
+    "no-key": b"GET " + TARGET.format("img_0a0a08").encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "too-many-fields": request("img_0a0a08", extra="X-A: a\r\n" * 120),
+    "long-field": request("img_0a0a08", extra="X-Long: " + "a" * 9000 + "\r\n"),
+    "long-target": b"GET /v1/artifacts?object_id=" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+    "length-and-chunked": request(
+        "img_0a0a08", extra="Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+    )
+    + b"0\r\n\r\n",
+    "obs-fold": request("img_0a0a08", extra="X-A: a\r\n b\r\n"),
+    "bare-lf": request("img_0a0a08", extra="X-A: a\nX-B: b\r\n"),
+}
+_LAST = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("follower", FOLLOWERS.values(), ids=FOLLOWERS.keys())
+def test_what_follows_an_immediate_hit_in_the_same_read_is_answered_as_on_the_routes_way(
+    server: tuple[ServerThread, Counted], standin: StandIn, follower: bytes
+) -> None:
+    proxy, counted = server
+    body = warm(proxy, "img_0a0a08", standin)
+    answers = []
+    for first in (request("img_0a0a08"), request("img_0a0a08", extra="Content-Length: 0\r\n")):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as conn:
+            conn.sendall(first + follower + _LAST)
+            answers.append(_until_closed(conn))
+    assert counted.answered == 1
+    immediate, routed = answers
+    assert immediate == routed
+    assert immediate.startswith(b"HTTP/1.1 200 OK\r\n") and immediate.count(body) == 1
+    assert immediate.count(b"HTTP/1.1 ") >= 2  # the follower got an answer of its own
+
+
+def test_a_request_the_parser_refuses_is_answered_after_the_responses_before_it(
+    server: tuple[ServerThread, Counted], standin: StandIn
+) -> None:
+    """Pipelined: a miss held upstream, then bytes the HTTP parser refuses. The refusal (a 400
+    that closes the connection) comes after the miss's answer, which arrives whole: not first,
+    where the client would read it as the answer to its first request, and the miss's answer
+    would be lost with the connection."""
+    proxy, _ = server
+    held = threading.Event()
+    standin.faults["arr_0a0a0a"] = Fault(hold_start=held)
+    body = standin.add("session", SESSION, "arr_0a0a0a", 3000)
+    standin.arrived.clear()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as conn:
+            conn.sendall(request("arr_0a0a0a") + FOLLOWERS["length-and-chunked"])
+            assert standin.arrived.wait(20)
+            held.set()
+            answers = _until_closed(conn)
+    finally:
+        held.set()
+    head, rest = answers.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and rest.startswith(body)
+    refusal = rest[len(body) :]
+    assert refusal.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert refusal.endswith(b'{"detail":"Invalid HTTP request received."}')
+
+
+def test_an_immediate_hit_is_logged_as_the_routes_hit(
+    upstream: ServerThread, cache_dir: object, standin: StandIn
+) -> None:
+    """One access log line per immediate hit, the same as the route's but for the time."""
+    config = load(
+        env={},
+        flags={"upstream": upstream.url, "cache_dir": str(cache_dir), "log_format": "json"},
+    )
+    front = create_app(config)
+    counted = Counted(front)
+    writer = getattr(front._log, "__self__")  # noqa: B009 (the app's AccessLogWriter)
+    written: list[bytes] = []
+    writer._sink = written.append  # before the lifespan starts it: instead of stdout
+    proxy = ServerThread(front, **uvicorn_options(config)).start()
+    try:
+        warm(proxy, "img_0a0a09", standin)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as conn:
+            reader = Reader(conn)
+            conn.sendall(request("img_0a0a09"))
+            reader.response()
+            conn.sendall(request("img_0a0a09", extra="Content-Length: 0\r\n"))
+            reader.response()
+    finally:
+        proxy.stop()  # the lifespan's end writes every line
+    assert counted.answered == 1
+    lines = [json.loads(line) for line in b"".join(written).decode().splitlines()]
+    assert [(line["outcome"], line["status"]) for line in lines] == [
+        ("miss", 200),
+        ("hit", 200),
+        ("hit", 200),
+        ("hit", 200),
+    ]
+    immediate, routed = (
+        {k: v for k, v in line.items() if k not in ("ts", "ms")} for line in lines[2:]
+    )
+    assert immediate == routed
+    assert TOKEN not in b"".join(written).decode()
