@@ -59,7 +59,10 @@ class GuardedH11Protocol(H11Protocol):
         self.guard.response_complete()
 
     def send_400_response(self, msg: str) -> None:
-        self.guard.refuse_request(msg)
+        if self.guard.pending is None and _refused_is_being_answered(self.cycle):
+            super().send_400_response(msg)
+        else:
+            self.guard.refuse_request(msg)
 
 
 class _CheckedH11Connection(h11.Connection):
@@ -190,16 +193,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.response_complete()
 
     def send_400_response(self, msg: str) -> None:
-        # Not uvicorn's: it writes its 400 at once and closes, ahead of the responses owed to
-        # requests pipelined before the refused one (the client would read the 400 as the
-        # answer to its first request, and those answers were lost with the connection).
-        self.guard.refuse_request(msg)
+        # uvicorn's writes its 400 at once and closes: right for a request whose own body is
+        # broken, but ahead of the responses owed to requests pipelined before a refused head
+        # (the client read the 400 as the answer to its first request, and those answers were
+        # lost with the connection). The guard answers that one after them.
+        if (
+            self.guard.pending is None
+            and not self.pipeline
+            and _refused_is_being_answered(self.cycle)
+        ):
+            super().send_400_response(msg)
+        else:
+            self.guard.refuse_request(msg)
 
 
 #: :meth:`proxy.front.Front.answer_now`: (target, header fields, the server's fields) -> the
 #: bytes of a whole response, or None.
 _Fields = list[tuple[bytes, bytes]]
 AnswerNow = Callable[[bytes, _Fields, _Fields], list[bytes] | None]
+
+
+def _refused_is_being_answered(cycle: Any) -> bool:
+    """Whether the request the parser just refused is the one being answered (its body is
+    broken): then no answer is owed before the refusal, and the app is to hear the client go."""
+    return cycle is not None and cycle.more_body and not cycle.response_complete
 
 
 def _close_when_silent(protocol: GuardedH11Protocol | GuardedHttpToolsProtocol) -> None:

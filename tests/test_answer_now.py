@@ -301,6 +301,30 @@ def test_a_request_the_parser_refuses_is_answered_after_the_responses_before_it(
     assert refusal.endswith(b'{"detail":"Invalid HTTP request received."}')
 
 
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_request_whose_own_body_the_parser_refuses_is_answered_at_once(
+    upstream: ServerThread, cache_dir: object, http: str
+) -> None:
+    """A broken chunked upload: nothing is owed before it, so its 400 comes at once and the
+    connection closes under the upload (not after ``body_timeout``, waiting for a body that
+    the refusal dropped)."""
+    flags = {"upstream": upstream.url, "cache_dir": str(cache_dir), "http": http}
+    config = load(env={}, flags=flags)
+    proxy = ServerThread(create_app(config), **uvicorn_options(config)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+            conn.sendall(
+                b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + TOKEN.encode()
+                + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            )
+            conn.sendall(b"zz\r\nnot a chunk\r\n")
+            answer = _until_closed(conn)  # within the socket's 10 s (body_timeout is 30 s)
+    finally:
+        proxy.stop()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
 def test_an_immediate_hit_is_logged_as_the_routes_hit(
     upstream: ServerThread, cache_dir: object, standin: StandIn
 ) -> None:
