@@ -438,7 +438,7 @@ class ArtifactRoute:
     async def _bypass(self, request: Request) -> Response:
         """Fetch with the caller's own credential and stream it through, uncached."""
         self._count("bypass")
-        return await self.s.passthrough.forward(request)
+        return await self.s.passthrough.forward(request, retry=True)
 
     def _direct_response(self, fill: Fill, upstream: httpx.Response, outcome: bytes) -> Response:
         served = self.s.metrics.served_bytes.labels("upstream")

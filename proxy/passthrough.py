@@ -119,8 +119,9 @@ class Passthrough:
             response = await offline.health(self._access, request.headers.get("authorization"))
         await response(scope, receive, send)
 
-    async def forward(self, request: Request) -> StreamingResponse:
-        """Send ``request`` upstream; the returned response streams the answer back."""
+    async def forward(self, request: Request, retry: bool = False) -> StreamingResponse:
+        """Send ``request`` upstream; the returned response streams the answer back. With
+        ``retry`` (a GET of an artifact), upstream faults before the first byte are retried."""
         raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
         if not raw_path.startswith(b"/"):  # e.g. OPTIONS * (asterisk form)
             raise NotImplementedByProxy(
@@ -147,7 +148,7 @@ class Passthrough:
         )
         self._held.acquire(fingerprint)
         try:
-            upstream = await self._upstream.send(upstream_request)
+            upstream = await self._upstream.send(upstream_request, retry=retry)
         except BaseException:
             self._held.release(fingerprint)
             raise

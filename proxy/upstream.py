@@ -309,15 +309,17 @@ class Upstream:
         raise RedirectRefused(f"upstream redirected more than {MAX_REDIRECTS} times")
 
     async def send(
-        self, request: httpx.Request, *, artifact: bool = False, retry: bool = True
+        self, request: httpx.Request, *, artifact: bool = False, retry: bool | None = None
     ) -> httpx.Response:
         """The response to ``request`` with its body unread; the caller closes it.
 
-        Artifact requests are retried (unless ``retry`` is false) before their first byte on
-        upstream faults only; failures raise a :class:`ProxyError` (400 for a request that
-        cannot be sent, 502/503/504; :class:`UpstreamUnreachable` when offline).
+        Artifact requests are retried (unless ``retry`` is false), others only with ``retry``
+        (an artifact streamed through uncached): before their first byte, on upstream faults
+        only. Failures raise a :class:`ProxyError` (400 for a request that cannot be sent,
+        502/503/504; :class:`UpstreamUnreachable` when offline).
         """
-        attempts = 1 + (self.config.retries if artifact and retry else 0)
+        retrying = artifact if retry is None else retry
+        attempts = 1 + (self.config.retries if retrying else 0)
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
@@ -338,7 +340,7 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, request: httpx.Request, *, artifact: bool = False, retry: bool = True
+        self, request: httpx.Request, *, artifact: bool = False, retry: bool | None = None
     ) -> AsyncIterator[httpx.Response]:
         """:meth:`send` as a context manager that closes the response on exit."""
         response = await self.send(request, artifact=artifact, retry=retry)

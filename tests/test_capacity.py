@@ -263,3 +263,24 @@ def test_uploads_dropped_by_the_upstream_never_open_the_breaker(start_proxy) -> 
         assert httpx.get(f"{proxy.url}/v1/models", headers=auth()).content == b"ok"
     finally:
         raw.stop()
+
+
+def test_a_miss_streamed_uncached_is_retried_like_a_fill(standin: StandIn, start_proxy) -> None:
+    """Over its share of fills, a credential's miss is streamed through uncached; a 503 from
+    the API before the first byte is retried, as a fill's fetch is, not handed to the client."""
+    proxy = start_proxy(max_fills_per_key=1, retry_backoff=0.01)
+    release = threading.Event()
+    standin.add("session", SESSION, "arr_f11200")
+    standin.faults["arr_f11200"] = Fault(hold_start=release, times=1)
+    body = standin.add("session", SESSION, "arr_f11201")
+    standin.faults["arr_f11201"] = Fault(status=503, times=1)
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(fetch, proxy, "arr_f11200")
+        assert standin.wait_for_requests("/v1/artifacts", 1)
+        try:
+            response = fetch(proxy, "arr_f11201")
+        finally:
+            release.set()
+        assert held.result(timeout=20).status_code == 200
+    assert (response.status_code, response.content) == (200, body)
+    assert response.headers.get("x-cache") is None  # streamed through, uncached
