@@ -3,6 +3,8 @@ key; cached ones are not downloaded again; refused keys are told so; offline hit
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,10 @@ def test_warm_fetches_what_is_missing_and_skips_the_rest(
         hit = fetch(live_server, object_id)
         assert (hit.headers["x-cache"], hit.content) == ("HIT", body)
 
-    # Again, at the address serve would use with these settings: nothing left to fetch.
+    # Again, at the address serve would use with these settings: nothing left to fetch. The
+    # default cache directory is one of this test's (it may hold the address of a server the
+    # user stopped: see the test below).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent / "xdg"))
     monkeypatch.setenv("VLMRUN_CACHE_PORT", str(live_server.port))
     again = admin("warm", "--session", SESSION)
     assert again.code == 0 and "fetched 0 (0 B), 3 already cached" in again.out
@@ -52,6 +57,29 @@ def test_warm_fetches_what_is_missing_and_skips_the_rest(
     found = admin("warm", "--session", SESSION, "--cache-dir", str(cache_dir))
     assert found.code == 0 and "3 already cached" in found.out, found
     assert sum(standin.hits("session", SESSION, o) for o in bodies) == 2
+
+
+def test_warm_looks_past_an_address_left_by_a_stopped_server(
+    standin: StandIn, proxy: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve`` leaves its address in its cache directory when it stops. A proxy started since
+    on the port the settings name (here the default cache directory's server stopped, and the
+    user set VLMRUN_CACHE_PORT) is the one to warm, not the address where nothing answers."""
+    default = tmp_path / "xdg" / "vlmrun-artifact-cache"
+    default.mkdir(parents=True)
+    with socket.socket() as closed:  # a port nothing listens on once this block ends
+        closed.bind(("127.0.0.1", 0))
+        gone = closed.getsockname()[1]
+    stale = {"scheme": "http", "host": "127.0.0.1", "port": gone}
+    (default / "serve.json").write_text(json.dumps(stale))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("VLMRUN_CACHE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("VLMRUN_CACHE_PORT", str(proxy.port))
+    monkeypatch.setenv("VLMRUN_API_KEY", TOKEN)
+    standin.add("session", SESSION, "arr_3a0101")
+    ran = admin("warm", "--session", SESSION)
+    assert ran.code == 0, ran
+    assert "fetched 1" in ran.out.splitlines()[-1]
 
 
 def test_warm_reads_the_key_from_a_file_and_warms_an_execution(
