@@ -12,10 +12,6 @@ import pytest
 
 # The SDK creates its own file cache at import time; keep it out of the user's home.
 os.environ.setdefault("VLMRUN_CACHE_DIR", tempfile.mkdtemp(prefix="vlmrun-sdk-cache-"))
-# And the proxy's default cache_dir (platformdirs: $XDG_CACHE_HOME/vlmrun-artifact-cache): a
-# command run without --cache-dir must not find what the user's own `serve` left there (its
-# serve.json named port 8080, so `warm` dialled it instead of the port the test set).
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vlmrun-xdg-cache-")
 
 from proxy.app import create_app
 from proxy.cli import uvicorn_options
