@@ -261,84 +261,42 @@ class Formatter:
 
     def fields(self, record: Sequence[Any]) -> dict[str, Any]:
         """A :data:`Record` as the named fields of :data:`FIELDS` (what a JSON line holds)."""
-        (
-            method,
-            path,
-            artifact,
-            kind,
-            scope_id,
-            object_id,
-            status,
-            cache,
-            sent,
-            complete,
-            failed,
-            began,
-            ended,
-        ) = record
+        (method, path, artifact, kind, sid, oid, status, cache, sent, done, failed, t0, t1) = record
         route = _route(path, artifact)
-        status, word = _status_and_outcome(route, artifact, status, cache, complete, failed)
+        status, word = _status_and_outcome(route, artifact, status, cache, done, failed)
         return {
-            "ts": _timestamp(int((self.clock + ended) * 1000)),
+            "ts": _timestamp(int((self.clock + t1) * 1000)),
             "method": method,
             "route": route,
             "status": status,
             "outcome": word,
             "bytes": sent,
-            "ms": round((ended - began) * 1000, 3),
+            "ms": round((t1 - t0) * 1000, 3),
             "scope_kind": kind,
-            "scope_id": scope_id,
-            "object_id": object_id,
+            "scope_id": sid,
+            "object_id": oid,
         }
 
     def text(self, record: Sequence[Any]) -> str:
-        (
-            method,
-            path,
-            artifact,
-            kind,
-            scope_id,
-            object_id,
-            status,
-            cache,
-            sent,
-            complete,
-            failed,
-            began,
-            ended,
-        ) = record
+        (method, path, artifact, kind, sid, oid, status, cache, sent, done, failed, t0, t1) = record
         route = _route(path, artifact)
-        status, word = _status_and_outcome(route, artifact, status, cache, complete, failed)
+        status, word = _status_and_outcome(route, artifact, status, cache, done, failed)
         line = (
-            f"{_timestamp(int((self.clock + ended) * 1000))} {_word(method)} {_word(route)} "
-            f"{status} {word} {sent}B {(ended - began) * 1000:.2f}ms"
+            f"{_timestamp(int((self.clock + t1) * 1000))} {_word(method)} {_word(route)} "
+            f"{status} {word} {sent}B {(t1 - t0) * 1000:.2f}ms"
         )
-        return line if kind is None else line + _text_ids(kind, scope_id, object_id)
+        return line if kind is None else line + _text_ids(kind, sid, oid)
 
     def json(self, record: Sequence[Any]) -> str:
         """The same as ``json.dumps(self.fields(record))``, in a third of the time."""
-        (
-            method,
-            path,
-            artifact,
-            kind,
-            scope_id,
-            object_id,
-            status,
-            cache,
-            sent,
-            complete,
-            failed,
-            began,
-            ended,
-        ) = record
+        (method, path, artifact, kind, sid, oid, status, cache, sent, done, failed, t0, t1) = record
         route = _route(path, artifact)
-        status, word = _status_and_outcome(route, artifact, status, cache, complete, failed)
+        status, word = _status_and_outcome(route, artifact, status, cache, done, failed)
         return (
-            f'{{"ts": "{_timestamp(int((self.clock + ended) * 1000))}", '
+            f'{{"ts": "{_timestamp(int((self.clock + t1) * 1000))}", '
             f'"method": {_quoted(method)}, "route": {_quoted(route)}, "status": {status}, '
-            f'"outcome": "{word}", "bytes": {sent}, "ms": {round((ended - began) * 1000, 3)!r}, '
-            f"{_json_ids(kind, scope_id, object_id)}}}"
+            f'"outcome": "{word}", "bytes": {sent}, "ms": {round((t1 - t0) * 1000, 3)!r}, '
+            f"{_json_ids(kind, sid, oid)}}}"
         )
 
 
