@@ -21,13 +21,12 @@ import argparse
 import dataclasses
 import ipaddress
 import os
-import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
-from proxy.admin.cache import Failed, server_address
+from proxy.admin.cache import Failed
 from proxy.admin.output import Progress, human_size
 from proxy.config import Config
 
@@ -59,30 +58,19 @@ def api_key(args: argparse.Namespace) -> str:
 
 def default_proxy(config: Config) -> tuple[str, bool]:
     """The URL ``serve`` listens on with these settings (as the running server recorded it in
-    the cache directory, when it did and something still listens there: a stopped server
+    the cache directory, when it did and answers its health check there: a stopped server
     leaves its address behind), and whether to verify its TLS certificate (not on loopback:
     our own server, whoever signed its certificate)."""
-    from proxy.cli import dial_host  # proxy.cli wires this command in
+    from proxy.cli import Unhealthy, check_health, dial_host  # proxy.cli wires this command in
 
-    recorded = server_address(Path(config.cache_dir))
-    if recorded is not None and not _listening(recorded[1], recorded[2]):
-        recorded = None
-    scheme, host, port = recorded or (
-        "https" if config.tls_certfile else "http",
-        dial_host(config.host),
-        config.port,
-    )
-    loopback = host == "localhost" or _is_loopback(host)
-    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}", not loopback
-
-
-def _listening(host: str, port: int) -> bool:
-    """Whether something accepts a connection at ``host``:``port`` (within a second)."""
     try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
+        url = check_health(config.cache_dir, timeout=1.0).removesuffix("/healthz")
+    except Unhealthy:
+        scheme = "https" if config.tls_certfile else "http"
+        host = dial_host(config.host)
+        url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{config.port}"
+    host = urlsplit(url).hostname or ""
+    return url, not (host == "localhost" or _is_loopback(host))
 
 
 def _is_loopback(host: str) -> bool:
