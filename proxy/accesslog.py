@@ -57,9 +57,12 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from proxy.keys import ArtifactKey
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +163,12 @@ class AccessLog:
             failed = True
             raise
         finally:
-            key = scope.get(KEY_IN_SCOPE) if artifact else None
             self.put(
-                (
+                record(
                     scope["method"],
                     scope.get("raw_path") or scope["path"],
                     artifact,
-                    None if key is None else key.scope_kind,
-                    None if key is None else key.scope_id,
-                    None if key is None else key.object_id,
+                    scope.get(KEY_IN_SCOPE) if artifact else None,
                     status,
                     cache,
                     sent,
@@ -178,6 +178,24 @@ class AccessLog:
                     finished or time.perf_counter(),  # the last byte, not background tasks
                 )
             )
+
+
+def record(
+    method: str,
+    path: bytes | str,
+    artifact: bool,
+    key: ArtifactKey | None,
+    status: int,
+    cache: bytes,
+    sent: int,
+    complete: bool,
+    failed: bool,
+    started: float,
+    ended: float,
+) -> Record:
+    """A :data:`Record`; ``key`` is the one the artifact route parsed (None elsewhere)."""
+    ids = (None, None, None) if key is None else (key.scope_kind, key.scope_id, key.object_id)
+    return (method, path, artifact, *ids, status, cache, sent, complete, failed, started, ended)
 
 
 def _x_cache(headers: Iterable[tuple[bytes, bytes]]) -> bytes:

@@ -213,7 +213,7 @@ class ArtifactRoute:
 
     # -- hit ----------------------------------------------------------------------------------
 
-    def answer_now(self, query: bytes, headers: list[tuple[bytes, bytes]]) -> Immediate | None:
+    def answer_now(self, query: bytes, headers: RawHeaders) -> Immediate | None:
         """The whole answer to ``GET /v1/artifacts?{query}``, without waiting for anything,
         when it is the simplest hit: the entry is in the memory tier, this process remembers a
         live proof that the credential may read it, and the request asks for the whole body
@@ -251,11 +251,8 @@ class ArtifactRoute:
             return None
         self.s.chain.touch(key.cache_key)
         self._proven.inc()
-        self._count("hit")
-        self._tiers[MemoryTier.name].inc()
         self._served["cache"].inc(meta.length)
-        if meta.prefetched:
-            self.s.prefetcher.first_read(key.cache_key, meta)
+        self._counted_hit("hit", MemoryTier.name, key.cache_key, meta)
         return fields, copy.body, key
 
     async def _hit(
@@ -281,11 +278,16 @@ class ArtifactRoute:
         except BaseException:
             hit.close()
             raise
-        self._count(outcome)
-        self._tiers[hit.tier].inc()
-        if hit.meta.prefetched:
-            self.s.prefetcher.first_read(key.cache_key, hit.meta)
+        self._counted_hit(outcome, hit.tier, key.cache_key, hit.meta)
         return response
+
+    def _counted_hit(self, outcome: str, tier: str, cache_key: str, meta: EntryMeta) -> None:
+        """Count a hit served, whichever way: its outcome and tier, and a prefetched entry's
+        first read."""
+        self._count(outcome)
+        self._tiers[tier].inc()
+        if meta.prefetched:
+            self.s.prefetcher.first_read(cache_key, meta)
 
     def _entry_response(
         self,

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.accesslog import Record
+from proxy.accesslog import Record, record
 from proxy.artifacts import ArtifactRoute, Immediate
 from proxy.errors import ProxyError, ResponseAborted, error_response
+from proxy.headers import RawHeaders
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ class ArtifactApp:
 #: The request target of an artifact request, up to its query.
 _TARGET = ARTIFACT_PATH.encode() + b"?"
 _STATUS_200 = b"HTTP/1.1 200 OK\r\n"
-Fields = Sequence[tuple[bytes, bytes]]
 
 
 class Front:
@@ -65,7 +65,7 @@ class Front:
         app: ASGIApp,
         artifacts: ASGIApp,
         state: Any,
-        now: Callable[[bytes, list[tuple[bytes, bytes]]], Immediate | None] | None = None,
+        now: Callable[[bytes, RawHeaders], Immediate | None] | None = None,
         log: Callable[[Record], None] | None = None,
     ) -> None:
         self.app = app
@@ -76,7 +76,7 @@ class Front:
         self._log = log
 
     def answer_now(
-        self, target: bytes, headers: list[tuple[bytes, bytes]], server_fields: Fields
+        self, target: bytes, headers: RawHeaders, server_fields: RawHeaders
     ) -> list[bytes] | None:
         """The bytes of a whole HTTP/1.1 200 answering ``GET target``, if it is a hit to be
         answered at once (see the module docstring), logged as the access log logs it; else
@@ -94,22 +94,10 @@ class Front:
             head += (name.lower(), b": ", value, b"\r\n")
         head.append(b"\r\n")
         if self._log is not None:
-            finished = time.perf_counter()
+            sent, ended = len(body), time.perf_counter()
             self._log(
-                (
-                    "GET",
-                    ARTIFACT_PATH,
-                    True,
-                    key.scope_kind,
-                    key.scope_id,
-                    key.object_id,
-                    200,
-                    b"HIT",
-                    len(body),
-                    True,
-                    False,
-                    started,
-                    finished,
+                record(
+                    "GET", ARTIFACT_PATH, True, key, 200, b"HIT", sent, True, False, started, ended
                 )
             )
         return [b"".join(head), body]

@@ -17,6 +17,7 @@ from uvicorn.server import ServerState
 
 from proxy.errors import HeaderFieldsTooLarge, ProxyError
 from proxy.guards import ConnectionGuard, Limits
+from proxy.headers import RawHeaders
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -141,9 +142,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         nothing is before it in the connection (no response under way or queued, none waiting
         for the client to read) and the app has the answer. Its message completes the rest."""
         parser = self.parser
-        cycle = self.cycle
         if (
-            (cycle is not None and not cycle.response_complete)
+            self._responding()
             or self.pipeline
             or self.flow.write_paused
             or self.transport.is_closing()
@@ -209,8 +209,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 #: :meth:`proxy.front.Front.answer_now`: (target, header fields, the server's fields) -> the
 #: bytes of a whole response, or None.
-_Fields = list[tuple[bytes, bytes]]
-AnswerNow = Callable[[bytes, _Fields, _Fields], list[bytes] | None]
+AnswerNow = Callable[[bytes, RawHeaders, RawHeaders], list[bytes] | None]
 
 
 def _refused_is_being_answered(cycle: Any) -> bool:
