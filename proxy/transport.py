@@ -14,10 +14,17 @@ Two things a stock ``httpx.AsyncClient`` does are wrong for a proxy that many cr
   than that on a framed answer make the idle socket readable, which httpcore treats as expired;
   an upstream that sends an unsolicited answer *after* the next request went out cannot be told
   apart from a real one by any HTTP/1.1 client.)
-* It asks every idle connection whether its socket is readable (a server that closed it) each
-  time a request enters or leaves the pool: one ``poll`` syscall and a few anyio attribute
-  lookups per idle connection, twice per request, a sixth of a miss's event-loop time with
-  32 connections. :class:`_Pool` asks the kernel about all of them in one ``poll`` instead.
+* Its pool (httpcore 1.0's ``_assign_requests_to_connections``, run each time a request enters
+  or leaves it) costs O(connections²) per pass, and its keep-alive check counts *every*
+  connection instead of the idle ones: with more than ``max_keepalive_connections`` open, each
+  connection that falls idle is closed at once, and the next request connects (a TLS handshake,
+  against the real API) again. It also hands one idle connection to several waiting requests in
+  a row (all but one then go round again), and may close an idle connection a waiting request
+  was just given (httpcore PRs #1000 and #1035, issue #1110). And it asks every idle
+  connection's socket whether it is readable (a server that closed it), one ``poll`` syscall
+  each. :class:`_Pool` does one pass in linear time: one ``poll`` for all idle sockets, at most
+  ``max_keepalive_connections`` idle ones kept (the longest idle closed first), never one that
+  a request was given, and each idle connection given to one request.
 * It builds the next request of a redirect even when not following it, and fails on a malformed
   ``Location`` (a 500 for a header we only relay). :class:`SharedClient` leaves redirects alone:
   artifact fetches follow them under :mod:`proxy.redirects`, everything else relays them.
@@ -128,26 +135,80 @@ class _Connection(httpcore.AsyncHTTPConnection):
 
 class _Pool(httpcore.AsyncConnectionPool):
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        """The pool's pass (see the module docstring): drop closed connections, close expired
+        ones and idle ones past the keep-alive limit, then give each waiting request an idle
+        connection of its origin, or a new one while under ``max_connections``, or a new one in
+        place of an idle connection of another origin. Returns the connections to close."""
+        probed = self._probe_idle()
+        try:
+            return self._pass()
+        finally:
+            for inner in probed:
+                inner.probed = None
+
+    def _pass(self) -> list[httpcore.AsyncConnectionInterface]:
+        given = {id(r.connection) for r in self._requests if r.connection is not None}
+        closing: list[httpcore.AsyncConnectionInterface] = []
+        kept: list[httpcore.AsyncConnectionInterface] = []
+        idle: list[httpcore.AsyncConnectionInterface] = []  # and not given: free to take
+        for connection in self._connections:
+            if connection.is_closed():
+                continue
+            if connection.has_expired():
+                closing.append(connection)
+                continue
+            kept.append(connection)
+            if id(connection) not in given and connection.is_available():
+                idle.append(connection)
+        surplus = len(idle) - self._max_keepalive_connections
+        if surplus > 0:  # the first in the list have been in the pool longest
+            dropped, idle = idle[:surplus], idle[surplus:]
+            closing += dropped
+            gone = {id(connection) for connection in dropped}
+            kept = [connection for connection in kept if id(connection) not in gone]
+        self._connections = kept
+        for request in self._requests:
+            if not request.is_queued():
+                continue
+            origin = request.request.url.origin
+            found = next((c for c in idle if c.can_handle_request(origin)), None)
+            if found is not None:
+                idle.remove(found)
+            elif len(self._connections) < self._max_connections:
+                found = self.create_connection(origin)
+                self._connections.append(found)
+            elif idle:  # full: one idle connection of another origin makes way
+                victim = idle.pop(0)
+                self._connections.remove(victim)
+                closing.append(victim)
+                found = self.create_connection(origin)
+                self._connections.append(found)
+            else:
+                break  # it (and every request after it) waits for a connection to free up
+            request.assign_to_connection(found)
+        return closing
+
+    def _probe_idle(self) -> list[_ExactlyFramedHTTP11]:
+        """Ask the kernel in one ``poll`` which idle sockets are readable (closed by the server,
+        or holding bytes nobody asked for), for :meth:`_ExactlyFramedHTTP11.has_expired`
+        during the pass. Returns the connections asked about."""
         idle = [
             inner
             for connection in self._connections
             if isinstance(inner := getattr(connection, "_connection", None), _ExactlyFramedHTTP11)
             and inner.is_idle()
         ]
-        if idle:
-            fds = [inner.fileno() for inner in idle]
-            poller = select.poll()
-            for fd in fds:
-                if fd >= 0:
-                    poller.register(fd, select.POLLIN)
-            ready = {fd for fd, _events in poller.poll(0)}
-            for inner, fd in zip(idle, fds, strict=True):  # readable: closed, or unasked bytes
-                inner.probed = fd < 0 or fd in ready
-        try:
-            return super()._assign_requests_to_connections()
-        finally:
-            for inner in idle:
-                inner.probed = None
+        if not idle:
+            return idle
+        poller = select.poll()
+        fds = [inner.fileno() for inner in idle]
+        for fd in fds:
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
+        ready = {fd for fd, _events in poller.poll(0)}
+        for inner, fd in zip(idle, fds, strict=True):
+            inner.probed = fd < 0 or fd in ready
+        return idle
 
     def create_connection(self, origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
         return _Connection(
