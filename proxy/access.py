@@ -274,7 +274,7 @@ class AccessProofs:
         """Whether the API accepted this credential for anything lately: one lookup, no scan."""
         return self.has_proof(fingerprint, _ANY, offline)
 
-    def record(self, fingerprint: str | None, *scopes: ProofScope) -> None:
+    def record(self, fingerprint: str | None, *scopes: ProofScope, on_loop: bool = False) -> bool:
         """Remember that the API just accepted ``fingerprint`` for each of ``scopes``.
 
         In memory every time; on disk (where other workers and the next start read it) at
@@ -282,24 +282,34 @@ class AccessProofs:
         one session proves the same thing, and two SQLite transactions per miss were a
         measurable share of a miss (bench/misses.py). A proof on disk is so at most that much
         older than the last acceptance, which only makes it expire sooner, never later; a
-        revocation since it was written has it rewritten at once."""
+        revocation since it was written has it rewritten at once.
+
+        With ``on_loop`` (the caller is the event loop) nothing is written: when a write to
+        disk is due, it does nothing and returns False, and the caller calls again from a
+        worker thread. So most misses record their proof without a thread hop."""
         if fingerprint is None:
-            return
+            return True
         now = time.time()
         rewrite = self.ttl * REWRITE_FRACTION
+        due = []
         for scope in (*scopes, _ANY):
-            slot = (fingerprint, *scope)
-            written = self._written.get(slot, -math.inf)
+            written = self._written.get((fingerprint, *scope), -math.inf)
             # A revocation since (``revoke``, in any process) voided the copy on disk.
             if now - written >= rewrite or self.revocations.voids(fingerprint, written):
-                # An int (milliseconds): diskcache stores it as is; floats it would pickle.
-                self._proofs.set(
-                    self._key(fingerprint, scope), int(now * 1000), expire=self.offline_ttl
-                )
-                if len(self._written) >= MEMORY_PROOFS:
-                    self._written.clear()
-                self._written[slot] = now
+                due.append(scope)
+        if due and on_loop:
+            return False
+        for scope in due:
+            # An int (milliseconds): diskcache stores it as is; floats it would pickle.
+            self._proofs.set(
+                self._key(fingerprint, scope), int(now * 1000), expire=self.offline_ttl
+            )
+            if len(self._written) >= MEMORY_PROOFS:
+                self._written.clear()
+            self._written[(fingerprint, *scope)] = now
+        for scope in (*scopes, _ANY):
             self._keep(fingerprint, scope, now)
+        return True
 
     def adopt(self, fingerprint: str, scope: ProofScope, proven: float) -> bool:
         """Take over a proof another replica recorded at ``proven`` (via the shared tier),

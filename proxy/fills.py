@@ -91,7 +91,7 @@ class Fills:
         self._access = access
         self._metrics = metrics
         self._running: dict[ArtifactKey, Fill] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
         #: Keys whose bodies proved too large to store, until when (time.monotonic()).
         self._uncacheable: dict[ArtifactKey, float] = {}
         #: Running fills that are prefetches: they do not count against clients' ``max_fills``.
@@ -147,7 +147,7 @@ class Fills:
         self._spawn(self._run(fill, authorization, on_done), f"fill {key.object_id}")
         return fill
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, object], name: str) -> None:
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -235,7 +235,9 @@ class Fills:
             if self._abandon_prefetch(fill, validators.length):
                 return
             if not encoding or decodable(encoding):
-                temp = await self._begin(fill.expected_length or validators.length)
+                # Without a fleet lease to broadcast first, readers get the file in the same hop.
+                announce = claim if held is None else _UNOPENED
+                temp = await self._begin(fill.expected_length or validators.length, fill, announce)
             if temp is None and fill.prefetch and fill.readers == 0:  # nobody to relay it to
                 large = (validators.length or 0) > self._config.object_size_limit
                 fill.abandoned = "too_large" if large else "not_stored"
@@ -246,7 +248,7 @@ class Fills:
             if held is not None:
                 broadcast = await self._broadcast(fill, held)
                 held = None
-            fill._fd = await _open_for_readers(claim, fill, temp)
+                fill._fd = await run_sync(_opener(claim, fill, temp.path))
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
             tap = broadcast.feed if broadcast is not None else None
@@ -384,15 +386,14 @@ class Fills:
         record = remote.record
         if self._abandon_prefetch(fill, record.expected_length):
             return
-        temp = await self._begin(record.expected_length)
+        validators = Validators.from_dict(record.validators)
+        fill.content_type, fill.expected_length = record.content_type, record.expected_length
+        fill.validators, fill.filler, fill.following = validators, record.filler, True
+        fill.remote = True
+        temp = await self._begin(record.expected_length, fill, claim)
         if temp is None:
             raise RemoteFailed("no room on disk to follow another replica's fetch")
         try:
-            validators = Validators.from_dict(record.validators)
-            fill.content_type, fill.expected_length = record.content_type, record.expected_length
-            fill.validators, fill.filler, fill.following = validators, record.filler, True
-            fill.remote = True
-            fill._fd = await _open_for_readers(claim, fill, temp)
             fill.started.set()
 
             async def fetch() -> httpx.Response:
@@ -419,18 +420,30 @@ class Fills:
             if temp is not None:
                 await run_sync(self._store.discard, temp)
 
-    async def _begin(self, length: int | None) -> FillFile | None:
+    async def _begin(
+        self, length: int | None, fill: Fill, claim: Lease | _Unopened | None
+    ) -> FillFile | None:
         """A temporary file for a body of ``length`` bytes, or None if it will not be stored
-        (larger than an entry may be, or the disk cannot take it)."""
+        (larger than an entry may be, or the disk cannot take it). Unless ``claim`` is
+        :data:`_UNOPENED`, also opens it for ``fill``'s readers and announces it under
+        ``claim`` (:func:`_opener`): one worker-thread hop for the free space, the file, the
+        descriptor and the announcement."""
         if length is not None and length > self._config.object_size_limit:
             return None
         directory = getattr(self._store, "directory", None)
         floor = self._config.min_free_space + (length or 0)
 
-        def begin() -> FillFile | None:  # one worker-thread hop for both
+        def begin() -> FillFile | None:
             if directory is not None and shutil.disk_usage(directory).free < floor:
                 return None
-            return self._store.begin_fill()
+            temp = self._store.begin_fill()
+            if not isinstance(claim, _Unopened):
+                try:
+                    fill._fd = _opener(claim, fill, temp.path)()
+                except BaseException:
+                    self._store.discard(temp)
+                    raise
+            return temp
 
         try:
             temp = await run_sync(begin)
@@ -548,10 +561,8 @@ class Fills:
 
     def _remember_proof(self, fill: Fill) -> None:
         scope = fill.key.proof_scope(self._config.access_check == "object")
-        self._spawn(
-            run_sync(self._access.record, fill.fingerprint, scope),
-            "record proof",
-        )
+        if not self._access.record(fill.fingerprint, scope, on_loop=True):  # a write is due
+            self._spawn(run_sync(self._access.record, fill.fingerprint, scope), "record proof")
         if self._share_proofs is not None:
             self._share_proofs(fill.fingerprint, scope)
 
@@ -570,10 +581,18 @@ def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> Ent
     )
 
 
-async def _open_for_readers(claim: Lease | None, fill: Fill, temp: FillFile) -> int:
-    """A descriptor of ``fill``'s temporary file for its readers, and the announcement that
-    tells this host's other workers which file it writes (they follow it): one worker-thread
-    hop for both, like the store's other file work.
+class _Unopened:
+    """The type of :data:`_UNOPENED`."""
+
+
+#: Given to :meth:`Fills._begin` instead of a claim: open the file for readers later.
+_UNOPENED = _Unopened()
+
+
+def _opener(claim: Lease | None, fill: Fill, path: str) -> Callable[[], int]:
+    """What opens ``fill``'s temporary file at ``path`` for its readers (a descriptor) and
+    announces it under ``claim``, which tells this host's other workers which file it writes
+    (they follow it). It blocks: call it from a worker thread.
 
     Not announced: a prefetch of unannounced size. It is abandoned at
     ``prefetch_max_object_size`` unless a client of its own process joins, which would break a
@@ -584,7 +603,7 @@ async def _open_for_readers(claim: Lease | None, fill: Fill, temp: FillFile) -> 
     if claim is not None and fill.validators is not None and not unannounced_size:
         announcement = Announcement(
             fill.key.cache_key,
-            os.path.basename(temp.path),
+            os.path.basename(path),
             fill.content_type,
             fill.expected_length,
             fill.validators.to_dict(),
@@ -592,9 +611,9 @@ async def _open_for_readers(claim: Lease | None, fill: Fill, temp: FillFile) -> 
         )
 
     def open_and_announce() -> int:
-        fd = os.open(temp.path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         if announcement is not None and claim is not None:
             claim.announce(announcement)
         return fd
 
-    return await run_sync(open_and_announce)
+    return open_and_announce

@@ -89,6 +89,27 @@ def test_a_repeated_proof_is_rewritten_on_disk_only_after_a_tenth_of_its_ttl(
     assert AccessProofs(tmp_path, ttl=60).has_proof(fp, ("session", "s"))
 
 
+def test_a_proof_recorded_on_the_event_loop_never_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``on_loop``: the disk write a proof is due for is left to a worker thread (False, and
+    nothing recorded); one not due is kept in memory at once (True)."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    proofs = AccessProofs(tmp_path, ttl=60)
+    fp = proofs.fingerprint("Bearer t")
+    assert proofs.record(fp, ("session", "s"), on_loop=True) is False  # never written: due
+    assert not proofs.remembered(fp, ("session", "s"))
+    assert not AccessProofs(tmp_path, ttl=60).has_proof(fp, ("session", "s"))
+    assert proofs.record(fp, ("session", "s")) is True  # from a worker thread: written
+    now[0] += 5
+    assert proofs.record(fp, ("session", "s2"), on_loop=True) is False  # another scope: due
+    assert proofs.record(fp, ("session", "s"), on_loop=True) is True
+    now[0] += 56  # 61 s after the write, 56 s after the last acceptance
+    assert proofs.remembered(fp, ("session", "s"))  # kept in memory, on the loop
+    assert not AccessProofs(tmp_path, ttl=60).has_proof(fp, ("session", "s"))  # not written
+
+
 def test_secret_file_is_owner_only(tmp_path: Path) -> None:
     """The HMAC secret is created with mode 0600."""
     AccessProofs(tmp_path, ttl=60)
