@@ -1,6 +1,6 @@
 """The miss baseline: a minimal forwarder on the proxy's stack, with no cache behind it.
 
-    python bench/forwarder.py --port N --upstream http://127.0.0.1:M
+    python bench/forwarder.py --port N --upstream http://127.0.0.1:M [--proxy-pool]
 
 A bare ASGI app that sends every ``GET /v1/artifacts`` upstream with httpx (the proxy's client
 library, one ``AsyncClient`` with the proxy's pool limits) and relays the answer's status,
@@ -12,6 +12,10 @@ the hash, metrics and the log line).
 It runs as ``serve`` runs the proxy, like bench/ceiling.py: uvicorn with the proxy's HTTP
 protocol (uvicorn's own, without the proxy's guards), the same loop, keep-alive and
 server-header settings, one process.
+
+With ``--proxy-pool`` its client sends through the proxy's own transport (proxy/transport.py:
+httpcore's pool with a linear pass that keeps its idle connections), so that the pool's share
+of the difference can be told from the cache's.
 """
 
 from __future__ import annotations
@@ -28,17 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxy.cli import http_protocol, uvicorn_options
 from proxy.config import Config
+from proxy.transport import transport
 
 #: The header fields relayed, in the spelling the SDKs read.
 KEPT = {b"content-type": b"Content-Type", b"content-length": b"Content-Length"}
 
 
 class Forwarder:
-    def __init__(self, upstream: str, connections: int) -> None:
+    def __init__(self, upstream: str, connections: int, proxy_pool: bool = False) -> None:
         limits = httpx.Limits(
             max_connections=connections, max_keepalive_connections=min(32, connections)
         )
-        self.client = httpx.AsyncClient(base_url=upstream, limits=limits, trust_env=False)
+        pool = transport(limits) if proxy_pool else None
+        self.client = httpx.AsyncClient(
+            base_url=upstream, limits=limits, trust_env=False, transport=pool
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -72,12 +80,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--proxy-pool", action="store_true", help="the proxy's own transport")
     args = parser.parse_args()
     config = Config()
     options = uvicorn_options(config)
     options["http"] = http_protocol(config.http)
     options["access_log"] = False
-    app = Forwarder(args.upstream, config.max_connections)
+    app = Forwarder(args.upstream, config.max_connections, args.proxy_pool)
     uvicorn.run(app, host="127.0.0.1", port=args.port, **options)
 
 

@@ -47,7 +47,7 @@ from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
 from proxy.store import EntryMeta, FillFile, Store
-from proxy.store.claims import POLL_SECONDS, Announcement, Coordinator, Lease
+from proxy.store.claims import POLL_SECONDS, AlreadyStored, Announcement, Coordinator, Lease
 from proxy.store.lease import Held, Stored
 from proxy.threads import run_commit, run_sync
 from proxy.upstream import Upstream, read_answer, translate
@@ -326,23 +326,27 @@ class Fills:
             return None
         key = fill.key.cache_key
         give_up = time.monotonic() + self._config.first_byte_timeout
+
+        def stored() -> bool:  # in the claim's own hop, with the lease held
+            entry = self._store.get(key)
+            if entry is None:
+                return False
+            entry.close()
+            return True
+
         while True:
-            got = await self._coordinator.claim(key, max(0.0, give_up - time.monotonic()))
+            patience = max(0.0, give_up - time.monotonic())
+            got = await self._coordinator.claim(key, patience, stored)
             if not isinstance(got, Announcement):
                 break
             fd = await run_sync(self._store.open_fill, got.name)
             if fd is not None:
                 return fd, got
             await anyio.sleep(POLL_SECONDS)  # it just ended: its lock goes next
-        if got is None:
+        if isinstance(got, AlreadyStored):  # another process stored it meanwhile
+            fill.from_store = True
             return None
-        entry = await run_sync(self._store.get, key)
-        if entry is None:
-            return got
-        entry.close()
-        got.release()
-        fill.from_store = True
-        return None
+        return got
 
     def _on_lease(self, outcome: str) -> None:
         self._metrics.leases.labels(outcome).inc()

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from proxy.keys import ArtifactKey
-from proxy.store.claims import Announcement, Claims
+from proxy.store.claims import ALREADY_STORED, AlreadyStored, Announcement, Claims
 from proxy.store.disk import DiskStore
 from tests.conftest import OTHER_TOKEN, SESSION, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, metric
@@ -184,6 +184,27 @@ def test_an_announcement_lives_in_the_lock_file_and_the_next_holder_clears_it(
     assert fd is not None
     assert claims.announced("k") is None
     Claims.release(fd)
+
+
+def test_a_key_stored_before_its_lease_is_not_fetched_again(tmp_path: Path) -> None:
+    """With the lease taken, ``stored`` is asked in the same hop: a key another process
+    stored meanwhile gives the lease back at once (ALREADY_STORED), and so does a check that
+    fails; one not stored keeps it."""
+    claims = Claims(tmp_path)
+    assert claims._attempt("k", lambda: True) is ALREADY_STORED
+    fd = claims.try_claim("k")  # given back
+    assert fd is not None
+    Claims.release(fd)
+
+    def broken() -> bool:
+        raise OSError("index unreadable")
+
+    with pytest.raises(OSError):
+        claims._attempt("k", broken)
+    lease = claims._attempt("k", lambda: False)
+    assert lease is not None and not isinstance(lease, (Announcement, AlreadyStored))
+    assert claims.try_claim("k") is None  # held now
+    lease.release()
 
 
 def _same_slot(claims: Claims, object_id: str) -> str:

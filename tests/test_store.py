@@ -79,6 +79,33 @@ def test_eviction_is_byte_aware_and_least_recently_used_first(store: DiskStore) 
     survivor.close()
 
 
+def test_a_key_stored_again_replaces_its_bytes_and_its_file(
+    store: DiskStore, tmp_path: Path
+) -> None:
+    """Storing a key again leaves one entry, the new bytes, one file and the right size, both
+    when the old copy's bytes are needed to make room and when they are not; a reader of the
+    old copy keeps it."""
+    assert _put(store, "k", b"a" * 300_000)
+    old = store.get("k")
+    assert old is not None
+    assert _put(store, "k", b"b" * 200_000)  # room enough: replaced by the set itself
+    assert _put(store, "other", b"o" * 400_000)
+    assert _put(store, "k", b"c" * 399_000)  # 600k + 399k - 200k: fits once k's bytes go
+    assert store.stats().bytes == 799_000 and store.stats().entries == 2
+    new = store.get("k")
+    assert new is not None
+    with new.file, old.file:
+        assert new.file.read() == b"c" * 399_000
+        assert old.file.read() == b"a" * 300_000
+    assert _put(store, "k", b"d" * 399_000)  # 799k + 399k: no room without k's own bytes
+    assert store.stats().bytes == 799_000
+    other = store.get("other")
+    assert other is not None  # not evicted: k's old copy made the room
+    other.close()
+    files = list((tmp_path / "entries").rglob("*.val"))
+    assert len(files) == 2
+
+
 def test_evicted_entry_stays_readable_through_an_open_handle(store: DiskStore) -> None:
     """A reader mid-stream keeps its bytes even if the entry is evicted under it."""
     _put(store, "k", b"abc" * 1000)

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,12 +95,24 @@ class Lease(Protocol):
 
 
 class Coordinator(Protocol):
-    async def claim(self, key: str, patience: float) -> Lease | Announcement | None:
+    async def claim(
+        self, key: str, patience: float, stored: Callable[[], bool] | None = None
+    ) -> Lease | Announcement | AlreadyStored | None:
         """A lease to fetch ``key`` once no other process holds one, or the holder's
         :class:`Announcement` as soon as it has made one (then follow its fill); ``None`` if
         neither came within ``patience`` seconds (the caller then fetches regardless: a
         duplicate fetch beats a timeout), or at once when the slot's holder announced another
-        key. After a wait the caller should look whether the key is now stored."""
+        key. Another process may have stored the key before the lease was taken: ``stored``
+        (blocking) is asked with the lease held, in the same worker-thread hop, and if it
+        says so the lease is given back and :data:`ALREADY_STORED` returned."""
+
+
+class AlreadyStored:
+    """The type of :data:`ALREADY_STORED`."""
+
+
+#: What :meth:`Coordinator.claim` returns when the key turned out to be stored already.
+ALREADY_STORED = AlreadyStored()
 
 
 #: Lock files at most (created on first use; a holder writes its announcement into its own).
@@ -193,17 +206,29 @@ class Claims:
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
-    def _attempt(self, key: str) -> Lease | Announcement | None:
-        """A lease; or the holder's announcement, of any key (None if it has made none)."""
+    def _attempt(
+        self, key: str, stored: Callable[[], bool] | None = None
+    ) -> Lease | Announcement | AlreadyStored | None:
+        """A lease (or :data:`ALREADY_STORED`); or the holder's announcement, of any key (None if it
+        has made none)."""
         fd = self.try_claim(key)
-        if fd is not None:
-            return _Held(fd)
-        return self._announcement(key)
+        if fd is None:
+            return self._announcement(key)
+        try:
+            if stored is not None and stored():
+                self.release(fd)
+                return ALREADY_STORED
+        except BaseException:
+            self.release(fd)
+            raise
+        return _Held(fd)
 
-    async def claim(self, key: str, patience: float) -> Lease | Announcement | None:
+    async def claim(
+        self, key: str, patience: float, stored: Callable[[], bool] | None = None
+    ) -> Lease | Announcement | AlreadyStored | None:
         give_up = time.monotonic() + patience
         while True:
-            got = await run_sync(self._attempt, key)
+            got = await run_sync(self._attempt, key, stored)
             if isinstance(got, Announcement) and got.key != key:
                 # The slot's holder fetches another key (they share one of the SLOTS): waiting
                 # would wait for that fill, as long as it lasts; fetch now, unclaimed.

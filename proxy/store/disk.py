@@ -415,10 +415,17 @@ class DiskStore:
             self.flush_touches()  # recency, as of now, decides the victims
         while True:
             with self._exclusive():
+                size = self._bytes()
                 if replacing is not None:
-                    self.evict(replacing)
+                    self._forget(replacing)
+                    # The set that follows replaces its row and file anyway; deleting them first
+                    # (a write transaction, for a key that is seldom there) only matters when
+                    # its bytes are needed to make room.
+                    if size + incoming > self.max_bytes:
+                        self.evict(replacing)
+                        size = self._bytes()
                     replacing = None
-                excess = self._bytes() + incoming - self.max_bytes
+                excess = size + incoming - self.max_bytes
                 victims = []
                 if excess > 0:
                     victims = self._index.remove_least_recent(excess, _EVICT_BATCH)
