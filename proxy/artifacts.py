@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import httpx
 from starlette.background import BackgroundTask
@@ -34,6 +34,7 @@ from proxy.headers import CONTENT_LENGTH, CONTENT_TYPE, RawHeaders
 from proxy.keys import ArtifactKey, parse_key
 from proxy.metrics import SOURCES
 from proxy.passthrough import relay
+from proxy.protocols import HANGUPS
 from proxy.ranges import RangeNotSatisfiable, byte_range, none_match
 from proxy.resume import rest_from_upstream
 from proxy.services import Services
@@ -332,12 +333,12 @@ class ArtifactRoute:
             body = hit.body[start:end] if span else hit.body
             return Whole(status, raw, body)
         verify = span is None  # a range is length-checked only: hashing it means reading it all
-        response = StreamingResponse(
+        return Streamed(
             self._stream_hit(key, hit, start, end, verify, authorization),
-            status_code=status,
-            background=_closing(hit.close),
+            raw,
+            _closing(hit.close),
+            status,
         )
-        return _raw(response, raw)
 
     async def _stream_hit(
         self,
@@ -434,8 +435,12 @@ class ArtifactRoute:
             reader.close()
             raise
         self._count("miss" if outcome == b"MISS" else "coalesced")
-        response = StreamingResponse(self._stream_fill(reader), background=_closing(reader.close))
-        return _raw(response, _fill_headers(fill, outcome))
+        return Streamed(
+            self._stream_fill(reader),
+            _fill_headers(fill, outcome),
+            _closing(reader.close),
+            wake=reader.hang_up,
+        )
 
     async def _bypass(self, request: Request) -> Response:
         """Fetch with the caller's own credential and stream it through, uncached."""
@@ -464,7 +469,7 @@ class ArtifactRoute:
         # Another replica's fetch, streamed through Redis, was not fetched from the API here.
         served = self._served["shared" if reader.fill.remote else "upstream"]
         try:
-            async for data in reader.fill.chunks(self.s.config.chunk_size):
+            async for data in reader.fill.chunks(self.s.config.chunk_size, reader):
                 served.inc(len(data))
                 yield data
                 yield DRAINED
@@ -545,6 +550,63 @@ class Whole(Response):
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         await send({"type": "http.response.body", "body": self.body})
+
+
+class Streamed(StreamingResponse):
+    """A streamed body in plain ASGI messages, from the event loop's task alone.
+
+    Starlette's StreamingResponse runs each response in a task group beside a second task that
+    waits for ``http.disconnect``: some 50 us of a miss's event-loop time. Under the proxy's
+    own protocols (proxy/protocols.py) the scope holds the connection's hang-up callbacks
+    instead: this one is called when the client goes, calls ``wake`` (so a body waiting for
+    more bytes, a fill's, looks again and ends) and stops the stream before its next piece.
+    Under another server (no callbacks in the scope) it is Starlette's."""
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        headers: RawHeaders,
+        background: BackgroundTask,
+        status_code: int = 200,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(body, status_code=status_code, background=background)
+        self.raw_headers = headers
+        self._wake = wake
+        self.gone = False
+
+    def _hang_up(self) -> None:
+        self.gone = True
+        if self._wake is not None:
+            self._wake()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hangups: set[Callable[[], None]] | None = scope.get(HANGUPS)
+        if hangups is None:
+            await super().__call__(scope, receive, send)
+            return
+        body = self.body_iterator
+        assert isinstance(body, AsyncGenerator)
+        hangups.add(self._hang_up)
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async for chunk in body:
+                if self.gone:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not self.gone:
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            hangups.discard(self._hang_up)
+            await body.aclose()
+        if self.background is not None:
+            await self.background()
 
 
 def _closing(close: Callable[[], None]) -> BackgroundTask:

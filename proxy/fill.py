@@ -144,8 +144,9 @@ class Fill:
         response, self._direct = self._direct, None
         return response
 
-    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
-        """The body as it grows. Raises FillFailed if the fill breaks before the end.
+    async def chunks(self, chunk_size: int, reader: Reader | None = None) -> AsyncIterator[bytes]:
+        """The body as it grows. Raises FillFailed if the fill breaks before the end. Ends
+        early, without an error, once ``reader`` hung up (:meth:`Reader.hang_up`).
 
         The caller must have joined before the fill started, and checked :attr:`streaming`.
         """
@@ -169,6 +170,8 @@ class Fill:
             elif self.done:
                 if not self.complete:
                     raise FillFailed("upstream body did not complete")
+                return
+            elif reader is not None and reader.gone:
                 return
             else:
                 await self.changed()
@@ -223,6 +226,13 @@ class Reader:
         self.fill = fill
         self._open = True
         self._on_close = on_close
+        #: The client went away: its stream ends at the next look (see :meth:`hang_up`).
+        self.gone = False
+
+    def hang_up(self) -> None:
+        """The client went away: wake its stream (waiting for more of the body) to end it."""
+        self.gone = True
+        self.fill._notify()
 
     def close(self) -> None:
         if self._open:

@@ -35,6 +35,7 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = ConnectionGuard(limits, self.loop, server_state, self._responding)
         self.conn = _CheckedH11Connection(self.guard)
+        self.hangups: Hangups = set()
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -47,6 +48,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.connection_lost()
         super().connection_lost(exc)
+        _hang_up(self.hangups)
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
@@ -54,6 +56,8 @@ class GuardedH11Protocol(H11Protocol):
             self.guard.meter.reset()  # the last request is done: these bytes start a new head
         if self.guard.admit(data):
             super().data_received(data)
+            if self.cycle is not None:  # its task has not run yet (h11 takes one at a time)
+                self.cycle.scope[HANGUPS] = self.hangups  # type: ignore[literal-required]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -111,6 +115,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._answer_now: AnswerNow | None = getattr(self.app, "answer_now", None)
         #: The request being parsed was answered by ``_answer_now``.
         self._answered = False
+        self.hangups: Hangups = set()
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -123,6 +128,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.connection_lost()
         super().connection_lost(exc)
+        _hang_up(self.hangups)
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
@@ -135,6 +141,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._answer_now is not None and self._answer_at_once():
             return
+        self.scope[HANGUPS] = self.hangups  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def _answer_at_once(self) -> bool:
@@ -205,6 +212,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
         else:
             self.guard.refuse_request(msg)
+
+
+#: Where a request's scope holds its connection's hang-up callbacks: a streamed response
+#: (proxy/artifacts.py) adds one while it runs, and the protocol calls each when the client
+#: goes, so that the response needs no task of its own waiting for ``http.disconnect``.
+HANGUPS = "vlmrun_cache.hangups"
+Hangups = set[Callable[[], None]]
+
+
+def _hang_up(hangups: Hangups) -> None:
+    for hangup in list(hangups):
+        hangup()
+    hangups.clear()
 
 
 #: :meth:`proxy.front.Front.answer_now`: (target, header fields, the server's fields) -> the

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -170,6 +171,23 @@ class CircuitBreaker:
             self.opened_at = time.monotonic()
 
 
+#: Query values that need no percent-encoding (ids like ``img_a1b2c3`` and UUIDs).
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]+")
+
+
+def _with_plain_query(url: httpx.URL, params: dict[str, str]) -> httpx.URL | None:
+    """``url`` with the query ``params``, when every value is plain (:data:`_PLAIN`), without
+    httpx's parse and percent-encoding of the whole URL (20 us per miss); None otherwise (then
+    httpx encodes them). The same URL either way; relies on httpx 0.28's ``URL``, which is
+    pinned (a test compares the two)."""
+    if not all(_PLAIN.fullmatch(value) for value in params.values()):
+        return None
+    query = "&".join(f"{name}={value}" for name, value in params.items())
+    result = httpx.URL.__new__(httpx.URL)
+    result._uri_reference = url._uri_reference._replace(query=query)
+    return result
+
+
 class Upstream:
     """The shared client, with the retry policy and the circuit breaker around it."""
 
@@ -226,10 +244,12 @@ class Upstream:
         headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT}
         if authorization is not None:
             headers["Authorization"] = authorization
+        params = key.upstream_params()
+        url = _with_plain_query(self._artifact_url, params)
         return httpx.Request(
             "GET",
-            self._artifact_url,
-            params=key.upstream_params(),
+            url or self._artifact_url,
+            params=None if url else params,
             headers=headers,
             extensions={"timeout": self._artifact_timeout},
         )

@@ -157,6 +157,38 @@ def test_one_key_cannot_take_every_waiter_place(three_keys: StandIn, start_proxy
             assert response.read() == body
 
 
+def test_a_waiter_that_hangs_up_gives_its_place_back_at_once(standin: StandIn, start_proxy) -> None:
+    """A client following a fill that waits for more bytes, and hangs up, leaves its waiter
+    place as the connection closes (the protocol wakes its stream): not when the next bytes
+    come, which here is never before the place is needed again."""
+    proxy = start_proxy(max_waiters_per_key=1)
+    body = standin.add("session", SESSION, "vid_4a1700", size=100_000)
+    release = threading.Event()
+    standin.faults["vid_4a1700"] = Fault(hold_middle=release, times=1)
+    url = artifact_url(proxy, "vid_4a1700")
+    with httpx.Client(timeout=20) as client, client.stream("GET", url, headers=auth()) as first:
+        with httpx.Client(timeout=20) as gone, gone.stream("GET", url, headers=auth()) as joined:
+            assert joined.headers["x-cache"] == "COALESCED"  # the key's one place
+            assert client.get(url, headers=auth()).status_code == 429
+        # `gone` closed its connection. The place comes back as the proxy sees it close: ask
+        # until then (a bounded wait for another process's state, no sleep before the first).
+        deadline = time.monotonic() + 10
+        while True:
+            with (
+                httpx.Client(timeout=20) as again,
+                again.stream("GET", url, headers=auth()) as after,
+            ):
+                if after.status_code == 200:
+                    assert after.headers["x-cache"] == "COALESCED"
+                    release.set()
+                    assert after.read() == body
+                    break
+                assert after.status_code == 429
+            assert time.monotonic() < deadline, "the place never came back"
+            time.sleep(0.01)
+        assert first.read() == body
+
+
 def test_one_key_cannot_take_every_passthrough_connection(standin: StandIn, start_proxy) -> None:
     """A credential holding its share of passthrough requests (open event streams) gets a 429
     for one more; another credential is served, and the share comes back when streams end."""

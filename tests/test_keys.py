@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
+from proxy.config import Config
 from proxy.errors import InvalidRequest
 from proxy.keys import ArtifactKey, parse_key
+from proxy.upstream import Upstream
 
 
 def test_both_sdk_orders_give_one_key() -> None:
@@ -61,3 +64,26 @@ def test_stored_keys_read_back_and_older_layouts_are_recognised() -> None:
         assert ArtifactKey.from_cache_key(key.cache_key) == key
     for other in ('["v1", "session", "S", "img_a"]', '["session", "S", "img_a"]', "{", "[]"):
         assert ArtifactKey.from_cache_key(other) is None
+
+
+@pytest.mark.parametrize(
+    ("scope_id", "object_id"),
+    [
+        ("sess_0123-abcd.ef~9", "img_a1b2c3"),
+        ("s 1", "img_a"),
+        ("s&session_id=other", "o=1"),
+        ("é", "img_%41"),
+        ("s", "a/b?c#d"),
+    ],
+)
+def test_the_upstream_url_of_a_key_is_httpx_s_own(scope_id: str, object_id: str) -> None:
+    """The artifact URL built without httpx's encoding (plain ids) is the URL httpx builds
+    from the same params, byte for byte; other ids still go through httpx's encoding."""
+    upstream = Upstream(Config(upstream="http://127.0.0.1:9/"))
+    key = ArtifactKey("session", scope_id, object_id)
+    built = upstream.artifact_request(key, "Bearer t").url
+    expected = httpx.Request(
+        "GET", httpx.URL("http://127.0.0.1:9/v1/artifacts"), params=key.upstream_params()
+    ).url
+    assert (built.raw_path, str(built)) == (expected.raw_path, str(expected))
+    assert dict(built.params) == {"object_id": object_id, "session_id": scope_id}
