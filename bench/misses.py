@@ -8,7 +8,10 @@ per request, a new prefix per run), so every one is a miss: the proxy checks the
 upstream, streams the bytes to its client while writing them to a temporary file, hashes them,
 fsyncs and commits the entry (off the event loop) and logs the line. The baseline is
 bench/forwarder.py: the same server, protocol, loop and client library (httpx, one pool with
-the proxy's limits), relaying the same answers and doing nothing else.
+the proxy's limits), relaying the same answers and doing nothing else; once with httpx's own
+connection pool, once with the proxy's (proxy/transport.py, which keeps its idle connections
+and costs a linear pass per request where httpcore's costs a quadratic one). Also measured, a
+diagnostic: the proxy with its cache on tmpfs (/dev/shm), where a commit costs no disk work.
 
 Both are pinned to core 0; the upstream and wrk to core 1. The upstream is nginx answering every
 ``GET /v1/artifacts`` with the same bytes (when installed; else the stand-in API with no added
@@ -81,26 +84,43 @@ def wrk_misses(
     }
 
 
+#: The baselines: bench/forwarder.py with httpx's own pool, and with the proxy's.
+FORWARDER = "forwarder"
+FORWARDER_POOL = "forwarder, the proxy's pool"
+#: The proxy with its cache on tmpfs: what the disk costs (a diagnostic; commits are not
+#: durable there).
+ON_TMPFS = "proxy, cache on tmpfs"
+TMPFS = Path("/dev/shm")
+
+
 @contextlib.contextmanager
 def servers(
     upstream: str, cache_dir: str, logs: Path, before: Sequence[str] = ()
 ) -> Iterator[dict[str, tuple[str, int, str]]]:
-    """name -> (base URL, PID, cache directory): the proxy, the forwarder, and the proxy of
-    each revision in ``before`` (from a git worktree of its own)."""
+    """name -> (base URL, PID, cache directory): the proxy, the proxy of each revision in
+    ``before`` (from a git worktree of its own), the proxy with its cache on tmpfs (when
+    /dev/shm is one) and the two forwarders."""
     with contextlib.ExitStack() as stack:
         found = {}
         trees = {"proxy": ROOT, **{f"proxy at {rev}": worktree(stack, rev) for rev in before}}
+        caches = {name: Path(cache_dir) for name in trees}
+        if TMPFS.is_dir() and os.access(TMPFS, os.W_OK):
+            trees[ON_TMPFS] = ROOT
+            caches[ON_TMPFS] = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=TMPFS)))
         for name, tree in trees.items():
-            port, cache = free_port(), str(Path(cache_dir, name.replace(" ", "-")))
+            port, cache = free_port(), str(caches[name] / name.replace(" ", "-"))
             args = [sys.executable, "-m", "proxy", "serve", "--port", str(port)]
             args += ["--upstream", upstream, "--cache-dir", cache]
             log = logs / f"misses-{name.replace(' ', '-')}.log"
             process = stack.enter_context(child(args, port, SERVER_CPU, log, cwd=tree))
             found[name] = (f"http://127.0.0.1:{port}", process.pid, cache)
-        port = free_port()
-        args = [sys.executable, "bench/forwarder.py", "--port", str(port), "--upstream", upstream]
-        process = stack.enter_context(child(args, port, SERVER_CPU, logs / "misses-forwarder.log"))
-        found["forwarder"] = (f"http://127.0.0.1:{port}", process.pid, "")
+        for name, flags in ((FORWARDER, []), (FORWARDER_POOL, ["--proxy-pool"])):
+            port = free_port()
+            args = [sys.executable, "bench/forwarder.py", "--port", str(port)]
+            args += ["--upstream", upstream, *flags]
+            log = logs / f"misses-{name.replace(' ', '-')}.log"
+            process = stack.enter_context(child(args, port, SERVER_CPU, log))
+            found[name] = (f"http://127.0.0.1:{port}", process.pid, "")
         yield found
 
 
@@ -245,9 +265,9 @@ def rows(results: Runs) -> list[list[str]]:
 HEADER = ["server", "misses/s", "p50 ms", "p99 ms", "server CPU µs/miss", "server CPU, cores"]
 
 
-def ratios(results: Runs, name: str = "proxy") -> list[float]:
-    """``name`` ÷ forwarder misses/s, within each round."""
-    pairs = zip(results[name], results["forwarder"], strict=True)
+def ratios(results: Runs, name: str = "proxy", baseline: str = FORWARDER) -> list[float]:
+    """``name`` ÷ ``baseline`` misses/s, within each round."""
+    pairs = zip(results[name], results[baseline], strict=True)
     return [proxy["rps"] / forwarder["rps"] for proxy, forwarder in pairs]
 
 
@@ -277,10 +297,11 @@ def main() -> None:
     for row in rows(results):
         print("| " + " | ".join(row) + " |")
     for name in results:
-        if name != "forwarder":
-            found = ratios(results, name)
-            low, mid, high = min(found), statistics.median(found), max(found)
-            print(f"{name} / forwarder: {mid:.2f} ({low:.2f}-{high:.2f})")
+        for baseline in (FORWARDER, FORWARDER_POOL):
+            if name not in (FORWARDER, FORWARDER_POOL):
+                found = ratios(results, name, baseline)
+                low, mid, high = min(found), statistics.median(found), max(found)
+                print(f"{name} / {baseline}: {mid:.2f} ({low:.2f}-{high:.2f})")
 
 
 if __name__ == "__main__":

@@ -586,14 +586,16 @@ def run_misses(bench: Bench) -> None:
     except misses.MissingTool as exc:
         bench.report.add(f"### Miss throughput\n\nNot measured: {exc}.\n")
         return
-    found = misses.ratios(results)
-    bench.report.key.append(
-        [
-            "1 KiB misses/s, 32 conns: proxy ÷ minimal forwarder",
-            f"{statistics.median(found):.2f} ({min(found):.2f}-{max(found):.2f})",
-            f"wrk, a new key per request, {rounds} alternating rounds of {seconds:g} s",
-        ]
-    )
+    how = f"wrk, a new key per request, {rounds} alternating rounds of {seconds:g} s"
+    for name, baseline, label in (
+        ("proxy", misses.FORWARDER, "proxy ÷ minimal forwarder (httpx's pool)"),
+        ("proxy", misses.FORWARDER_POOL, "proxy ÷ minimal forwarder on the proxy's pool"),
+        (misses.ON_TMPFS, misses.FORWARDER_POOL, "proxy, cache on tmpfs ÷ the same forwarder"),
+    ):
+        if name in results:
+            found = misses.ratios(results, name, baseline)
+            figure = f"{statistics.median(found):.2f} ({min(found):.2f}-{max(found):.2f})"
+            bench.report.key.append([f"1 KiB misses/s, 32 conns: {label}", figure, how])
     bench.report.add(
         table(
             "Miss throughput",
@@ -603,7 +605,9 @@ def run_misses(bench: Bench) -> None:
             f"connections (one key: its max_fills_per_key), {rounds} rounds of {seconds:g} s "
             "alternating the proxy (a fresh cache; every miss fetched, written, fsynced, "
             "committed and logged, checked after each run) and bench/forwarder.py (the same "
-            "server, protocol, loop and httpx client, relaying only). The upstream here is "
+            "server, protocol, loop and httpx client, relaying only), with httpx's connection "
+            "pool and with the proxy's (proxy/transport.py). The proxy with its cache on tmpfs "
+            "is a diagnostic: the disk's share (its commits are not durable). The upstream here is "
             f"{misses.upstream_kind()} (bench/misses.py), so the servers' CPU is what limits. "
             "misses/s: median (min-max); the rest medians. bench/misses.py runs this section "
             "alone.",
