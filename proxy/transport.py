@@ -116,6 +116,9 @@ class _ExactlyFramedHTTP11(httpcore.AsyncHTTP11Connection):
 class _Connection(httpcore.AsyncHTTPConnection):
     """Opens :class:`_ExactlyFramedHTTP11` connections (HTTP/1.1 only)."""
 
+    def never_opened(self) -> bool:
+        return self._connection is None and not self._connect_failed
+
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
         if self._connection is None:
             try:
@@ -131,6 +134,14 @@ class _Connection(httpcore.AsyncHTTPConnection):
                 self._connect_failed = True
                 raise
         return await super().handle_async_request(request)
+
+
+def _never_opened(connection: httpcore.AsyncConnectionInterface) -> bool:
+    """Whether ``connection`` was made for a request and never began to connect. One that no
+    request holds (the request was cancelled before its task ran again) would stay in the pool
+    for good, neither idle nor busy, one of ``max_connections`` lost (httpcore 1.0 keeps it
+    too). One that is connecting is held by its request until the connect succeeds or fails."""
+    return isinstance(connection, _Connection) and connection.never_opened()
 
 
 class _Pool(httpcore.AsyncConnectionPool):
@@ -154,6 +165,8 @@ class _Pool(httpcore.AsyncConnectionPool):
         for connection in self._connections:
             if connection.is_closed():
                 continue
+            if id(connection) not in given and _never_opened(connection):
+                continue  # made for a request cancelled before it ran: no socket to close
             if connection.has_expired():
                 closing.append(connection)
                 continue
