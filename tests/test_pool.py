@@ -107,8 +107,8 @@ def test_a_connection_made_for_a_request_that_is_cancelled_is_not_kept(
             pool = client._transport._pool  # type: ignore[attr-defined]
             async with client.stream("GET", "/busy") as busy:  # its connection, until closed
                 waiting = asyncio.create_task(client.get("/waiting"))
-                while len(pool._requests) < 2:  # both in the pool: one sent, one queued
-                    await asyncio.sleep(0)
+                await asyncio.sleep(0)  # its task runs up to its wait for a connection
+                assert len(pool._requests) == 2  # one sent, one queued
                 assert await busy.aread() == b"busy"
             # Closing it closed its connection, and gave the waiting request a new one, in this
             # task: the waiting one has not run since. Cancel it now.
