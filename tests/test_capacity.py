@@ -16,7 +16,7 @@ import pytest
 from proxy.capacity import PerKey, RateFloor
 from proxy.errors import TooManyRequests
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
-from tests.helpers import artifact_url, auth, fetch, metric
+from tests.helpers import artifact_url, auth, fetch, metric, wait_until
 from tests.standin import Fault, StandIn
 
 THIRD_TOKEN = "key-carol-0003"
@@ -316,3 +316,51 @@ def test_a_miss_streamed_uncached_is_retried_like_a_fill(standin: StandIn, start
         assert held.result(timeout=20).status_code == 200
     assert (response.status_code, response.content) == (200, body)
     assert response.headers.get("x-cache") is None  # streamed through, uncached
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_waiter_that_hangs_up_before_the_fill_starts_gives_its_place_back(
+    standin: StandIn, start_proxy, http: str
+) -> None:
+    """The attack: join a fill while the upstream has not answered yet, and hang up. The
+    connection's hang-up callbacks run before the response exists; the streamed response,
+    made when the fill starts, must still see that its client is gone. Otherwise it streams
+    the whole fill into a closed connection, holding its credential's waiter place and the
+    fill's file until the upstream finishes (here: not until the test lets it)."""
+    proxy = start_proxy(max_waiters_per_key=1, http=http)
+    body = standin.add("session", SESSION, "vid_4a1701", size=100_000)
+    answer, finish = threading.Event(), threading.Event()
+    standin.faults["vid_4a1701"] = Fault(hold_start=answer, hold_middle=finish, times=1)
+    url = artifact_url(proxy, "vid_4a1701")
+    services = proxy.app.state.services
+    connections = proxy.server.server_state.connections
+
+    def readers() -> int:  # the fill's open readers (and its own reference)
+        return sum(fill._refs for fill in services.fills._running.values())
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(fetch, proxy, "vid_4a1701")
+        assert standin.arrived.wait(10)  # the fill is held before the upstream's status line
+        alone = readers()
+        gone = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        target = url[len(proxy.url) :]
+        gone.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        assert wait_until(lambda: readers() == alone + 1)  # it follows the fill
+        gone.close()
+        assert wait_until(lambda: len(connections) == 1)  # the proxy saw it go (`first` stays)
+        answer.set()  # the fill starts, then holds in the middle
+        try:
+            assert wait_until(lambda: readers() == alone, timeout=5), "the gone client still reads"
+            with (
+                httpx.Client(timeout=20) as again,
+                again.stream("GET", url, headers=auth()) as after,
+            ):
+                assert after.status_code == 200  # TOKEN's one waiter place came back
+                assert after.headers["x-cache"] == "COALESCED"
+                finish.set()
+                assert after.read() == body
+        finally:
+            finish.set()
+        assert first.result(timeout=20).content == body
