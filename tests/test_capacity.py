@@ -4,6 +4,7 @@ capacity model keeps each credential to its share, and a dripping upstream canno
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -364,3 +365,53 @@ def test_a_waiter_that_hangs_up_before_the_fill_starts_gives_its_place_back(
         finally:
             finish.set()
         assert first.result(timeout=20).content == body
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_followers_that_hang_up_mid_fill_release_their_descriptors(
+    standin: StandIn, start_proxy, http: str
+) -> None:
+    """20 clients follow a fill held in the middle and hang up: 10 after reading the head, 10
+    that never read (the proxy's writes to them pause). Every descriptor (their sockets, their
+    hold on the fill's file) and every reader place is given back before the fill ends, and
+    the fill still completes for the client that stayed."""
+    proxy = start_proxy(http=http)
+    body = standin.add("session", SESSION, "vid_4a1702", size=4_000_000)
+    finish = threading.Event()
+    standin.faults["vid_4a1702"] = Fault(hold_middle=finish, times=1)
+    url = artifact_url(proxy, "vid_4a1702")
+    services = proxy.app.state.services
+
+    def readers() -> int:
+        return sum(fill._refs for fill in services.fills._running.values())
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    request = (
+        f"GET {url[len(proxy.url) :]} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    ).encode()
+    with httpx.Client(timeout=20) as client, client.stream("GET", url, headers=auth()) as first:
+        alone = readers()
+
+        def round_of_hangups() -> None:
+            gone = []
+            for n in range(20):
+                sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+                sock.sendall(request)
+                if n % 2 == 0:
+                    assert b"COALESCED" in sock.recv(4096)  # the head (and maybe some body)
+                gone.append(sock)
+            assert wait_until(lambda: readers() == alone + 20)
+            for sock in gone:
+                sock.close()
+            assert wait_until(lambda: readers() == alone, timeout=10), "a gone follower reads"
+
+        try:
+            round_of_hangups()  # the first also opens the worker threads' own descriptors
+            before = descriptors()
+            round_of_hangups()
+            assert wait_until(lambda: descriptors() <= before, timeout=10), "descriptors leaked"
+        finally:
+            finish.set()
+        assert first.read() == body
