@@ -282,6 +282,11 @@ def dial_host(host: str) -> str:
     return wildcards.get(host, host)
 
 
+def origin_url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, an IPv6 address in brackets."""
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def check_health(cache_dir: str | Path, timeout: float = 2.0) -> str:
     """GET ``/healthz`` at the address recorded in ``cache_dir``; its URL if it answered 200.
 
@@ -299,7 +304,7 @@ def check_health(cache_dir: str | Path, timeout: float = 2.0) -> str:
     if scheme not in ("http", "https"):
         raise Unhealthy(f"{path}: scheme {scheme!r} is not supported")
     host = dial_host(host)
-    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    url = f"{origin_url(scheme, host, port)}/healthz"
     connection = own_server(scheme, host, port, timeout)
     try:
         connection.request("GET", "/healthz")
