@@ -76,6 +76,7 @@ _HELP = {
     "max_headers": "most header fields in a request; more get 431 (default 100)",
     "max_client_connections": "client connections at once per process; more get 503 (default 1000)",
     "header_timeout": "time to receive a request head from its first byte (default 10s)",
+    "send_timeout": "longest a response waits for its client to read more of it (default 60s)",
     "min_free_space": "disk space to keep free; fetches beyond it are not stored (default 256MiB)",
     "shutdown_timeout": "how long shutdown waits for running fetches (default 10s)",
     "chunk_size": "bytes per read when serving from disk (default 1MiB)",

@@ -8,7 +8,10 @@ buffers a head and before the app does any per-header work. What a client that t
   ``max_headers`` fields: 431, and the connection closes (a request line over
   ``max_header_line``: 414);
 * a head not complete ``header_timeout`` after its first byte: 408, and the connection closes;
-* a connection beyond ``max_client_connections`` (per process): 503 at once, and it closes.
+* a connection beyond ``max_client_connections`` (per process): 503 at once, and it closes;
+* a response its client has taken nothing more of for ``send_timeout`` (the send buffer full
+  all that time): the connection is reset, and with it what the response held (its piece of
+  the body, a fill's file, a waiter place).
 
 Answers are JSON in the API's shape, ``{"detail": "..."}``. A new connection that sends nothing
 is closed after uvicorn's ``timeout_keep_alive``, like one idle between requests.
@@ -24,10 +27,13 @@ proxy/protocols.py plugs it into uvicorn's protocols.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import http
 import json
 import logging
+import socket
+import struct
 from collections.abc import Callable, Iterable
 
 from uvicorn.server import ServerState
@@ -60,6 +66,8 @@ class Limits:
     max_client_connections: int
     #: Time from the first byte of a request head to its end.
     header_timeout: float
+    #: Longest a response may wait for its client to read more of it.
+    send_timeout: float = 60.0
 
     @classmethod
     def from_config(cls, config: Config) -> Limits:
@@ -69,6 +77,7 @@ class Limits:
             max_headers=config.max_headers,
             max_client_connections=config.max_client_connections,
             header_timeout=config.header_timeout,
+            send_timeout=config.send_timeout,
         )
 
     def check_line(self, length: int, request_line: bool) -> None:
@@ -269,6 +278,7 @@ class ConnectionGuard:
         self._refusal: tuple[int, str, bool] | None = None  # status, detail, linger: unanswered
         self._deadline: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._stalled: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> bool:
         """Take the new connection, unless it is over the cap: then refuse it (False)."""
@@ -280,9 +290,33 @@ class ConnectionGuard:
         return False
 
     def connection_lost(self) -> None:
-        for timer in (self._deadline, self._linger):
+        for timer in (self._deadline, self._linger, self._stalled):
             if timer is not None:
                 timer.cancel()
+
+    def writing_paused(self) -> None:
+        """The send buffer is full: the client has ``send_timeout`` to take more of it."""
+        if self._stalled is None:
+            self._stalled = self._loop.call_later(self.limits.send_timeout, self._not_reading)
+
+    def writing_resumed(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _not_reading(self) -> None:
+        self._stalled = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        log.debug("resetting a client that read nothing for %g s", self.limits.send_timeout)
+        # A reset, not a close: the kernel would otherwise keep trying to deliver what the
+        # socket still holds (megabytes) to a client that does not read it.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     def admit(self, data: bytes) -> bool:
         """Meter ``data`` before the parser sees it; False means drop it (the head was refused)."""

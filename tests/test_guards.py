@@ -4,6 +4,7 @@ connection cap, under both of uvicorn's protocols, with hostile clients on raw s
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import selectors
@@ -260,6 +261,31 @@ def test_slow_head_is_cut_at_header_timeout(
                     conn.sendall(b"x")
         seconds = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert 0.9 <= seconds < 3
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_a_client_that_stops_reading_is_cut_at_send_timeout(
+    standin: StandIn, start_proxy: ProxyFactory, http: str
+) -> None:
+    """A client that asks for 8 MB and reads nothing holds a response, a buffer and its place
+    only for send_timeout (1 s): then the connection is reset. Without that it would hold
+    them as long as it liked."""
+    proxy = start_proxy(http=http, send_timeout="1s")
+    standin.add("session", SESSION, "vid_5e1d70", size=8_000_000)
+    fetch(proxy, "vid_5e1d70")  # now a hit, streamed from disk
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.settimeout(10)
+        conn.connect(("127.0.0.1", proxy.port))
+        started = time.monotonic()
+        conn.sendall(_request(target=TARGET.replace(OBJECT.encode(), b"vid_5e1d70")))
+        error = 0
+        while not error and time.monotonic() - started < 5:  # never reading, only looking
+            error = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+    assert error == errno.ECONNRESET
     assert 0.9 <= seconds < 3
 
 
