@@ -289,6 +289,29 @@ def test_a_client_that_stops_reading_is_cut_at_send_timeout(
     assert 0.9 <= seconds < 3
 
 
+def test_a_slow_reader_that_keeps_reading_is_not_cut(
+    standin: StandIn, start_proxy: ProxyFactory
+) -> None:
+    """send_timeout (1 s) counts time without progress: a client taking 1 KiB every 100 ms
+    (its buffers full all along) keeps its connection for 2.5 s, then gets the whole body."""
+    proxy = start_proxy(send_timeout="1s")
+    body = standin.add("session", SESSION, "vid_5e1d71", size=4_000_000)
+    fetch(proxy, "vid_5e1d71")
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.settimeout(10)
+        conn.connect(("127.0.0.1", proxy.port))
+        conn.sendall(_request(target=TARGET.replace(OBJECT.encode(), b"vid_5e1d71")))
+        received = b""
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:  # the client's own pace
+            received += conn.recv(1024)
+            time.sleep(0.1)
+        while chunk := conn.recv(65536):
+            received += chunk
+    assert received.endswith(body)
+
+
 @pytest.mark.parametrize("http", PROTOCOLS)
 def test_connections_over_the_cap_get_503(
     standin: StandIn, start_proxy: ProxyFactory, http: str
