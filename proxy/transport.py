@@ -23,7 +23,7 @@ Two things a stock ``httpx.AsyncClient`` does are wrong for a proxy that many cr
   was just given (httpcore PRs #1000 and #1035, issue #1110). And it asks every idle
   connection's socket whether it is readable (a server that closed it), one ``poll`` syscall
   each. :class:`_Pool` does one pass in linear time: one ``poll`` for all idle sockets, at most
-  ``max_keepalive_connections`` idle ones kept (the longest idle closed first), never one that
+  ``max_keepalive_connections`` idle ones kept (the oldest closed first), never one that
   a request was given, and each idle connection given to one request.
 * It builds the next request of a redirect even when not following it, and fails on a malformed
   ``Location`` (a 500 for a header we only relay). :class:`SharedClient` leaves redirects alone:
@@ -174,7 +174,7 @@ class _Pool(httpcore.AsyncConnectionPool):
             if id(connection) not in given and connection.is_available():
                 idle.append(connection)
         surplus = len(idle) - self._max_keepalive_connections
-        if surplus > 0:  # the first in the list have been in the pool longest
+        if surplus > 0:  # the first in the list were opened first: the oldest go
             dropped, idle = idle[:surplus], idle[surplus:]
             closing += dropped
             gone = {id(connection) for connection in dropped}
