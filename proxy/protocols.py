@@ -20,7 +20,37 @@ from proxy.guards import ConnectionGuard, Limits
 from proxy.headers import RawHeaders
 
 
-class GuardedH11Protocol(H11Protocol):
+class _Guarded:
+    """What both guarded protocols do around uvicorn's: tell the guard of the connection's
+    start, end and stalled writes, and call the hang-ups of its responses when it ends."""
+
+    guard: ConnectionGuard
+    hangups: Hangups
+    cycle: Any
+
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if self.guard.connection_made(transport):
+            _close_when_silent(self)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.connection_lost()
+        super().connection_lost(exc)  # type: ignore[misc]
+        _hang_up(self.hangups)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self.guard.writing_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self.guard.writing_resumed()
+
+
+class GuardedH11Protocol(_Guarded, H11Protocol):  # type: ignore[misc]
     """uvicorn's h11 protocol behind the guards."""
 
     def __init__(
@@ -37,27 +67,6 @@ class GuardedH11Protocol(H11Protocol):
         self.conn = _CheckedH11Connection(self.guard)
         self.hangups = Hangups()
 
-    def _responding(self) -> bool:
-        return self.cycle is not None and not self.cycle.response_complete
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if self.guard.connection_made(transport):
-            _close_when_silent(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.guard.connection_lost()
-        super().connection_lost(exc)
-        _hang_up(self.hangups)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.guard.writing_paused()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.guard.writing_resumed()
-
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         if self.guard.meter.complete and self.conn.their_state is h11.IDLE:
@@ -65,7 +74,7 @@ class GuardedH11Protocol(H11Protocol):
         if self.guard.admit(data):
             super().data_received(data)
             if self.cycle is not None:  # its task has not run yet (h11 takes one at a time)
-                self.cycle.scope[HANGUPS] = self.hangups  # type: ignore[literal-required]
+                self.cycle.scope[HANGUPS] = self.hangups
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -104,7 +113,7 @@ class _CheckedH11Connection(h11.Connection):
         return event
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
+class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):  # type: ignore[misc]
     """uvicorn's httptools protocol behind the guards."""
 
     def __init__(
@@ -124,27 +133,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         #: The request being parsed was answered by ``_answer_now``.
         self._answered = False
         self.hangups = Hangups()
-
-    def _responding(self) -> bool:
-        return self.cycle is not None and not self.cycle.response_complete
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if self.guard.connection_made(transport):
-            _close_when_silent(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.guard.connection_lost()
-        super().connection_lost(exc)
-        _hang_up(self.hangups)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.guard.writing_paused()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.guard.writing_resumed()
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
