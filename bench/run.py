@@ -603,7 +603,8 @@ def run_misses(bench: Bench) -> None:
             misses.HEADER,
             misses.rows(results),
             f"Every request a new {size} B artifact (wrk with a Lua script), {connections} "
-            f"connections (one key: its max_fills_per_key), {rounds} rounds of {seconds:g} s "
+            "connections (all with one API key: at most its max_fills_per_key, so that none "
+            f"streams uncached), {rounds} rounds of {seconds:g} s "
             "alternating the proxy (a fresh cache; every miss fetched, written, fsynced, "
             "committed and logged, checked after each run) and bench/forwarder.py (the same "
             "server, protocol, loop and httpx client, relaying only), with httpx's connection "
