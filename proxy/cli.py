@@ -76,6 +76,7 @@ _HELP = {
     "max_headers": "most header fields in a request; more get 431 (default 100)",
     "max_client_connections": "client connections at once per process; more get 503 (default 1000)",
     "header_timeout": "time to receive a request head from its first byte (default 10s)",
+    "send_timeout": "longest a response waits for its client to read more of it (default 60s)",
     "min_free_space": "disk space to keep free; fetches beyond it are not stored (default 256MiB)",
     "shutdown_timeout": "how long shutdown waits for running fetches (default 10s)",
     "chunk_size": "bytes per read when serving from disk (default 1MiB)",
@@ -282,6 +283,11 @@ def dial_host(host: str) -> str:
     return wildcards.get(host, host)
 
 
+def origin_url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, an IPv6 address in brackets."""
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def check_health(cache_dir: str | Path, timeout: float = 2.0) -> str:
     """GET ``/healthz`` at the address recorded in ``cache_dir``; its URL if it answered 200.
 
@@ -299,7 +305,7 @@ def check_health(cache_dir: str | Path, timeout: float = 2.0) -> str:
     if scheme not in ("http", "https"):
         raise Unhealthy(f"{path}: scheme {scheme!r} is not supported")
     host = dial_host(host)
-    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    url = f"{origin_url(scheme, host, port)}/healthz"
     connection = own_server(scheme, host, port, timeout)
     try:
         connection.request("GET", "/healthz")

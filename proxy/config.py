@@ -212,6 +212,9 @@ class Config:
     max_client_connections: int = 1000
     #: Time from the first byte of a request head to its end; slower: 408 and closed.
     header_timeout: float = 10.0
+    #: Longest a response may wait for its client to take more of it (the connection's send
+    #: buffer full all along); then the connection is reset. nginx's send_timeout, also 60 s.
+    send_timeout: float = 60.0
     #: Free disk space to keep; a fill that would eat into it streams through uncached.
     min_free_space: int = 256 * 1024**2
     #: How long shutdown waits for running fills before abandoning them.
@@ -315,6 +318,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "max_headers": _parse_int,
     "max_client_connections": _parse_int,
     "header_timeout": parse_duration,
+    "send_timeout": parse_duration,
     "min_free_space": parse_size,
     "shutdown_timeout": parse_duration,
     "chunk_size": parse_size,
@@ -504,6 +508,8 @@ def _validate(config: Config, sources: Mapping[str, str], has_secret: bool = Fal
         fail("max_client_connections", "must be at least 1")
     if config.header_timeout <= 0:
         fail("header_timeout", "must be larger than zero")
+    if config.send_timeout <= 0:
+        fail("send_timeout", "must be larger than zero")
     if not 4096 <= config.chunk_size <= 16 * 1024**2:
         fail("chunk_size", "must be between 4KiB and 16MiB")
     if config.prefetch_scan_limit < 4096:

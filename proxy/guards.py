@@ -8,7 +8,11 @@ buffers a head and before the app does any per-header work. What a client that t
   ``max_headers`` fields: 431, and the connection closes (a request line over
   ``max_header_line``: 414);
 * a head not complete ``header_timeout`` after its first byte: 408, and the connection closes;
-* a connection beyond ``max_client_connections`` (per process): 503 at once, and it closes.
+* a connection beyond ``max_client_connections`` (per process): 503 at once, and it closes;
+* a response its client has taken not one byte of for ``send_timeout`` while the connection's
+  buffers are full (nginx's send_timeout): the connection is reset, and with it what the
+  response held (its piece of the body, a fill's file, a waiter place). A slow reader that
+  keeps reading is never cut.
 
 Answers are JSON in the API's shape, ``{"detail": "..."}``. A new connection that sends nothing
 is closed after uvicorn's ``timeout_keep_alive``, like one idle between requests.
@@ -24,10 +28,15 @@ proxy/protocols.py plugs it into uvicorn's protocols.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import http
 import json
 import logging
+import socket
+import struct
+import termios
 from collections.abc import Callable, Iterable
 
 from uvicorn.server import ServerState
@@ -60,6 +69,8 @@ class Limits:
     max_client_connections: int
     #: Time from the first byte of a request head to its end.
     header_timeout: float
+    #: Longest a response may wait for its client to read more of it.
+    send_timeout: float = 60.0
 
     @classmethod
     def from_config(cls, config: Config) -> Limits:
@@ -69,6 +80,7 @@ class Limits:
             max_headers=config.max_headers,
             max_client_connections=config.max_client_connections,
             header_timeout=config.header_timeout,
+            send_timeout=config.send_timeout,
         )
 
     def check_line(self, length: int, request_line: bool) -> None:
@@ -224,6 +236,20 @@ class FieldCount:
             self.field(name, value)
 
 
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to ``transport`` that its client has not acknowledged: the transport's
+    buffer and, on Linux, the socket's send queue (``SIOCOUTQ``), which is where a slow
+    reader's progress shows first (the transport refills the socket only once half of the
+    kernel's buffer, megabytes, is free)."""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            size += struct.unpack("i", queued)[0]
+    return size
+
+
 def _refusal_response(
     status: int, detail: str, default_headers: list[tuple[bytes, bytes]]
 ) -> bytes:
@@ -269,6 +295,7 @@ class ConnectionGuard:
         self._refusal: tuple[int, str, bool] | None = None  # status, detail, linger: unanswered
         self._deadline: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._stalled: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> bool:
         """Take the new connection, unless it is over the cap: then refuse it (False)."""
@@ -280,9 +307,42 @@ class ConnectionGuard:
         return False
 
     def connection_lost(self) -> None:
-        for timer in (self._deadline, self._linger):
+        for timer in (self._deadline, self._linger, self._stalled):
             if timer is not None:
                 timer.cancel()
+
+    def writing_paused(self) -> None:
+        """The send buffer is full: the client has ``send_timeout`` to take some of it."""
+        if self._stalled is None:
+            self._watch_sending()
+
+    def writing_resumed(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _watch_sending(self, unsent: int | None = None) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            self._stalled = None
+            return
+        now = _unsent(transport)
+        if unsent is not None and now >= unsent:  # not one byte taken in send_timeout
+            self._stalled = None
+            self._not_reading(transport)
+            return
+        # A slow reader that keeps taking bytes is not stalled, however long a piece takes.
+        self._stalled = self._loop.call_later(self.limits.send_timeout, self._watch_sending, now)
+
+    def _not_reading(self, transport: asyncio.Transport) -> None:
+        log.debug("resetting a client that read nothing for %g s", self.limits.send_timeout)
+        # A reset, not a close: the kernel would otherwise keep trying to deliver what the
+        # socket still holds (megabytes) to a client that does not read it.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     def admit(self, data: bytes) -> bool:
         """Meter ``data`` before the parser sees it; False means drop it (the head was refused)."""

@@ -50,6 +50,14 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
         _hang_up(self.hangups)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.guard.writing_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.guard.writing_resumed()
+
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         if self.guard.meter.complete and self.conn.their_state is h11.IDLE:
@@ -129,6 +137,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.connection_lost()
         super().connection_lost(exc)
         _hang_up(self.hangups)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.guard.writing_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.guard.writing_resumed()
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()

@@ -4,6 +4,7 @@ connection cap, under both of uvicorn's protocols, with hostile clients on raw s
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import selectors
@@ -261,6 +262,54 @@ def test_slow_head_is_cut_at_header_timeout(
         seconds = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert 0.9 <= seconds < 3
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_a_client_that_stops_reading_is_cut_at_send_timeout(
+    standin: StandIn, start_proxy: ProxyFactory, http: str
+) -> None:
+    """A client that asks for 8 MB and reads nothing holds a response, a buffer and its place
+    only for send_timeout (1 s): then the connection is reset. Without that it would hold
+    them as long as it liked."""
+    proxy = start_proxy(http=http, send_timeout="1s")
+    standin.add("session", SESSION, "vid_5e1d70", size=8_000_000)
+    fetch(proxy, "vid_5e1d70")  # now a hit, streamed from disk
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.settimeout(10)
+        conn.connect(("127.0.0.1", proxy.port))
+        started = time.monotonic()
+        conn.sendall(_request(target=TARGET.replace(OBJECT.encode(), b"vid_5e1d70")))
+        error = 0
+        while not error and time.monotonic() - started < 5:  # never reading, only looking
+            error = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+    assert error == errno.ECONNRESET
+    assert 0.9 <= seconds < 3
+
+
+def test_a_slow_reader_that_keeps_reading_is_not_cut(
+    standin: StandIn, start_proxy: ProxyFactory
+) -> None:
+    """send_timeout (1 s) counts time without progress: a client taking 1 KiB every 100 ms
+    (its buffers full all along) keeps its connection for 2.5 s, then gets the whole body."""
+    proxy = start_proxy(send_timeout="1s")
+    body = standin.add("session", SESSION, "vid_5e1d71", size=4_000_000)
+    fetch(proxy, "vid_5e1d71")
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.settimeout(10)
+        conn.connect(("127.0.0.1", proxy.port))
+        conn.sendall(_request(target=TARGET.replace(OBJECT.encode(), b"vid_5e1d71")))
+        received = b""
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:  # the client's own pace
+            received += conn.recv(1024)
+            time.sleep(0.1)
+        while chunk := conn.recv(65536):
+            received += chunk
+    assert received.endswith(body)
 
 
 @pytest.mark.parametrize("http", PROTOCOLS)

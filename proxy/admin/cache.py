@@ -188,8 +188,9 @@ def server_figures(cache_dir: Path, timeout: float = 2.0) -> ServerFigures | Non
     if address is None or address[0] not in ("http", "https"):
         return None
     scheme, host, port = address
-    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
-    from proxy.cli import own_server  # proxy.cli wires these commands in
+    from proxy.cli import origin_url, own_server  # proxy.cli wires these commands in
+
+    url = origin_url(scheme, host, port)
 
     connection = own_server(scheme, host, port, timeout)
     try:

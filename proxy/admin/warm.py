@@ -61,14 +61,18 @@ def default_proxy(config: Config) -> tuple[str, bool]:
     the cache directory, when it did and answers its health check there: a stopped server
     leaves its address behind), and whether to verify its TLS certificate (not on loopback:
     our own server, whoever signed its certificate)."""
-    from proxy.cli import Unhealthy, check_health, dial_host  # proxy.cli wires this command in
+    from proxy.cli import (  # proxy.cli wires this command in
+        Unhealthy,
+        check_health,
+        dial_host,
+        origin_url,
+    )
 
     try:
         url = check_health(config.cache_dir, timeout=1.0).removesuffix("/healthz")
     except Unhealthy:
         scheme = "https" if config.tls_certfile else "http"
-        host = dial_host(config.host)
-        url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{config.port}"
+        url = origin_url(scheme, dial_host(config.host), config.port)
     host = urlsplit(url).hostname or ""
     return url, not (host == "localhost" or _is_loopback(host))
 
