@@ -604,9 +604,11 @@ class Streamed(StreamingResponse):
                 await send({"type": "http.response.body", "body": b""})
         finally:
             hangups.discard(self._hang_up)
-            await body.aclose()
-        if self.background is not None:
-            await self.background()
+            try:
+                await body.aclose()  # skips the body's own finally if it never started...
+            finally:
+                if self.background is not None:  # ...so the close it owes runs here, always
+                    await self.background()
 
 
 def _closing(close: Callable[[], None]) -> BackgroundTask:

@@ -35,7 +35,7 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = ConnectionGuard(limits, self.loop, server_state, self._responding)
         self.conn = _CheckedH11Connection(self.guard)
-        self.hangups: Hangups = set()
+        self.hangups = Hangups()
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -123,7 +123,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._answer_now: AnswerNow | None = getattr(self.app, "answer_now", None)
         #: The request being parsed was answered by ``_answer_now``.
         self._answered = False
-        self.hangups: Hangups = set()
+        self.hangups = Hangups()
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -234,10 +234,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 #: (proxy/artifacts.py) adds one while it runs, and the protocol calls each when the client
 #: goes, so that the response needs no task of its own waiting for ``http.disconnect``.
 HANGUPS = "vlmrun_cache.hangups"
-Hangups = set[Callable[[], None]]
+
+
+class Hangups(set[Callable[[], None]]):
+    """A connection's hang-up callbacks. One added after the client went is called at once: a
+    response is made only when its request's wait ends (a follower's, for a fill to start),
+    which may be after the connection was lost, and would otherwise stream into it until the
+    body's end, keeping its waiter place and the fill's file."""
+
+    lost = False
+
+    def add(self, hangup: Callable[[], None]) -> None:
+        if self.lost:
+            hangup()
+        else:
+            super().add(hangup)
 
 
 def _hang_up(hangups: Hangups) -> None:
+    hangups.lost = True
     for hangup in list(hangups):
         hangup()
     hangups.clear()

@@ -23,7 +23,7 @@ Four things a stock ``httpx.AsyncClient`` does are wrong for a proxy that many c
   was just given (httpcore PRs #1000 and #1035, issue #1110). And it asks every idle
   connection's socket whether it is readable (a server that closed it), one ``poll`` syscall
   each. :class:`_Pool` does one pass in linear time: one ``poll`` for all idle sockets, at most
-  ``max_keepalive_connections`` idle ones kept (the longest idle closed first), never one that
+  ``max_keepalive_connections`` idle ones kept (the oldest closed first), never one that
   a request was given, and each idle connection given to one request.
 * It builds the next request of a redirect even when not following it, and fails on a malformed
   ``Location`` (a 500 for a header we only relay). :class:`SharedClient` leaves redirects alone:
@@ -116,6 +116,9 @@ class _ExactlyFramedHTTP11(httpcore.AsyncHTTP11Connection):
 class _Connection(httpcore.AsyncHTTPConnection):
     """Opens :class:`_ExactlyFramedHTTP11` connections (HTTP/1.1 only)."""
 
+    def never_opened(self) -> bool:
+        return self._connection is None and not self._connect_failed
+
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
         if self._connection is None:
             try:
@@ -131,6 +134,14 @@ class _Connection(httpcore.AsyncHTTPConnection):
                 self._connect_failed = True
                 raise
         return await super().handle_async_request(request)
+
+
+def _never_opened(connection: httpcore.AsyncConnectionInterface) -> bool:
+    """Whether ``connection`` was made for a request and never began to connect. One that no
+    request holds (the request was cancelled before its task ran again) would stay in the pool
+    for good, neither idle nor busy, one of ``max_connections`` lost (httpcore 1.0 keeps it
+    too). One that is connecting is held by its request until the connect succeeds or fails."""
+    return isinstance(connection, _Connection) and connection.never_opened()
 
 
 class _Pool(httpcore.AsyncConnectionPool):
@@ -154,6 +165,8 @@ class _Pool(httpcore.AsyncConnectionPool):
         for connection in self._connections:
             if connection.is_closed():
                 continue
+            if id(connection) not in given and _never_opened(connection):
+                continue  # made for a request cancelled before it ran: no socket to close
             if connection.has_expired():
                 closing.append(connection)
                 continue
@@ -161,7 +174,7 @@ class _Pool(httpcore.AsyncConnectionPool):
             if id(connection) not in given and connection.is_available():
                 idle.append(connection)
         surplus = len(idle) - self._max_keepalive_connections
-        if surplus > 0:  # the first in the list have been in the pool longest
+        if surplus > 0:  # the first in the list were opened first: the oldest go
             dropped, idle = idle[:surplus], idle[surplus:]
             closing += dropped
             gone = {id(connection) for connection in dropped}

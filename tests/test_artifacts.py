@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import EXECUTION, OTHER_TOKEN, SESSION
+from tests.conftest import EXECUTION, OTHER_TOKEN, SESSION, TOKEN
 from tests.helpers import artifact_url, auth, fetch, metric, raw_head_block
 from tests.standin import Fault, StandIn
 
@@ -385,3 +385,29 @@ def test_a_stalled_reader_does_not_hold_the_fill_hostage(standin: StandIn, proxy
         assert fast.headers["x-cache"] == "COALESCED"
         assert slow_head + b"".join(slow_chunks) == body
     assert standin.hits("session", SESSION, "vid_51051c") == 1
+
+
+@pytest.mark.parametrize(
+    ("scope_id", "object_id"),
+    [
+        ("sess 1", "vid_a&object_id=vid_plain"),  # a second object_id smuggled in a value
+        ("sess&session_id=" + SESSION, "vid_a"),  # another session smuggled in a value
+        ("séss", "vid_%41#frag"),  # unicode, a percent sign, a fragment mark
+        ("sess+1", "vid_a+b;c"),
+    ],
+)
+def test_ids_that_need_encoding_reach_the_api_intact(
+    standin: StandIn, proxy, scope_id: str, object_id: str
+) -> None:
+    """Ids that are not plain go through httpx's encoding (proxy/upstream.py builds plain ones
+    itself): the API sees exactly the ids asked for, never an id or a scope smuggled in one,
+    and a second request is a hit on the same key."""
+    decoy = standin.add("session", SESSION, "vid_plain")
+    standin.grant(TOKEN, "session", scope_id)
+    body = standin.add("session", scope_id, object_id)
+    assert body != decoy
+    first = fetch(proxy, object_id, scope_id=scope_id)
+    assert (first.status_code, first.content) == (200, body)
+    assert standin.artifact_hits == {("session", scope_id, object_id): 1}
+    again = fetch(proxy, object_id, scope_id=scope_id)
+    assert (again.content, again.headers["x-cache"]) == (body, "HIT")

@@ -4,6 +4,7 @@ capacity model keeps each credential to its share, and a dripping upstream canno
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 from proxy.capacity import PerKey, RateFloor
 from proxy.errors import TooManyRequests
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
-from tests.helpers import artifact_url, auth, fetch, metric
+from tests.helpers import artifact_url, auth, fetch, metric, wait_until
 from tests.standin import Fault, StandIn
 
 THIRD_TOKEN = "key-carol-0003"
@@ -316,3 +317,101 @@ def test_a_miss_streamed_uncached_is_retried_like_a_fill(standin: StandIn, start
         assert held.result(timeout=20).status_code == 200
     assert (response.status_code, response.content) == (200, body)
     assert response.headers.get("x-cache") is None  # streamed through, uncached
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_waiter_that_hangs_up_before_the_fill_starts_gives_its_place_back(
+    standin: StandIn, start_proxy, http: str
+) -> None:
+    """The attack: join a fill while the upstream has not answered yet, and hang up. The
+    connection's hang-up callbacks run before the response exists; the streamed response,
+    made when the fill starts, must still see that its client is gone. Otherwise it streams
+    the whole fill into a closed connection, holding its credential's waiter place and the
+    fill's file until the upstream finishes (here: not until the test lets it)."""
+    proxy = start_proxy(max_waiters_per_key=1, http=http)
+    body = standin.add("session", SESSION, "vid_4a1701", size=100_000)
+    answer, finish = threading.Event(), threading.Event()
+    standin.faults["vid_4a1701"] = Fault(hold_start=answer, hold_middle=finish, times=1)
+    url = artifact_url(proxy, "vid_4a1701")
+    services = proxy.app.state.services
+    connections = proxy.server.server_state.connections
+
+    def readers() -> int:  # the fill's open readers (and its own reference)
+        return sum(fill._refs for fill in services.fills._running.values())
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(fetch, proxy, "vid_4a1701")
+        assert standin.arrived.wait(10)  # the fill is held before the upstream's status line
+        alone = readers()
+        gone = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        target = url[len(proxy.url) :]
+        gone.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        assert wait_until(lambda: readers() == alone + 1)  # it follows the fill
+        gone.close()
+        assert wait_until(lambda: len(connections) == 1)  # the proxy saw it go (`first` stays)
+        answer.set()  # the fill starts, then holds in the middle
+        try:
+            assert wait_until(lambda: readers() == alone, timeout=5), "the gone client still reads"
+            with (
+                httpx.Client(timeout=20) as again,
+                again.stream("GET", url, headers=auth()) as after,
+            ):
+                assert after.status_code == 200  # TOKEN's one waiter place came back
+                assert after.headers["x-cache"] == "COALESCED"
+                finish.set()
+                assert after.read() == body
+        finally:
+            finish.set()
+        assert first.result(timeout=20).content == body
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_followers_that_hang_up_mid_fill_release_their_descriptors(
+    standin: StandIn, start_proxy, http: str
+) -> None:
+    """20 clients follow a fill held in the middle and hang up: 10 after reading the head, 10
+    that never read (the proxy's writes to them pause). Every descriptor (their sockets, their
+    hold on the fill's file) and every reader place is given back before the fill ends, and
+    the fill still completes for the client that stayed."""
+    proxy = start_proxy(http=http)
+    body = standin.add("session", SESSION, "vid_4a1702", size=4_000_000)
+    finish = threading.Event()
+    standin.faults["vid_4a1702"] = Fault(hold_middle=finish, times=1)
+    url = artifact_url(proxy, "vid_4a1702")
+    services = proxy.app.state.services
+
+    def readers() -> int:
+        return sum(fill._refs for fill in services.fills._running.values())
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    request = (
+        f"GET {url[len(proxy.url) :]} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    ).encode()
+    with httpx.Client(timeout=20) as client, client.stream("GET", url, headers=auth()) as first:
+        alone = readers()
+
+        def round_of_hangups() -> None:
+            gone = []
+            for n in range(20):
+                sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+                sock.sendall(request)
+                if n % 2 == 0:
+                    assert b"COALESCED" in sock.recv(4096)  # the head (and maybe some body)
+                gone.append(sock)
+            assert wait_until(lambda: readers() == alone + 20)
+            for sock in gone:
+                sock.close()
+            assert wait_until(lambda: readers() == alone, timeout=10), "a gone follower reads"
+
+        try:
+            round_of_hangups()  # the first also opens the worker threads' own descriptors
+            before = descriptors()
+            round_of_hangups()
+            assert wait_until(lambda: descriptors() <= before, timeout=10), "descriptors leaked"
+        finally:
+            finish.set()
+        assert first.read() == body

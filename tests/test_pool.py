@@ -80,3 +80,46 @@ def test_a_burst_over_max_connections_waits_its_turn(upstream: RawUpstream) -> N
             assert len(pool.connections) <= 2
 
     asyncio.run(scenario())
+
+
+def test_a_connection_made_for_a_request_that_is_cancelled_is_not_kept(
+    upstream: RawUpstream,
+) -> None:
+    """The attack: with the pool full, a waiting request is given a *new* connection (the busy
+    one closed: ``Connection: close``) and is cancelled (its deadline, its client gone) before
+    it runs. That connection never connected, is neither idle nor given, and was kept forever:
+    one of ``max_connections`` lost per such race, until every request waits for a pool
+    timeout. The pass drops a new connection no request holds."""
+
+    def answer(path: str, n: int) -> bytes:
+        if path == "/busy":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy"
+        return framed(path.encode())
+
+    upstream.answer = answer
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    timeout = httpx.Timeout(10, pool=3)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(
+            transport=transport(limits), base_url=upstream.url, timeout=timeout
+        ) as client:
+            pool = client._transport._pool  # type: ignore[attr-defined]
+            async with client.stream("GET", "/busy") as busy:  # its connection, until closed
+                waiting = asyncio.create_task(client.get("/waiting"))
+                await asyncio.sleep(0)  # its task runs up to its wait for a connection
+                assert len(pool._requests) == 2  # one sent, one queued
+                assert await busy.aread() == b"busy"
+            # Closing it closed its connection, and gave the waiting request a new one, in this
+            # task: the waiting one has not run since. Cancel it now.
+            [queued] = pool._requests
+            fresh = queued.connection
+            assert fresh is not None and fresh._connection is None
+            assert not fresh._request_lock._backend  # never entered: not connecting
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert (await client.get("/next")).text == "/next"  # a PoolTimeout on main
+            assert len(pool.connections) <= 1
+
+    asyncio.run(scenario())
