@@ -291,7 +291,7 @@ def main() -> None:
         except MissingTool as exc:
             raise SystemExit(str(exc)) from None
     print(f"{args.size} B artifacts, {args.connections} connections, ", end="")
-    print(f"{args.rounds} rounds of {args.seconds:g} s")
+    print(f"{args.rounds} rounds of {args.seconds:g} s; upstream: {upstream_kind()}")
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER))
     for row in rows(results):

@@ -1,7 +1,7 @@
 """The benchmark: our proxy beside its Python ceilings and nginx's proxy_cache, same machine,
 same run.
 
-    python bench/run.py                 # everything (about 7 minutes)
+    python bench/run.py                 # everything (about 9 minutes)
     python bench/run.py --quick         # fewer, shorter runs (to bench/results/quick.md)
     python bench/run.py --only hits --out /tmp/hits.md
                                         # one section: hits, attack, miss, misses, coalesce,
@@ -587,10 +587,11 @@ def run_misses(bench: Bench) -> None:
         bench.report.add(f"### Miss throughput\n\nNot measured: {exc}.\n")
         return
     how = f"wrk, a new key per request, {rounds} alternating rounds of {seconds:g} s"
+    on_pool = "minimal forwarder on the proxy's pool"
     for name, baseline, label in (
         ("proxy", misses.FORWARDER, "proxy ÷ minimal forwarder (httpx's pool)"),
-        ("proxy", misses.FORWARDER_POOL, "proxy ÷ minimal forwarder on the proxy's pool"),
-        (misses.ON_TMPFS, misses.FORWARDER_POOL, "proxy, cache on tmpfs ÷ the same forwarder"),
+        ("proxy", misses.FORWARDER_POOL, f"proxy ÷ {on_pool}"),
+        (misses.ON_TMPFS, misses.FORWARDER_POOL, f"proxy, cache on tmpfs ÷ {on_pool}"),
     ):
         if name in results:
             found = misses.ratios(results, name, baseline)
@@ -602,7 +603,8 @@ def run_misses(bench: Bench) -> None:
             misses.HEADER,
             misses.rows(results),
             f"Every request a new {size} B artifact (wrk with a Lua script), {connections} "
-            f"connections (one key: its max_fills_per_key), {rounds} rounds of {seconds:g} s "
+            "connections (all with one API key: at most its max_fills_per_key, so that none "
+            f"streams uncached), {rounds} rounds of {seconds:g} s "
             "alternating the proxy (a fresh cache; every miss fetched, written, fsynced, "
             "committed and logged, checked after each run) and bench/forwarder.py (the same "
             "server, protocol, loop and httpx client, relaying only), with httpx's connection "

@@ -1,6 +1,6 @@
 """The upstream HTTP client's plumbing: one pool shared by every user, made safe to share.
 
-Two things a stock ``httpx.AsyncClient`` does are wrong for a proxy that many credentials use:
+Four things a stock ``httpx.AsyncClient`` does are wrong for a proxy that many credentials use:
 
 * It keeps a cookie jar. A ``Set-Cookie`` answered to one user would go out on every other
   user's later requests. :class:`SharedClient` has no jar: nothing is parsed or stored, and a
