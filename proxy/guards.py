@@ -321,9 +321,27 @@ class ConnectionGuard:
             self._stalled.cancel()
             self._stalled = None
 
+    def closed(self) -> None:
+        """The connection was closed (after a response, idle, or refused) with bytes still in
+        the transport's buffer: the close waits for the client to take them, so it gets
+        ``send_timeout`` to, as while writing. Else a client that leaves the end of a
+        response unread holds the connection (its place under ``max_client_connections``, the
+        buffer) for ever: the tail may be below the mark that pauses writing, or the watch of
+        a paused write would see the close and stop."""
+        transport = self._transport
+        if (
+            self._stalled is None
+            and transport is not None
+            and transport.is_closing()
+            and transport.get_write_buffer_size()
+        ):
+            self._watch_sending()
+
     def _watch_sending(self, unsent: int | None = None) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing():
+        # A closing transport with bytes to send is still open (see closed); once they are
+        # gone, or the connection is lost, there is nothing left to watch.
+        if transport is None or (transport.is_closing() and not transport.get_write_buffer_size()):
             self._stalled = None
             return
         now = _unsent(transport)
@@ -398,6 +416,7 @@ class ConnectionGuard:
         """After each response: give the answer to a refusal that waited for it."""
         if self._refusal is not None and not self._responding():
             self._send_refusal()
+        self.closed()  # a response without keep-alive closes the connection
 
     def _refuse(self, status: int, detail: str, linger: bool) -> None:
         if self.refused:
@@ -418,6 +437,11 @@ class ConnectionGuard:
         transport.write(_refusal_response(status, detail, self._server_state.default_headers))
         if linger and transport.can_write_eof():
             transport.write_eof()
-            self._linger = self._loop.call_later(LINGER_SECONDS, transport.close)
+            self._linger = self._loop.call_later(LINGER_SECONDS, self._close)
         else:
-            transport.close()
+            self._close()
+
+    def _close(self) -> None:
+        assert self._transport is not None
+        self._transport.close()
+        self.closed()

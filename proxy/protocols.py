@@ -41,6 +41,10 @@ class _Guarded:
         super().connection_lost(exc)  # type: ignore[misc]
         _hang_up(self.hangups)
 
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()  # type: ignore[misc]
+        self.guard.closed()  # an idle connection may still hold the end of its last response
+
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[misc]
         self.guard.writing_paused()

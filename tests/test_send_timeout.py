@@ -105,9 +105,7 @@ def test_a_whole_response_left_unread_is_reset(
 
 
 @pytest.mark.parametrize("http", PROTOCOLS)
-def test_small_responses_left_unread_are_reset(
-    standin: StandIn, start: Start, http: str
-) -> None:
+def test_small_responses_left_unread_are_reset(standin: StandIn, start: Start, http: str) -> None:
     """A client asks for 8 KB hits on one keep-alive connection, one after another without
     reading, until the kernel's buffers are full and a response's end waits in the server's
     (below the mark that pauses writing, so no watch starts there). Then it goes silent: the
