@@ -22,6 +22,9 @@ from tests.servers import ServerThread
 from tests.standin import StandIn
 
 PROTOCOLS = ["h11", "httptools"]
+#: uvicorn's event loops: uvloop (its "auto" where installed, as ``serve`` runs) and asyncio's,
+#: whose transports differ (the socket the guard sets SO_LINGER on, the close, the abort).
+LOOPS = ["uvloop", "asyncio"]
 SEND_TIMEOUT = 1.0
 KEEP_ALIVE = 0.5  # uvicorn's timeout_keep_alive here: it closes idle connections first
 
@@ -34,7 +37,7 @@ def start(upstream: ServerThread, cache_dir: Path) -> Iterator[Start]:
     pieces of 16 MiB, and uvicorn's keep-alive timeout at 0.5 s (settings as keyword overrides)."""
     started: list[ServerThread] = []
 
-    def run(**overrides: object) -> ServerThread:
+    def run(loop: str = "uvloop", **overrides: object) -> ServerThread:
         settings: dict[str, object] = {
             "upstream": upstream.url,
             "cache_dir": str(cache_dir),
@@ -44,7 +47,7 @@ def start(upstream: ServerThread, cache_dir: Path) -> Iterator[Start]:
             **overrides,
         }
         config = load(env={}, flags=settings)
-        options = {**uvicorn_options(config), "timeout_keep_alive": KEEP_ALIVE}
+        options = {**uvicorn_options(config), "timeout_keep_alive": KEEP_ALIVE, "loop": loop}
         server = ServerThread(create_app(config), **options).start()
         started.append(server)
         return server
@@ -85,16 +88,17 @@ def _unsent(proxy: ServerThread) -> int:
     return sum(c.transport.get_write_buffer_size() for c in connections)  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("http", PROTOCOLS)
 @pytest.mark.parametrize("connection", ["close", "keep-alive"])
 def test_a_whole_response_left_unread_is_reset(
-    standin: StandIn, start: Start, http: str, connection: str
+    standin: StandIn, start: Start, http: str, connection: str, loop: str
 ) -> None:
     """A memory hit of 8 MB is written whole (one message) and is complete at once, most of it
     still in the server's buffer; the connection closes (at once, or idle after keep-alive's
     0.5 s). The client never reads: send_timeout resets it, and its place is free again. On
     main the watch gave up on a closing connection, which then stayed open for ever."""
-    proxy = start(http=http)
+    proxy = start(loop, http=http)
     standin.add("session", SESSION, "vid_c105e0", size=8_000_000)
     for _ in range(2):  # a fill, then a disk hit that puts it in the memory tier
         assert fetch(proxy, "vid_c105e0").status_code == 200
@@ -104,14 +108,17 @@ def test_a_whole_response_left_unread_is_reset(
     assert wait_until(lambda: not proxy.server.server_state.connections, timeout=5)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("http", PROTOCOLS)
-def test_small_responses_left_unread_are_reset(standin: StandIn, start: Start, http: str) -> None:
+def test_small_responses_left_unread_are_reset(
+    standin: StandIn, start: Start, http: str, loop: str
+) -> None:
     """A client asks for 8 KB hits on one keep-alive connection, one after another without
     reading, until the kernel's buffers are full and a response's end waits in the server's
     (below the mark that pauses writing, so no watch starts there). Then it goes silent: the
     connection is idle, is closed after keep-alive's 0.5 s, and the close waits for bytes the
     client never takes. send_timeout resets it."""
-    proxy = start(http=http)
+    proxy = start(loop, http=http)
     standin.add("session", SESSION, "doc_5a11e0", size=8192)
     for _ in range(2):
         assert fetch(proxy, "doc_5a11e0").status_code == 200
