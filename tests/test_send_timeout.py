@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import trustme
 
 from proxy.app import create_app
 from proxy.cli import uvicorn_options
@@ -33,11 +36,12 @@ Start = Callable[..., ServerThread]
 
 @pytest.fixture
 def start(upstream: ServerThread, cache_dir: Path) -> Iterator[Start]:
-    """Start a proxy with send_timeout 1 s, a memory tier that keeps entries of up to 16 MiB and
+    """Start a proxy (https with cert.pem and key.pem of directory ``tls``) with send_timeout
+    1 s, a memory tier that keeps entries of up to 16 MiB and
     pieces of 16 MiB, and uvicorn's keep-alive timeout at 0.5 s (settings as keyword overrides)."""
     started: list[ServerThread] = []
 
-    def run(loop: str = "uvloop", **overrides: object) -> ServerThread:
+    def run(loop: str = "uvloop", tls: str | None = None, **overrides: object) -> ServerThread:
         settings: dict[str, object] = {
             "upstream": upstream.url,
             "cache_dir": str(cache_dir),
@@ -48,6 +52,8 @@ def start(upstream: ServerThread, cache_dir: Path) -> Iterator[Start]:
         }
         config = load(env={}, flags=settings)
         options = {**uvicorn_options(config), "timeout_keep_alive": KEEP_ALIVE, "loop": loop}
+        if tls is not None:  # as ``serve`` passes tls_certfile and tls_keyfile
+            options.update(ssl_certfile=f"{tls}/cert.pem", ssl_keyfile=f"{tls}/key.pem")
         server = ServerThread(create_app(config), **options).start()
         started.append(server)
         return server
@@ -133,3 +139,46 @@ def test_small_responses_left_unread_are_reset(
         assert 0 < _unsent(proxy) < 65536
         assert _reset_within(conn, KEEP_ALIVE + SEND_TIMEOUT + 3)
     assert wait_until(lambda: not proxy.server.server_state.connections, timeout=5)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[str, str]:
+    """A server certificate for 127.0.0.1 (chain, then key) and the CA's certificate, as files."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    certfile, cafile = tmp_path / "cert.pem", tmp_path / "ca.pem"
+    certfile.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(cafile))
+    return str(tmp_path), str(cafile)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_slow_reader_over_tls_is_not_cut(
+    standin: StandIn, start: Start, tls_files: tuple[str, str], loop: str
+) -> None:
+    """Over TLS the guard sees the TLS layer's buffer and the socket's queue, not the TCP
+    transport's buffer between them: a client taking 4 KiB every 100 ms still keeps its
+    connection for 3 s (send_timeout 1 s) and gets it all. (TLS clients take whole records
+    from the socket, 16 KiB at a time: a slower pace here is bursts more than 1 s apart.)"""
+    directory, cafile = tls_files
+    tls = start(loop, directory)
+    body = standin.add("session", SESSION, "vid_715a10", size=6_000_000)
+    url = f"https://127.0.0.1:{tls.port}/v1/artifacts?object_id=vid_715a10&session_id={SESSION}"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    context = ssl.create_default_context(cafile=cafile)
+    assert httpx.get(url, headers=headers, verify=context, timeout=20).content == body
+    with socket.socket() as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(10)
+        raw.connect(("127.0.0.1", tls.port))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+            conn.sendall(_request("vid_715a10", "close"))
+            received = b""
+            started = time.monotonic()
+            while time.monotonic() - started < 3:  # the client's own pace: 40 KiB/s
+                received += conn.recv(4096)
+                time.sleep(0.1)
+            while chunk := conn.recv(65536):
+                received += chunk
+    assert received.endswith(body)
