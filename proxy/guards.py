@@ -11,8 +11,9 @@ buffers a head and before the app does any per-header work. What a client that t
 * a connection beyond ``max_client_connections`` (per process): 503 at once, and it closes;
 * a response its client has taken not one byte of for ``send_timeout`` while the connection's
   buffers are full (nginx's send_timeout): the connection is reset, and with it what the
-  response held (its piece of the body, a fill's file, a waiter place). A slow reader that
-  keeps reading is never cut.
+  response held (its piece of the body, a fill's file, a waiter place). So is a connection
+  closed (idle, or after a response) with bytes its client never takes: a close waits for
+  them. A slow reader that keeps reading is never cut.
 
 Answers are JSON in the API's shape, ``{"detail": "..."}``. A new connection that sends nothing
 is closed after uvicorn's ``timeout_keep_alive``, like one idle between requests.
