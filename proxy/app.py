@@ -135,4 +135,6 @@ def create_app(config: Config | None = None) -> Front:
     if access_log is not None:  # one line per request, whichever way it went
         fast, rest = AccessLog(fast, writer=access_log), AccessLog(app, writer=access_log)
     put = None if access_log is None else access_log.put
-    return Front(rest, fast, app.state, now=artifacts.answer_now, log=put)
+    front = Front(rest, fast, app.state, now=artifacts.answer_now, log=put)
+    front.client_reset = services.metrics.client_resets.inc  # called by the protocols' guards
+    return front

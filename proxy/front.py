@@ -74,6 +74,8 @@ class Front:
         self.state = state
         self._now = now
         self._log = log
+        #: Called when the HTTP layer resets a client that stopped reading (``send_timeout``).
+        self.client_reset: Callable[[], object] = lambda: None
 
     def answer_now(
         self, target: bytes, headers: RawHeaders, server_fields: RawHeaders

@@ -282,8 +282,11 @@ class ConnectionGuard:
         loop: asyncio.AbstractEventLoop,
         server_state: ServerState,
         responding: Callable[[], bool],
+        on_reset: Callable[[], object] | None = None,
     ) -> None:
         self.limits = limits
+        #: Called when a client that stopped reading is reset (``send_timeout``).
+        self._on_reset = on_reset
         self.meter = HeadMeter(limits)
         self.fields = FieldCount(limits)
         self.refused = False
@@ -355,6 +358,8 @@ class ConnectionGuard:
 
     def _not_reading(self, transport: asyncio.Transport) -> None:
         log.debug("resetting a client that read nothing for %g s", self.limits.send_timeout)
+        if self._on_reset is not None:
+            self._on_reset()
         # A reset, not a close: the kernel would otherwise keep trying to deliver what the
         # socket still holds (megabytes) to a client that does not read it.
         sock = transport.get_extra_info("socket")

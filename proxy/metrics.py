@@ -133,6 +133,12 @@ class Metrics:
             "Upstream requests that failed without an HTTP answer (connect, timeout, cut body).",
             registry=r,
         )
+        self.client_resets = Counter(
+            "vlmrun_cache_client_resets",
+            "Client connections reset because their client took no byte of a response for "
+            "send_timeout.",
+            registry=r,
+        )
         self.store_failures = Counter(
             "vlmrun_cache_store_failures",
             "Artifacts that could not be stored and streamed through uncached instead: no_space "

@@ -67,7 +67,13 @@ class GuardedH11Protocol(_Guarded, H11Protocol):  # type: ignore[misc]
         limits: Limits,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.guard = ConnectionGuard(limits, self.loop, server_state, self._responding)
+        self.guard = ConnectionGuard(
+            limits,
+            self.loop,
+            server_state,
+            self._responding,
+            getattr(self.app, "client_reset", None),
+        )
         self.conn = _CheckedH11Connection(self.guard)
         self.hangups = Hangups()
 
@@ -130,7 +136,13 @@ class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):  # type: ignore[mis
         limits: Limits,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.guard = ConnectionGuard(limits, self.loop, server_state, self._responding)
+        self.guard = ConnectionGuard(
+            limits,
+            self.loop,
+            server_state,
+            self._responding,
+            getattr(self.app, "client_reset", None),
+        )
         #: The app's answer to a hit that needs no waiting (proxy/front.py), if the app is
         #: ours (uvicorn wraps it in nothing at the settings ``serve`` uses).
         self._answer_now: AnswerNow | None = getattr(self.app, "answer_now", None)

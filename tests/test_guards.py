@@ -23,7 +23,7 @@ from proxy.config import ConfigError, load
 from proxy.errors import ProxyError
 from proxy.guards import HeadMeter, Limits
 from tests.conftest import SESSION, TOKEN, ProxyFactory
-from tests.helpers import fetch
+from tests.helpers import fetch, metric
 from tests.servers import Daemon, ServerThread
 from tests.standin import StandIn
 
@@ -287,6 +287,7 @@ def test_a_client_that_stops_reading_is_cut_at_send_timeout(
         seconds = time.monotonic() - started
     assert error == errno.ECONNRESET
     assert 0.9 <= seconds < 3
+    assert metric(proxy, "vlmrun_cache_client_resets_total") == 1
 
 
 def test_a_slow_reader_that_keeps_reading_is_not_cut(
