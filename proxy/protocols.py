@@ -26,7 +26,14 @@ class _Guarded:
 
     guard: ConnectionGuard
     hangups: Hangups
+    app: Any  # uvicorn's protocols set these three
     cycle: Any
+    loop: asyncio.AbstractEventLoop
+
+    def _new_guard(self, limits: Limits, server_state: ServerState) -> ConnectionGuard:
+        """This connection's guard; it counts its resets on the app's metrics (proxy/front.py)."""
+        reset = getattr(self.app, "client_reset", None)
+        return ConnectionGuard(limits, self.loop, server_state, self._responding, reset)
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -67,13 +74,7 @@ class GuardedH11Protocol(_Guarded, H11Protocol):  # type: ignore[misc]
         limits: Limits,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.guard = ConnectionGuard(
-            limits,
-            self.loop,
-            server_state,
-            self._responding,
-            getattr(self.app, "client_reset", None),
-        )
+        self.guard = self._new_guard(limits, server_state)
         self.conn = _CheckedH11Connection(self.guard)
         self.hangups = Hangups()
 
@@ -136,13 +137,7 @@ class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):  # type: ignore[mis
         limits: Limits,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.guard = ConnectionGuard(
-            limits,
-            self.loop,
-            server_state,
-            self._responding,
-            getattr(self.app, "client_reset", None),
-        )
+        self.guard = self._new_guard(limits, server_state)
         #: The app's answer to a hit that needs no waiting (proxy/front.py), if the app is
         #: ours (uvicorn wraps it in nothing at the settings ``serve`` uses).
         self._answer_now: AnswerNow | None = getattr(self.app, "answer_now", None)

@@ -15,7 +15,7 @@ import pytest
 from proxy.config import load
 from proxy.store import EntryMeta
 from proxy.store.chain import Corrupt, Hit
-from proxy.store.redisclient import guarded
+from proxy.store.redisclient import Unavailable, guarded
 from proxy.store.shared import Names, SharedTier
 from tests.redisserver import RedisServer
 from tests.standin import pattern
@@ -282,3 +282,34 @@ def test_metadata_travels_sealed_with_its_validators_filler_and_prefetch_flag(
 
     hit = _run(redis_server, work)
     assert hit is not None and hit.meta == meta
+
+
+def test_a_transport_lost_under_a_call_is_redis_unavailable(redis_server: RedisServer) -> None:
+    """uvloop's RuntimeError for a write on a transport whose connection was just lost (Redis
+    killed between redis-py's connect and its first command; seen in test_fleet's mid-body
+    test) is a fault like a reset: Unavailable, counted by the breaker, so a follower resumes
+    from upstream; any other RuntimeError is a bug and is raised as it is."""
+    settings = {"redis_url": redis_server.url, "secret_file": "x", "redis_timeout": "1s"}
+    errors: list[str] = []
+    call = guarded(load(env={}, flags=settings), on_error=errors.append)
+
+    async def lost(_client: Any) -> Any:
+        raise RuntimeError(
+            "unable to perform operation on <TCPTransport closed=True reading=False>; "
+            "the handler is closed"
+        )
+
+    async def bug(_client: Any) -> Any:
+        raise RuntimeError("something else")
+
+    async def main() -> None:
+        try:
+            with pytest.raises(Unavailable):
+                await call(lost, bulk=True)
+            with pytest.raises(RuntimeError, match="something else"):
+                await call(bug)
+        finally:
+            await call.aclose()
+
+    anyio.run(main)
+    assert errors == ["unavailable"]

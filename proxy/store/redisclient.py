@@ -42,6 +42,12 @@ _FAULTS = (
 )
 
 
+def _lost_transport(exc: RuntimeError) -> bool:
+    """uvloop's error for a write to a transport whose connection was just lost (Redis gone
+    between redis-py's connect and its first command): a lost connection like any other."""
+    return "handler is closed" in str(exc)
+
+
 class Unavailable(Exception):
     """A Redis call failed or was not made (breaker open): go on without the shared tier."""
 
@@ -137,7 +143,12 @@ class Guarded:
         client = self.bulk_client if bulk else self.client
         try:
             with anyio.fail_after(self.bulk_deadline if bulk else self.deadline):
-                result = await op(client)
+                try:
+                    result = await op(client)
+                except RuntimeError as exc:
+                    if not _lost_transport(exc):
+                        raise
+                    raise redis.exceptions.ConnectionError(str(exc)) from exc
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             self.breaker.record(exc)
             self._on_error("unavailable" if redis_fault(exc) else "other")
