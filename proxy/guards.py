@@ -324,6 +324,7 @@ class ConnectionGuard:
         if self._stalled is not None:
             self._stalled.cancel()
             self._stalled = None
+        self.closed()  # a transport resumes while closing too: its tail is still watched
 
     def closed(self) -> None:
         """The connection was closed (after a response, idle, or refused) with bytes still in

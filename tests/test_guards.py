@@ -3,6 +3,7 @@ connection cap, under both of uvicorn's protocols, with hostile clients on raw s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import itertools
@@ -18,10 +19,11 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from uvicorn.server import ServerState
 
 from proxy.config import ConfigError, load
 from proxy.errors import ProxyError
-from proxy.guards import HeadMeter, Limits
+from proxy.guards import ConnectionGuard, HeadMeter, Limits
 from tests.conftest import SESSION, TOKEN, ProxyFactory
 from tests.helpers import fetch, metric
 from tests.servers import Daemon, ServerThread
@@ -484,3 +486,43 @@ def test_guard_settings_are_validated(key: str, value: str) -> None:
     """An unusable guard setting stops start-up with a message naming its key."""
     with pytest.raises(ConfigError, match=f"^{key}: "):
         load(env={}, flags={key: value})
+
+
+def test_a_closing_tail_stays_watched_after_writing_resumes() -> None:
+    """A transport resumes writing once its buffer is below the low mark, also while it
+    closes: the guard must go on watching the tail left, or a client that stops reading just
+    then holds its connection for ever. The guard is driven as the protocol drives it, on a
+    real transport whose peer never reads."""
+    limits = Limits(
+        max_header_bytes=65536,
+        max_header_line=8192,
+        max_headers=100,
+        max_client_connections=10,
+        header_timeout=10,
+        send_timeout=0.2,
+    )
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            port = server.getsockname()[1]
+            transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+            peer, _ = server.accept()
+        with peer:
+            guard = ConnectionGuard(limits, loop, ServerState(), lambda: False)
+            assert guard.connection_made(transport)  # type: ignore[arg-type]
+            transport.write(b"x" * 8_000_000)  # far more than the socket buffers take
+            guard.writing_paused()
+            transport.close()  # the response is complete; the close waits for the tail
+            guard.closed()
+            guard.writing_resumed()  # as the transport calls it, below its low mark
+            deadline = loop.time() + 5
+            while loop.time() < deadline:
+                if peer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    return errno.ECONNRESET
+                await asyncio.sleep(0.02)
+            transport.abort()
+            return 0
+
+    assert asyncio.run(main()) == errno.ECONNRESET
