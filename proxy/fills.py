@@ -236,8 +236,8 @@ class Fills:
                 return
             if not encoding or decodable(encoding):
                 # Without a fleet lease to broadcast first, readers get the file in the same hop.
-                announce = claim if held is None else _UNOPENED
-                temp = await self._begin(fill.expected_length or validators.length, fill, announce)
+                opener = _opener(claim, fill) if held is None else None
+                temp = await self._begin(fill.expected_length or validators.length, fill, opener)
             if temp is None and fill.prefetch and fill.readers == 0:  # nobody to relay it to
                 large = (validators.length or 0) > self._config.object_size_limit
                 fill.abandoned = "too_large" if large else "not_stored"
@@ -248,7 +248,7 @@ class Fills:
             if held is not None:
                 broadcast = await self._broadcast(fill, held)
                 held = None
-                fill._fd = await run_sync(_opener(claim, fill, temp.path))
+                fill._fd = await run_sync(_opener(claim, fill), temp.path)
             fill.started.set()
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
             tap = broadcast.feed if broadcast is not None else None
@@ -394,7 +394,7 @@ class Fills:
         fill.content_type, fill.expected_length = record.content_type, record.expected_length
         fill.validators, fill.filler, fill.following = validators, record.filler, True
         fill.remote = True
-        temp = await self._begin(record.expected_length, fill, claim)
+        temp = await self._begin(record.expected_length, fill, _opener(claim, fill))
         if temp is None:
             raise RemoteFailed("no room on disk to follow another replica's fetch")
         try:
@@ -425,13 +425,12 @@ class Fills:
                 await run_sync(self._store.discard, temp)
 
     async def _begin(
-        self, length: int | None, fill: Fill, claim: Lease | _Unopened | None
+        self, length: int | None, fill: Fill, opener: Callable[[str], int] | None
     ) -> FillFile | None:
         """A temporary file for a body of ``length`` bytes, or None if it will not be stored
-        (larger than an entry may be, or the disk cannot take it). Unless ``claim`` is
-        :data:`_UNOPENED`, also opens it for ``fill``'s readers and announces it under
-        ``claim`` (:func:`_opener`): one worker-thread hop for the free space, the file, the
-        descriptor and the announcement."""
+        (larger than an entry may be, or the disk cannot take it). With ``opener``
+        (:func:`_opener`), also opens it for ``fill``'s readers and announces it: one
+        worker-thread hop for the free space, the file, the descriptor and the announcement."""
         if length is not None and length > self._config.object_size_limit:
             return None
         directory = getattr(self._store, "directory", None)
@@ -441,9 +440,9 @@ class Fills:
             if directory is not None and shutil.disk_usage(directory).free < floor:
                 return None
             temp = self._store.begin_fill()
-            if not isinstance(claim, _Unopened):
+            if opener is not None:
                 try:
-                    fill._fd = _opener(claim, fill, temp.path)()
+                    fill._fd = opener(temp.path)
                 except BaseException:
                     self._store.discard(temp)
                     raise
@@ -585,39 +584,31 @@ def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> Ent
     )
 
 
-class _Unopened:
-    """The type of :data:`_UNOPENED`."""
-
-
-#: Given to :meth:`Fills._begin` instead of a claim: open the file for readers later.
-_UNOPENED = _Unopened()
-
-
-def _opener(claim: Lease | None, fill: Fill, path: str) -> Callable[[], int]:
-    """What opens ``fill``'s temporary file at ``path`` for its readers (a descriptor) and
-    announces it under ``claim``, which tells this host's other workers which file it writes
-    (they follow it). It blocks: call it from a worker thread.
+def _opener(claim: Lease | None, fill: Fill) -> Callable[[str], int]:
+    """What opens ``fill``'s temporary file (its path, given) for its readers (a descriptor)
+    and announces it under ``claim``, which tells this host's other workers which file it
+    writes (they follow it). It blocks: call it from a worker thread.
 
     Not announced: a prefetch of unannounced size. It is abandoned at
     ``prefetch_max_object_size`` unless a client of its own process joins, which would break a
     follower's transfer; other workers wait for its claim instead, and fetch themselves if it
     is abandoned."""
-    announcement = None
+    validators = fill.validators
     unannounced_size = fill.prefetch and fill.expected_length is None
-    if claim is not None and fill.validators is not None and not unannounced_size:
-        announcement = Announcement(
-            fill.key.cache_key,
-            os.path.basename(path),
-            fill.content_type,
-            fill.expected_length,
-            fill.validators.to_dict(),
-            fill.filler,
-        )
+    lease = None if validators is None or unannounced_size else claim
 
-    def open_and_announce() -> int:
+    def open_and_announce(path: str) -> int:
         fd = os.open(path, os.O_RDONLY)
-        if announcement is not None and claim is not None:
-            claim.announce(announcement)
+        if lease is not None and validators is not None:
+            announcement = Announcement(
+                fill.key.cache_key,
+                os.path.basename(path),
+                fill.content_type,
+                fill.expected_length,
+                validators.to_dict(),
+                fill.filler,
+            )
+            lease.announce(announcement)
         return fd
 
     return open_and_announce
