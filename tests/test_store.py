@@ -480,3 +480,52 @@ def test_load_stores_many_entries_in_batches(tmp_path: Path) -> None:
     assert newest is not None and newest.file.read() == b"0119" * 25
     newest.close()
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_entries_share_256_directories_beside_entries_named_the_old_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New entries go to ``ab/00/`` (256 directories, not one per entry); entries a cache
+    already holds under diskcache's own ``ab/cd/`` names keep being served, and the orphan
+    sweep tells orphans from entries under both schemes. A directory removed meanwhile is made
+    again."""
+    import diskcache
+
+    from proxy.store import disk
+
+    store = DiskStore(tmp_path, 10_000_000, 400_000)
+    bodies = {f"k{index}": f"body {index}".encode() for index in range(600)}
+    items = list(bodies.items())
+    with monkeypatch.context() as old_names:  # as a cache written before this scheme
+        old_names.setattr(disk._AdoptingDisk, "filename", diskcache.Disk.filename)
+        for key, body in items[:300]:
+            assert _put(store, key, body)
+    entries = tmp_path / "entries"
+    old = set(entries.rglob("*.val"))
+    assert len({path.parent for path in old}) > 250  # 300 names over 65,536 directories
+    for key, body in items[300:]:
+        assert _put(store, key, body)
+    new = set(entries.rglob("*.val")) - old
+    assert len(new) == 300 and {path.parent.name for path in new} == {"00"}
+    assert len({path.parent for path in new}) <= 256
+    leaf = next(iter(new)).parent
+    for path in list(leaf.iterdir()):  # evicting the last entry of a directory removes it
+        key = next(e.key for e in Index(entries).entries() if entries / (e.filename or "") == path)
+        store.evict(key)
+        del bodies[key]
+    assert not leaf.exists()
+    fresh = DiskStore(tmp_path, 10_000_000, 400_000)  # a new name lands anywhere: keep trying
+    with monkeypatch.context() as fixed:
+        fixed.setattr(disk.os, "urandom", lambda n: bytes.fromhex(leaf.parent.name) * n)
+        assert _put(fresh, "again", b"again")
+    assert (leaf / f"{leaf.parent.name * 15}.val").read_bytes() == b"again"
+    bodies["again"] = b"again"
+    orphans = [entries / "aa" / "bb" / "orphan.val", entries / "aa" / "00" / "orphan.val"]
+    for path in orphans:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"orphan")
+    assert fresh.sweep_orphans(min_age=0) == 2
+    for key, body in bodies.items():
+        entry = fresh.get(key)
+        assert entry is not None and entry.file.read() == body, key
+        entry.close()

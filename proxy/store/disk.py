@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".fill"
 _EVICT_BATCH = 1024
+#: Renames of a committed file into its directory, making the directory between them.
+_RENAME_ATTEMPTS = 3
 #: Longest time access times stay only in memory before they are written to the index.
 TOUCH_FLUSH_SECONDS = 1.0
 #: Entries remembered by the in-memory index.
@@ -76,22 +78,51 @@ def peek_stats(directory: str | Path, max_bytes: int) -> StoreStats:
 
 
 class _Adopt:
-    """A value that tells :class:`_AdoptingDisk` to move this file into the cache."""
+    """A value that tells :class:`_AdoptingDisk` to move this file (of ``size`` bytes) into
+    the cache."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, size: int) -> None:
         self.path = path
+        self.size = size
+
+
+def _adopt(fill: FillFile) -> _Adopt:
+    """The :class:`_Adopt` of a written fill, sized by its open descriptor."""
+    return _Adopt(fill.path, os.fstat(fill.file.fileno()).st_size)
 
 
 class _AdoptingDisk(diskcache.Disk):  # type: ignore[misc]
-    """A diskcache Disk that takes over a finished file by rename instead of copying it."""
+    """A diskcache Disk that takes over a finished file by rename instead of copying it, into
+    one of 256 directories.
+
+    diskcache names a file ``ab/cd/<hex>.val`` from 16 random bytes: 65,536 directories, so
+    nearly every commit to a cache of fewer than some 100,000 entries made a directory, and on
+    ext4 a directory costs what a file does (an inode, a block). Here the second level is
+    always ``00``: 256 directories (made as first needed), some 4,000 files each at a million
+    entries, which ext4's hashed directories look up as fast. The names keep diskcache's shape,
+    so entries stored under either scheme live side by side (the orphan sweep and the index
+    check both)."""
+
+    def filename(self, key: Any = diskcache.core.UNKNOWN, value: Any = None) -> tuple[str, str]:
+        name = os.urandom(16).hex()
+        filename = f"{name[:2]}/00/{name[2:]}.val"
+        return filename, os.path.join(self._directory, filename)
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
         if not isinstance(value, _Adopt):
             return super().store(value, read, key=key)
         filename, full_path = self.filename(key, value)
-        os.makedirs(os.path.dirname(full_path), exist_ok=True)
-        os.rename(value.path, full_path)
-        return os.path.getsize(full_path), MODE_BINARY, filename, None
+        for attempt in range(_RENAME_ATTEMPTS):
+            try:
+                os.rename(value.path, full_path)
+                break
+            except FileNotFoundError:
+                # Its directory is not there yet, or the eviction of its last file removed it
+                # (diskcache's ``remove`` does) between our makedirs and rename.
+                if attempt == _RENAME_ATTEMPTS - 1:
+                    raise
+                os.makedirs(os.path.dirname(full_path), exist_ok=True)
+        return value.size, MODE_BINARY, filename, None
 
 
 class DiskStore:
@@ -294,6 +325,7 @@ class DiskStore:
         return fd
 
     def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool:
+        stored = False
         try:
             fill.file.flush()
             os.fsync(fill.file.fileno())
@@ -303,15 +335,20 @@ class DiskStore:
             cache = self._cache
             try:
                 with self._room(meta.length, replacing=key):
-                    cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
+                    cache.set(key, _adopt(fill), read=True, tag=meta.to_json())
                     if meta.prefetched:  # unread: the first to go, until a client reads it
                         self._index.record_access_times({key: 0.0})
             except sqlite3.DatabaseError as exc:
                 self._damaged(cache, exc)
                 return False
+            stored = True
             return True
         finally:
-            self.discard(fill)
+            if stored:  # renamed into place: only its descriptor (and lock) is left
+                with contextlib.suppress(OSError):
+                    fill.file.close()
+            else:
+                self.discard(fill)
 
     def load(self, items: Iterable[tuple[str, bytes, EntryMeta]], batch: int = 500) -> int:
         """Store many entries at once (benchmarks, imports); returns how many were stored.
@@ -349,7 +386,7 @@ class DiskStore:
             with self._room(sum(meta.length for _, _, meta in pending)), cache.transact():
                 for key, fill, meta in pending:
                     self._forget(key)
-                    cache.set(key, _Adopt(fill.path), read=True, tag=meta.to_json())
+                    cache.set(key, _adopt(fill), read=True, tag=meta.to_json())
         finally:
             for _, fill, _ in pending:
                 self.discard(fill)  # closes it (and drops its lock); the file is renamed
