@@ -101,6 +101,9 @@ class Fill:
         self._window_bytes = 0
         #: Set once the temporary file stopped taking writes (disk full, I/O error).
         self.disk_failed = False
+        #: A small body with no temporary file: the window keeps every byte of it (see
+        #: :meth:`proxy.fills.Fills._fill_in_memory`).
+        self.in_memory = False
         #: Another process fetched and stored the key meanwhile: read it from the store.
         self.from_store = False
 
@@ -119,7 +122,7 @@ class Fill:
     @property
     def streaming(self) -> bool:
         """True when a 200 body is (or was) being written and readers can follow it."""
-        return self._fd is not None
+        return self._fd is not None or self.in_memory
 
     def join(self, on_close: Callable[[], None] | None = None) -> Reader:
         """Register a reader, before awaiting anything; close the reader when done
@@ -150,8 +153,7 @@ class Fill:
 
         The caller must have joined before the fill started, and checked :attr:`streaming`.
         """
-        fd = self._fd
-        assert fd is not None
+        assert self.streaming
         offset = 0
         while True:
             # The last byte only once the body is known good: a fill that read every byte and
@@ -161,6 +163,8 @@ class Fill:
                 size = min(chunk_size, available - offset)
                 data = self._from_window(offset, size)
                 if data is None:  # fell behind the window: that part is on disk
+                    fd = self._fd
+                    assert fd is not None  # a fill in memory keeps every byte in the window
                     size = min(size, self.durable - offset)
                     data = await run_sync(os.pread, fd, size, offset)
                     if len(data) != size:
@@ -184,6 +188,11 @@ class Fill:
             if start < offset:
                 return None
         return None
+
+    def whole_body(self) -> bytes:
+        """The body of a complete fill in memory (:attr:`in_memory`), from its window."""
+        assert self.in_memory and self.complete
+        return b"".join(chunk for _, chunk in self._window)
 
     def _publish(self, chunk: bytes) -> None:
         self._window.append((self.written, chunk))

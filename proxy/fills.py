@@ -61,6 +61,9 @@ MEMORY_TAIL_LIMIT = 16 * 1024**2
 DECODE_RATIO_LIMIT = 200
 #: How long a key whose body was too large is passed through instead of filled.
 UNCACHEABLE_SECONDS = 600.0
+#: Bodies of announced length up to this are kept whole in memory while they arrive and written
+#: to disk in the commit's hop (see :meth:`Fills._fill_in_memory`).
+SMALL_FILL = 64 * 1024
 
 
 class Fills:
@@ -234,6 +237,9 @@ class Fills:
             fill.expected_length = None if encoding else validators.length
             if self._abandon_prefetch(fill, validators.length):
                 return
+            if held is None and self._small(validators):
+                await self._fill_in_memory(fill, response, validators, started_at)
+                return
             if not encoding or decodable(encoding):
                 # Without a fleet lease to broadcast first, readers get the file in the same hop.
                 opener = _opener(claim, fill) if held is None else None
@@ -253,13 +259,9 @@ class Fills:
             body = decode(encoding, response.aiter_raw()) if encoding else response.aiter_raw()
             tap = broadcast.feed if broadcast is not None else None
             digests = await self._tee(fill, body, temp.file, response if encoding else None, tap)
-            self._metrics.upstream_fetch.observe(time.monotonic() - started_at)
-            sent = response.num_bytes_downloaded
-            if validators.length is not None and sent != validators.length:
-                raise FillFailed(f"body ended at {sent} of {validators.length} bytes")
-            fill.complete = True
-            fill._notify()
-            meta = _entry_meta(fill, digests, validators)
+            self._fetched(fill, response, validators, started_at)
+            assert digests is not None
+            meta = _entry_meta(fill, validators)(digests)
             shared = broadcast is not None and not broadcast.stopped
             stored = False
             if not fill.disk_failed:
@@ -313,6 +315,74 @@ class Fills:
                     log.exception("after the fill of %s", fill.key.object_id)
             fill._release()
             fill._notify()
+
+    def _small(self, validators: Validators) -> bool:
+        """True for a body to keep in memory until its commit (:meth:`_fill_in_memory`)."""
+        length = validators.length
+        return (
+            not validators.encoding
+            and length is not None
+            and length <= min(SMALL_FILL, self._config.object_size_limit)
+        )
+
+    async def _fill_in_memory(
+        self, fill: Fill, response: httpx.Response, validators: Validators, started_at: float
+    ) -> None:
+        """Fetch a small body of announced length into ``fill``'s window, which keeps it whole
+        (readers take it from there), then hash it, write it and commit it in one worker-thread
+        hop. A fill with a temporary file from the start makes two more (one to create, open
+        and announce the file, one per batch appended), a third of a 1 KiB miss's cost beside
+        a bare forwarder (bench/misses.py). Nothing is announced: another worker of the host
+        wanting the key waits for the lease (a few milliseconds at this size), then reads the
+        entry. Durability is a large fill's: the entry exists only once its file is fsynced."""
+        fill.in_memory = True
+        fill.started.set()
+        await self._tee(fill, response.aiter_raw(), None)
+        self._fetched(fill, response, validators, started_at)
+        body = fill.whole_body()
+        meta_of = _entry_meta(fill, validators)
+        store, directory = self._store, getattr(self._store, "directory", None)
+        floor = self._config.min_free_space + len(body)
+
+        def write_and_commit() -> tuple[EntryMeta, str | None]:
+            """The entry's metadata, and which failure kept it from the store, if one did."""
+            digests = BodyDigests()
+            digests.update(body)
+            meta = meta_of(digests)
+            try:
+                if directory is not None and shutil.disk_usage(directory).free < floor:
+                    return meta, "no_space"
+                temp = store.begin_fill()
+            except OSError:
+                return meta, "write"
+            try:
+                temp.file.write(body)
+            except OSError:
+                store.discard(temp)
+                return meta, "write"
+            try:  # the store takes the file over, whatever the outcome
+                return meta, None if store.commit(fill.key.cache_key, temp, meta) else "refused"
+            except OSError as exc:
+                log.warning("could not store %s: %s", fill.key.object_id, exc.strerror or exc)
+                return meta, "commit"
+
+        meta, failure = await run_commit(write_and_commit)
+        if failure is None:
+            if self._share_entry is not None:  # off the hot path
+                self._share_entry(fill.key.cache_key, meta)
+        elif failure != "refused":
+            self._metrics.store_failures.labels(failure).inc()
+
+    def _fetched(
+        self, fill: Fill, response: httpx.Response, validators: Validators, started_at: float
+    ) -> None:
+        """The body has arrived: check its length against the announced one, and tell readers."""
+        self._metrics.upstream_fetch.observe(time.monotonic() - started_at)
+        sent = response.num_bytes_downloaded
+        if validators.length is not None and sent != validators.length:
+            raise FillFailed(f"body ended at {sent} of {validators.length} bytes")
+        fill.complete = True
+        fill._notify()
 
     async def _claim(self, fill: Fill) -> Lease | tuple[int, Announcement] | None:
         """Make sure no other process is fetching this key (see :mod:`proxy.store.claims`).
@@ -405,12 +475,13 @@ class Fills:
                 return await self._upstream.send(request, artifact=True, retry=not fill.prefetch)
 
             digests = await self._tee(fill, resumable(remote, fetch), temp.file)
+            assert digests is not None
             meta = remote.meta
             if remote.resumed:  # upstream vouches for the bytes: a fill of our own
                 self._on_lease("resumed")
                 if fill.written != record.expected_length:
                     raise RemoteFailed(f"body ended at {fill.written} of {fill.expected_length}")
-                meta = _entry_meta(fill, digests, validators)
+                meta = _entry_meta(fill, validators)(digests)
             elif meta is None or (meta.length, meta.sha256) != (fill.written, digests.sha256):
                 raise RemoteFailed("the published entry has other bytes than were streamed")
             # Unread here only if this is a prefetch nobody joined (whatever the holder's was).
@@ -462,13 +533,15 @@ class Fills:
         self,
         fill: Fill,
         body: AsyncIterator[bytes],
-        out: BinaryIO,
+        out: BinaryIO | None,
         coded: httpx.Response | None = None,
         tap: Callable[[bytes], None] | None = None,
-    ) -> BodyDigests:
+    ) -> BodyDigests | None:
         """Publish the body chunk by chunk as it arrives while a writer task appends it to
         ``out`` in batches; returns its digests once every byte is hashed (and written).
-        ``tap`` is given each chunk too (the fleet's copy to Redis; it must not block)."""
+        ``tap`` is given each chunk too (the fleet's copy to Redis; it must not block).
+        Without ``out`` (a fill in memory) the window keeps the body: nothing is written or
+        hashed here, and None is returned."""
         digests = BodyDigests()
         pending: list[bytes] = []
         wake = asyncio.Event()
@@ -477,6 +550,7 @@ class Fills:
         def write(batch: bytes) -> None:
             digests.update(batch)
             if not fill.disk_failed:
+                assert out is not None
                 out.write(batch)
                 out.flush()  # readers pread the file: bytes must be in the page cache
 
@@ -496,7 +570,7 @@ class Fills:
                     fill._made_durable(len(batch))
                 fill._notify()
 
-        writing = asyncio.create_task(writer())
+        writing = None if out is None else asyncio.create_task(writer())
         config = self._config
         now = time.monotonic()
         deadline = now + config.fill_timeout
@@ -521,12 +595,13 @@ class Fills:
                 fill._publish(chunk)
                 if tap is not None:
                     tap(chunk)
-                pending.append(chunk)
-                wake.set()
+                if writing is not None:
+                    pending.append(chunk)
+                    wake.set()
                 while fill._window_bytes > (
                     MEMORY_TAIL_LIMIT if fill.disk_failed else 2 * WINDOW_BYTES
                 ):  # the disk is behind: let it catch up; if it failed, memory is all we have
-                    if fill.disk_failed or writing.done():
+                    if fill.disk_failed or writing is None or writing.done():
                         raise FillFailed("disk full and the rest does not fit in memory")
                     await fill.changed()
         except httpx.HTTPError as exc:
@@ -536,8 +611,9 @@ class Fills:
         finally:
             receiving = False
             wake.set()
-            await writing
-        return digests
+            if writing is not None:
+                await writing
+        return None if writing is None else digests
 
     def _spill(self, fill: Fill, exc: OSError) -> None:
         """The file stopped taking writes: keep the rest in memory, never commit."""
@@ -570,18 +646,25 @@ class Fills:
             self._share_proofs(fill.fingerprint, scope)
 
 
-def _entry_meta(fill: Fill, digests: BodyDigests, validators: Validators) -> EntryMeta:
-    """The entry of a body ``fill`` fetched from upstream itself (``fill.written`` bytes)."""
-    return EntryMeta(
-        fill.content_type,
-        fill.written,
-        digests.sha256,
-        time.time(),
-        digests.xxh3,
-        validators.with_length(fill.written),
-        fill.fingerprint or "",
-        prefetched=fill.prefetch and fill.readers == 0,
-    )
+def _entry_meta(fill: Fill, validators: Validators) -> Callable[[BodyDigests], EntryMeta]:
+    """What makes the entry of the body ``fill`` fetched from upstream itself (``fill.written``
+    bytes), once given its digests: all else is read now, on the event loop."""
+    content_type, length, filler = fill.content_type, fill.written, fill.fingerprint or ""
+    prefetched = fill.prefetch and fill.readers == 0
+
+    def meta(digests: BodyDigests) -> EntryMeta:
+        return EntryMeta(
+            content_type,
+            length,
+            digests.sha256,
+            time.time(),
+            digests.xxh3,
+            validators.with_length(length),
+            filler,
+            prefetched=prefetched,
+        )
+
+    return meta
 
 
 def _opener(claim: Lease | None, fill: Fill) -> Callable[[str], int]:

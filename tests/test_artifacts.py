@@ -201,6 +201,79 @@ def test_forty_concurrent_misses_cost_one_upstream_request(standin: StandIn, pro
     assert fetch(proxy, "vid_404040").headers["x-cache"] == "HIT"
 
 
+@pytest.mark.parametrize("size", [1, 40_000, 65_536])
+def test_a_small_fill_is_held_in_memory_and_written_at_its_commit(
+    standin: StandIn, proxy, cache_dir: Path, size: int
+) -> None:
+    """A body of announced length up to 64 KiB makes no temporary file while it arrives: the
+    leader and a client joining half-way both stream it from memory, and it is on disk (and a
+    hit) once the commit is done, one upstream request for both."""
+    object_id = f"arr_5{size:05x}"
+    body = standin.add("session", SESSION, object_id, size=size)
+    release = threading.Event()
+    standin.faults[object_id] = Fault(hold_middle=release, hold_at=size // 2, times=1)
+    joined = threading.Event()
+
+    def follower() -> httpx.Response:
+        with httpx.stream("GET", artifact_url(proxy, object_id), headers=auth(), timeout=20) as r:
+            joined.set()  # the headers came: it is following the fill
+            r.read()
+            return r
+
+    with httpx.stream("GET", artifact_url(proxy, object_id), headers=auth(), timeout=20) as leader:
+        chunks = leader.iter_raw()
+        first = next(chunks) if size > 1 else b""  # half-way (the last byte waits for the commit)
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(follower)
+            assert joined.wait(timeout=20)
+            assert list((cache_dir / "tmp").iterdir()) == []
+            assert _stored_files(cache_dir) == []
+            release.set()
+            rest = b"".join(chunks)
+            other = second.result(timeout=20)
+    assert first + rest == body and other.content == body
+    assert (leader.headers["x-cache"], other.headers["x-cache"]) == ("MISS", "COALESCED")
+    assert standin.hits("session", SESSION, object_id) == 1
+    assert len(_stored_files(cache_dir)) == 1 and list((cache_dir / "tmp").iterdir()) == []
+    assert fetch(proxy, object_id).headers["x-cache"] == "HIT"
+
+
+def test_a_small_fill_cut_short_is_never_delivered_whole_nor_stored(
+    standin: StandIn, proxy, cache_dir: Path
+) -> None:
+    """An in-memory fill whose upstream stops early aborts both its clients and stores nothing."""
+    body = standin.add("session", SESSION, "arr_c07c07", size=30_000)
+    release = threading.Event()
+    standin.faults["arr_c07c07"] = Fault(
+        cut_at=20_000, hold_middle=release, hold_at=10_000, times=1
+    )
+    joined = threading.Event()
+
+    def follower() -> bytes:
+        with httpx.stream(
+            "GET", artifact_url(proxy, "arr_c07c07"), headers=auth(), timeout=20
+        ) as r:
+            joined.set()
+            return b"".join(r.iter_raw())
+
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream(
+            "GET", artifact_url(proxy, "arr_c07c07"), headers=auth(), timeout=20
+        ) as leader:
+            chunks = leader.iter_raw()
+            next(chunks)
+            second = pool.submit(follower)
+            assert joined.wait(timeout=20)
+            release.set()
+            with pytest.raises(httpx.HTTPError):
+                b"".join(chunks)
+        with pytest.raises(httpx.HTTPError):
+            second.result(timeout=20)
+    assert _stored_files(cache_dir) == [] and list((cache_dir / "tmp").iterdir()) == []
+    again = fetch(proxy, "arr_c07c07")
+    assert (again.headers["x-cache"], again.content) == ("MISS", body)
+
+
 def test_fill_survives_the_client_disconnecting(standin: StandIn, proxy) -> None:
     """A client that hangs up mid-miss does not waste the download: the entry still commits."""
     body = standin.add("session", SESSION, "recon_777777", size=2_000_000)
