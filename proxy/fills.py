@@ -343,6 +343,9 @@ class Fills:
         meta_of = _entry_meta(fill, validators)
         store, directory = self._store, getattr(self._store, "directory", None)
         floor = self._config.min_free_space + len(body)
+        # The disk tier reads an entry up to chunk_size whole and checks its digest on every
+        # read (proxy.store.chain.DiskTier): lost bytes are a miss there, never served.
+        sync = len(body) > self._config.chunk_size
 
         def write_and_commit() -> tuple[EntryMeta, str | None]:
             """The entry's metadata, and which failure kept it from the store, if one did."""
@@ -361,7 +364,8 @@ class Fills:
                 store.discard(temp)
                 return meta, "write"
             try:  # the store takes the file over, whatever the outcome
-                return meta, None if store.commit(fill.key.cache_key, temp, meta) else "refused"
+                stored = store.commit(fill.key.cache_key, temp, meta, sync=sync)
+                return meta, None if stored else "refused"
             except OSError as exc:
                 log.warning("could not store %s: %s", fill.key.object_id, exc.strerror or exc)
                 return meta, "commit"

@@ -238,6 +238,37 @@ def test_a_small_fill_is_held_in_memory_and_written_at_its_commit(
     assert fetch(proxy, object_id).headers["x-cache"] == "HIT"
 
 
+def test_only_entries_that_every_read_verifies_whole_skip_the_fsync(
+    standin: StandIn, start_proxy, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small entry (read whole and checked on every disk read) is committed without an fsync:
+    bytes a power failure loses are a miss, never served (shown with the file truncated). One
+    larger than chunk_size, which a range may read unverified, is fsynced before it is indexed."""
+    import os
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".fill"):  # a fill's, not a proof's
+            synced.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    proxy = start_proxy(chunk_size="16KiB")
+    small = standin.add("session", SESSION, "arr_5a5a5a", size=16 * 1024)
+    large = standin.add("session", SESSION, "arr_1a1a1a", size=16 * 1024 + 1)
+    larger = standin.add("session", SESSION, "arr_1b1b1b", size=200_000)
+    for object_id, body in (("arr_5a5a5a", small), ("arr_1a1a1a", large), ("arr_1b1b1b", larger)):
+        assert fetch(proxy, object_id).content == body
+    assert sorted(synced) == [16 * 1024 + 1, 200_000]
+    (stored,) = [p for p in _stored_files(cache_dir) if p.stat().st_size == 16 * 1024]
+    with stored.open("r+b") as f:  # as a power failure may leave it
+        f.truncate(0)
+    again = fetch(proxy, "arr_5a5a5a")
+    assert (again.headers["x-cache"], again.content) == ("MISS", small)
+
+
 def test_a_small_fill_cut_short_is_never_delivered_whole_nor_stored(
     standin: StandIn, proxy, cache_dir: Path
 ) -> None:

@@ -12,7 +12,10 @@ Contract (every implementation):
   outcome) or ``discard``\\ s it.
 * ``commit(key, fill, meta)`` publishes the bytes under ``key`` atomically: readers see either the
   old state or the whole new entry, never a partial one. It returns ``False`` (and drops the
-  file) when the object cannot be cached, e.g. larger than the per-object limit.
+  file) when the object cannot be cached, e.g. larger than the per-object limit. The file is
+  fsynced first, unless ``sync=False``: for entries every read verifies whole (their bytes
+  lost in a power failure are then found on the first read, evicted and fetched again, as an
+  index row of the last commits may be lost: SQLite's WAL is synced only at checkpoints).
 * ``evict(key)`` removes an entry; evicting a missing key is not an error.
 * ``stats()`` is cheap (no scan).
 * A ``prefetched`` entry is committed as the least recently used one (first to be evicted);
@@ -133,7 +136,7 @@ class Store(Protocol):
 
     def open_fill(self, name: str) -> int | None: ...
 
-    def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool: ...
+    def commit(self, key: str, fill: FillFile, meta: EntryMeta, sync: bool = True) -> bool: ...
 
     def discard(self, fill: FillFile) -> None: ...
 

@@ -264,7 +264,7 @@ class DiskTier:
                 except OSError:
                     self.store.discard(fill)
                     return
-                self._commit(key, fill, meta)
+                self._commit(key, fill, meta, sync=len(body) > self.chunk_size)
 
             await run_commit(write)
 
@@ -289,10 +289,11 @@ class DiskTier:
             return None
         return fill
 
-    def _commit(self, key: str, fill: FillFile, meta: EntryMeta) -> None:
-        """Blocks. The store takes the file over, whatever the outcome."""
+    def _commit(self, key: str, fill: FillFile, meta: EntryMeta, sync: bool = True) -> None:
+        """Blocks. The store takes the file over, whatever the outcome; ``sync=False`` for an
+        entry this tier reads whole and verifies on every read (see :mod:`proxy.store`)."""
         try:
-            self.store.commit(key, fill, meta)
+            self.store.commit(key, fill, meta, sync=sync)
         except OSError as exc:
             log.info("could not keep a shared-tier hit on disk: %s", exc)
 

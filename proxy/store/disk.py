@@ -324,11 +324,12 @@ class DiskStore:
             return None
         return fd
 
-    def commit(self, key: str, fill: FillFile, meta: EntryMeta) -> bool:
+    def commit(self, key: str, fill: FillFile, meta: EntryMeta, sync: bool = True) -> bool:
         stored = False
         try:
             fill.file.flush()
-            os.fsync(fill.file.fileno())
+            if sync:
+                os.fsync(fill.file.fileno())
             # The file stays open (and locked) until it is renamed into place.
             if meta.length > self.max_object_bytes:
                 return False
