@@ -46,7 +46,7 @@ from proxy.follower import FollowFailed, follow
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
-from proxy.store import EntryMeta, FillFile, Store
+from proxy.store import VERIFIED_WHOLE, EntryMeta, FillFile, Store
 from proxy.store.claims import POLL_SECONDS, AlreadyStored, Announcement, Coordinator, Lease
 from proxy.store.lease import Held, Stored
 from proxy.threads import run_commit, run_sync
@@ -343,9 +343,7 @@ class Fills:
         meta_of = _entry_meta(fill, validators)
         store, directory = self._store, getattr(self._store, "directory", None)
         floor = self._config.min_free_space + len(body)
-        # The disk tier reads an entry up to chunk_size whole and checks its digest on every
-        # read (proxy.store.chain.DiskTier): lost bytes are a miss there, never served.
-        sync = len(body) > self._config.chunk_size
+        sync = len(body) > VERIFIED_WHOLE  # else every read checks it whole: no fsync
 
         def write_and_commit() -> tuple[EntryMeta, str | None]:
             """The entry's metadata, and which failure kept it from the store, if one did."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.store import VERIFIED_WHOLE
 from tests.conftest import EXECUTION, OTHER_TOKEN, SESSION, TOKEN
 from tests.helpers import artifact_url, auth, fetch, metric, raw_head_block
 from tests.standin import Fault, StandIn
@@ -241,9 +242,10 @@ def test_a_small_fill_is_held_in_memory_and_written_at_its_commit(
 def test_only_entries_that_every_read_verifies_whole_skip_the_fsync(
     standin: StandIn, start_proxy, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A small entry (read whole and checked on every disk read) is committed without an fsync:
-    bytes a power failure loses are a miss, never served (shown with the file truncated). One
-    larger than chunk_size, which a range may read unverified, is fsynced before it is indexed."""
+    """An entry of 64 KiB at most is committed without an fsync: every disk read checks it
+    whole, whatever chunk_size is (here smaller), so bytes a power failure garbles are a miss,
+    never served, even to a range request. A larger entry, which a range reads unverified, is
+    fsynced before it is indexed."""
     import os
 
     synced: list[int] = []
@@ -256,17 +258,17 @@ def test_only_entries_that_every_read_verifies_whole_skip_the_fsync(
 
     monkeypatch.setattr(os, "fsync", fsync)
     proxy = start_proxy(chunk_size="16KiB")
-    small = standin.add("session", SESSION, "arr_5a5a5a", size=16 * 1024)
-    large = standin.add("session", SESSION, "arr_1a1a1a", size=16 * 1024 + 1)
+    small = standin.add("session", SESSION, "arr_5a5a5a", size=VERIFIED_WHOLE)
+    large = standin.add("session", SESSION, "arr_1a1a1a", size=VERIFIED_WHOLE + 1)
     larger = standin.add("session", SESSION, "arr_1b1b1b", size=200_000)
     for object_id, body in (("arr_5a5a5a", small), ("arr_1a1a1a", large), ("arr_1b1b1b", larger)):
         assert fetch(proxy, object_id).content == body
-    assert sorted(synced) == [16 * 1024 + 1, 200_000]
-    (stored,) = [p for p in _stored_files(cache_dir) if p.stat().st_size == 16 * 1024]
-    with stored.open("r+b") as f:  # as a power failure may leave it
-        f.truncate(0)
-    again = fetch(proxy, "arr_5a5a5a")
-    assert (again.headers["x-cache"], again.content) == ("MISS", small)
+    assert sorted(synced) == [VERIFIED_WHOLE + 1, 200_000]
+    (stored,) = [p for p in _stored_files(cache_dir) if p.stat().st_size == VERIFIED_WHOLE]
+    stored.write_bytes(b"\0" * VERIFIED_WHOLE)  # as a power failure may leave it
+    again = fetch(proxy, "arr_5a5a5a", Range="bytes=0-99")  # a miss answers whole
+    assert (again.status_code, again.headers["x-cache"], again.content) == (200, "MISS", small)
+    assert fetch(proxy, "arr_5a5a5a", Range="bytes=0-99").content == small[:100]
 
 
 def test_a_small_fill_cut_short_is_never_delivered_whole_nor_stored(

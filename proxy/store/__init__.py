@@ -13,9 +13,10 @@ Contract (every implementation):
 * ``commit(key, fill, meta)`` publishes the bytes under ``key`` atomically: readers see either the
   old state or the whole new entry, never a partial one. It returns ``False`` (and drops the
   file) when the object cannot be cached, e.g. larger than the per-object limit. The file is
-  fsynced first, unless ``sync=False``: for entries every read verifies whole (their bytes
-  lost in a power failure are then found on the first read, evicted and fetched again, as an
-  index row of the last commits may be lost: SQLite's WAL is synced only at checkpoints).
+  fsynced first, unless ``sync=False``: for entries of :data:`VERIFIED_WHOLE` bytes at most,
+  which every read verifies whole (their bytes lost in a power failure are then found on the
+  first read, evicted and fetched again, as an index row of the last commits may be lost:
+  SQLite's WAL is synced only at checkpoints).
 * ``evict(key)`` removes an entry; evicting a missing key is not an error.
 * ``stats()`` is cheap (no scan).
 * A ``prefetched`` entry is committed as the least recently used one (first to be evicted);
@@ -50,6 +51,10 @@ from proxy.validators import Validators
 #: entries (``purge``) or void proofs (``revoke``) wait this long before they return, so that
 #: what they report done is done in every process.
 RECHECK_SECONDS = 0.05
+#: Entries up to this size are read whole and checked against their digest on every read from
+#: disk (:class:`proxy.store.chain.DiskTier`, whatever ``chunk_size`` is), so their commits
+#: skip the fsync (``commit(sync=False)``): bytes a power failure lost are a miss, never served.
+VERIFIED_WHOLE = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from proxy.integrity import Verifier, intact
-from proxy.store import Entry, EntryMeta, FillFile, Store
+from proxy.store import VERIFIED_WHOLE, Entry, EntryMeta, FillFile, Store
 from proxy.store.memory import MemoryTier
 from proxy.threads import run_commit, run_sync
 
@@ -147,7 +147,7 @@ class DiskTier:
             if info.st_size != entry.meta.length:
                 raise Corrupt
             identity = (entry.file.name, info.st_ino)
-            if entry.meta.length > self.chunk_size:
+            if entry.meta.length > max(self.chunk_size, VERIFIED_WHOLE):
                 return self._streamed(key, entry), *identity
             with entry.file:
                 body = os.pread(entry.file.fileno(), entry.meta.length, 0)
@@ -264,7 +264,7 @@ class DiskTier:
                 except OSError:
                     self.store.discard(fill)
                     return
-                self._commit(key, fill, meta, sync=len(body) > self.chunk_size)
+                self._commit(key, fill, meta, sync=len(body) > VERIFIED_WHOLE)
 
             await run_commit(write)
 
@@ -291,7 +291,7 @@ class DiskTier:
 
     def _commit(self, key: str, fill: FillFile, meta: EntryMeta, sync: bool = True) -> None:
         """Blocks. The store takes the file over, whatever the outcome; ``sync=False`` for an
-        entry this tier reads whole and verifies on every read (see :mod:`proxy.store`)."""
+        entry this tier reads whole and verifies on every read (:data:`VERIFIED_WHOLE`)."""
         try:
             self.store.commit(key, fill, meta, sync=sync)
         except OSError as exc:
