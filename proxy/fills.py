@@ -594,6 +594,12 @@ class Fills:
                     )
                 if self._abandon_prefetch(fill, fill.written + len(chunk)):
                     raise PrefetchTooLarge("prefetch past prefetch_max_object_size")
+                expected = fill.expected_length
+                if expected is not None and fill.written + len(chunk) > expected:
+                    # Chunked framing beside a Content-Length (h11 follows the framing): the
+                    # body is wrong already; stop before readers send bytes past the length
+                    # they announced, or an in-memory fill buffers 2 MiB, not SMALL_FILL.
+                    raise FillFailed(f"body longer than the announced {expected} bytes")
                 fill._publish(chunk)
                 if tap is not None:
                     tap(chunk)

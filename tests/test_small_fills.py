@@ -1,0 +1,84 @@
+"""Attacks on the fills of small bodies, kept whole in memory until their commit
+(:meth:`proxy.fills.Fills._fill_in_memory`): upstreams that lie about the length or drip, and
+another worker wanting the key while such a fill runs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import OTHER_TOKEN, SESSION, TOKEN, ProxyFactory
+from tests.helpers import artifact_url, auth, fetch
+from tests.rawupstream import RawUpstream, framed
+from tests.standin import Fault, StandIn
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[RawUpstream]:
+    server = RawUpstream().start()
+    yield server
+    server.stop()
+
+
+def test_a_body_past_its_announced_length_ends_the_fill_at_once(
+    start_proxy: ProxyFactory, raw_upstream: RawUpstream
+) -> None:
+    """An upstream announcing ``Content-Length: 100`` but framing the body chunked (which h11
+    follows) and sending 200 bytes, the rest much later: the fill fails as the 101st byte
+    arrives, not once 2 MiB are buffered in memory (or the upstream ends), so the client's
+    retry is a fetch of its own rather than a wait on the broken fill."""
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 100\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    good = bytes(range(100))
+    raw_upstream.gap = 60.0  # the upstream's own pace: the end comes only after a minute
+    raw_upstream.answer = lambda path, n: (
+        [head + b"c8\r\n" + b"x" * 200 + b"\r\n", b"0\r\n\r\n"] if n == 1 else framed(good)
+    )
+    proxy = start_proxy(upstream=raw_upstream.url, read_timeout="120s", fill_timeout="120s")
+    url = artifact_url(proxy, "arr_10a9e0")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, headers=auth(), timeout=20).raise_for_status()
+    again = httpx.get(url, headers=auth(), timeout=20)
+    assert (again.status_code, again.headers["x-cache"], again.content) == (200, "MISS", good)
+    assert len(raw_upstream.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("token", "status"), [(TOKEN, 200), (OTHER_TOKEN, 404)], ids=["same-key", "other-key"]
+)
+def test_another_worker_waits_out_a_stalled_small_fill_then_fetches_itself(
+    standin: StandIn, start_proxy: ProxyFactory, token: str, status: int
+) -> None:
+    """Worker A's in-memory fill holds the key's lease and announces no file to follow: worker
+    B's client waits at most ``first_byte_timeout`` for it, then fetches with its own
+    credential. It gets the whole body (or, not allowed to read the scope, the API's refusal),
+    never A's partial one; A's client, released afterwards, gets the whole body too."""
+    a, b = start_proxy(), start_proxy(first_byte_timeout="1s")
+    body = standin.add("session", SESSION, "arr_2a2a2a", size=40_000)
+    release = threading.Event()
+    standin.faults["arr_2a2a2a"] = Fault(hold_middle=release, times=1)
+    try:
+        with httpx.stream(
+            "GET", artifact_url(a, "arr_2a2a2a"), headers=auth(), timeout=20
+        ) as leader:
+            chunks = leader.iter_raw()
+            first = next(chunks)  # A's fill is half-way, held by the upstream
+            other = fetch(b, "arr_2a2a2a", token)
+            assert other.status_code == status
+            if status == 200:
+                assert (other.headers["x-cache"], other.content) == ("MISS", body)
+            else:
+                assert body[:1000] not in other.content
+            release.set()
+            assert first + b"".join(chunks) == body
+    finally:
+        release.set()
+    assert standin.hits("session", SESSION, "arr_2a2a2a") == 2
+    for proxy in (a, b):
+        again = fetch(proxy, "arr_2a2a2a")
+        assert (again.headers["x-cache"], again.content) == ("HIT", body)
