@@ -222,13 +222,15 @@ def test_one_key_cannot_take_every_passthrough_connection(standin: StandIn, star
     [{"fill_timeout": "2s"}, {"fill_min_rate": "16KiB", "fill_rate_window": "1s"}],
     ids=["fill_timeout", "fill_min_rate"],
 )
+@pytest.mark.parametrize("size", [100_000, 40_000], ids=["on-disk", "in-memory"])
 def test_a_dripping_upstream_is_abandoned(
-    standin: StandIn, start_proxy, limits: dict[str, str]
+    standin: StandIn, start_proxy, limits: dict[str, str], size: int
 ) -> None:
-    """An upstream that drips one byte every 50 ms is cut off by the fill deadlines: the client
-    sees a failed transfer in bounded time, and nothing is cached."""
+    """An upstream that drips one byte every 50 ms is cut off by the fill deadlines, whether
+    the fill writes a temporary file or keeps a small body in memory: the client sees a failed
+    transfer in bounded time, and nothing is cached."""
     proxy = start_proxy(**limits)
-    body = standin.add("session", SESSION, "vid_d41900", size=100_000)
+    body = standin.add("session", SESSION, "vid_d41900", size=size)
     standin.faults["vid_d41900"] = Fault(drip=0.05, times=1)
     started = time.monotonic()
     with pytest.raises(httpx.HTTPError):
