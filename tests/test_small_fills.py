@@ -4,14 +4,17 @@ another worker wanting the key while such a fill runs."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN, ProxyFactory
-from tests.helpers import artifact_url, auth, fetch
+from tests.helpers import artifact_url, auth, fetch, metric
 from tests.rawupstream import RawUpstream, framed
 from tests.standin import Fault, StandIn
 
@@ -82,3 +85,38 @@ def test_another_worker_waits_out_a_stalled_small_fill_then_fetches_itself(
     for proxy in (a, b):
         again = fetch(proxy, "arr_2a2a2a")
         assert (again.headers["x-cache"], again.content) == ("HIT", body)
+
+
+def test_a_small_fill_the_disk_cannot_take_still_serves_its_bytes(
+    standin: StandIn, start_proxy: ProxyFactory, small_disk: Path
+) -> None:
+    """The disk is only touched at a small fill's commit: a read-only directory for fills,
+    then a full disk, still give the client its whole body (uncached, counted as a
+    store failure), and once the disk is back the next fetch is stored."""
+    cache = small_disk / "cache"
+    proxy = start_proxy(cache_dir=str(cache), min_free_space=0)
+    read_only = standin.add("session", SESSION, "arr_4d0111", size=30_000)
+    full = standin.add("session", SESSION, "arr_4d0222", size=30_000)
+
+    tmp = str(cache / "tmp")  # where fills begin: made read-only (root ignores modes)
+    subprocess.run(["mount", "--bind", tmp, tmp], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", tmp], check=True)
+        for _ in range(2):
+            got = fetch(proxy, "arr_4d0111")
+            assert (got.headers["x-cache"], got.content) == ("MISS", read_only)
+    finally:
+        subprocess.run(["umount", tmp], check=True)
+    assert metric(proxy, "vlmrun_cache_store_failures_total", reason="write") == 2
+    filler = small_disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as out:
+        while True:  # to the last block
+            out.write(b"\0" * 65536)
+    got = fetch(proxy, "arr_4d0222")
+    assert (got.status_code, got.headers["x-cache"], got.content) == (200, "MISS", full)
+    assert metric(proxy, "vlmrun_cache_store_failures_total", reason="no_space") == 1
+    filler.unlink()
+    assert fetch(proxy, "arr_4d0222").headers["x-cache"] == "MISS"
+    again = fetch(proxy, "arr_4d0222")
+    assert (again.headers["x-cache"], again.content) == ("HIT", full)
+    assert list((cache / "tmp").iterdir()) == []
