@@ -98,6 +98,7 @@ def test_a_small_fill_the_disk_cannot_take_still_serves_its_bytes(
     read_only = standin.add("session", SESSION, "arr_4d0111", size=30_000)
     full = standin.add("session", SESSION, "arr_4d0222", size=30_000)
 
+    assert metric(proxy, "vlmrun_cache_store_failures_total", reason="write") == 0  # it is up
     tmp = str(cache / "tmp")  # where fills begin: made read-only (root ignores modes)
     subprocess.run(["mount", "--bind", tmp, tmp], check=True)
     try:
