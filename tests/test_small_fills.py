@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -71,7 +73,9 @@ def test_another_worker_waits_out_a_stalled_small_fill_then_fetches_itself(
         ) as leader:
             chunks = leader.iter_raw()
             first = next(chunks)  # A's fill is half-way, held by the upstream
+            asked = time.monotonic()
             other = fetch(b, "arr_2a2a2a", token)
+            assert time.monotonic() - asked >= 1.0  # it waited for A's lease first
             assert other.status_code == status
             if status == 200:
                 assert (other.headers["x-cache"], other.content) == ("MISS", body)
@@ -121,3 +125,49 @@ def test_a_small_fill_the_disk_cannot_take_still_serves_its_bytes(
     again = fetch(proxy, "arr_4d0222")
     assert (again.headers["x-cache"], again.content) == ("HIT", full)
     assert list((cache / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("token", "status"), [(TOKEN, 200), (OTHER_TOKEN, 404)], ids=["same-key", "other-key"]
+)
+def test_another_worker_waits_for_a_small_fill_then_reads_its_entry(
+    standin: StandIn, start_proxy: ProxyFactory, token: str, status: int
+) -> None:
+    """Worker B's client arriving while worker A's in-memory fill runs waits for A's lease
+    (there is no file to follow), then reads the entry A stored: no second upstream fetch of
+    the bytes, and a credential that may not read the scope is refused, not served them."""
+    a, b = start_proxy(), start_proxy(first_byte_timeout="20s")
+    body = standin.add("session", SESSION, "arr_3b3b3b", size=40_000)
+    release = threading.Event()
+    standin.faults["arr_3b3b3b"] = Fault(hold_middle=release, times=1)
+    assert metric(b, "vlmrun_cache_entries") == 0  # B is up: its services are open
+    coordinator = b.app.state.services.fills._coordinator
+    attempt, waiting = coordinator._attempt, threading.Event()
+
+    def watched(key: str, stored: Callable[[], bool] | None = None) -> object:
+        got = attempt(key, stored)
+        if got is None:  # the lock is held and nothing announced: B waits for it
+            waiting.set()
+        return got
+
+    coordinator._attempt = watched
+    try:
+        with httpx.stream(
+            "GET", artifact_url(a, "arr_3b3b3b"), headers=auth(), timeout=20
+        ) as leader:
+            chunks = leader.iter_raw()
+            first = next(chunks)  # A's fill is half-way, held by the upstream
+            with ThreadPoolExecutor(1) as pool:
+                other = pool.submit(fetch, b, "arr_3b3b3b", token)
+                assert waiting.wait(timeout=20)
+                release.set()
+                assert first + b"".join(chunks) == body
+                got = other.result(timeout=20)
+    finally:
+        release.set()
+    assert got.status_code == status
+    if status == 200:
+        assert (got.headers["x-cache"], got.content) == ("COALESCED", body)
+        assert standin.hits("session", SESSION, "arr_3b3b3b") == 1
+    else:
+        assert body[:1000] not in got.content
