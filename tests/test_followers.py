@@ -8,6 +8,7 @@ of separate processes), and the test picks which one each client talks to.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from proxy.keys import ArtifactKey
-from proxy.store.claims import ALREADY_STORED, AlreadyStored, Announcement, Claims
+from proxy.store.claims import ALREADY_STORED, AlreadyStored, Announcement, Claims, Holding
 from proxy.store.disk import DiskStore
 from tests.conftest import OTHER_TOKEN, SESSION, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, metric
@@ -166,7 +167,8 @@ def test_an_announcement_lives_in_the_lock_file_and_the_next_holder_clears_it(
     tmp_path: Path,
 ) -> None:
     """The holder writes its announcement into the slot's lock file (no file is created per
-    fill); whoever takes the lock next, after a finished or a crashed holder, clears it first."""
+    fill); whoever takes the lock next, after a finished or a crashed holder, replaces it first
+    with the key it fetches."""
     claims = Claims(tmp_path)
     record = Announcement("k", "a.fill", "text/plain", 3, {}, "")
     lease = claims._attempt("k")
@@ -183,6 +185,25 @@ def test_an_announcement_lives_in_the_lock_file_and_the_next_holder_clears_it(
     fd = claims.try_claim("k")
     assert fd is not None
     assert claims.announced("k") is None
+    assert claims._holder("k") == Holding("k")  # which key it fetches, nothing to follow
+    Claims.release(fd)
+
+
+def test_a_holder_record_that_cannot_be_written_still_gives_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk the holder's key cannot be written into the lock file: the lease is
+    still taken, and what the last holder announced is emptied all the same."""
+    claims = Claims(tmp_path)
+    claims._record("k").write_text(Announcement("k", "a.fill", "text/plain", 3, {}, "").to_json())
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    fd = claims.try_claim("k")
+    assert fd is not None
+    assert claims._holder("k") is None and claims._record("k").read_bytes() == b""
     Claims.release(fd)
 
 
@@ -217,23 +238,25 @@ def _same_slot(claims: Claims, object_id: str) -> str:
     raise AssertionError("no key shares the slot")
 
 
+@pytest.mark.parametrize("size", [2 * HALF, 40_000], ids=["announced-file", "in-memory"])
 def test_a_miss_never_waits_for_another_keys_fill_that_shares_its_slot(
-    standin: StandIn, start_proxy: ProxyFactory, cache_dir: Path
+    standin: StandIn, start_proxy: ProxyFactory, cache_dir: Path, size: int
 ) -> None:
-    """Keys share the 4096 claim slots. While a long fill of one key holds a slot (it has
-    announced its file), a miss of another key of that slot starts at once instead of waiting
-    for that fill to end or for ``first_byte_timeout``."""
+    """Keys share the 4096 claim slots. While a long fill of one key holds a slot (one that
+    announced its file, or a small one kept in memory, which announces none), a miss of
+    another key of that slot starts at once instead of waiting for that fill to end or for
+    ``first_byte_timeout``."""
     proxy = start_proxy(first_byte_timeout="60s")
-    standin.add("session", SESSION, "vid_5107a0", size=2 * HALF)
+    standin.add("session", SESSION, "vid_5107a0", size=size)
     release = threading.Event()
-    standin.faults["vid_5107a0"] = Fault(hold_middle=release, hold_at=HALF, times=1)
+    standin.faults["vid_5107a0"] = Fault(hold_middle=release, hold_at=size // 2, times=1)
     other = _same_slot(Claims(cache_dir), "vid_5107a0")
     body = standin.add("session", SESSION, other, size=5000)
     try:
         with httpx.stream(
             "GET", artifact_url(proxy, "vid_5107a0"), headers=auth(), timeout=20
         ) as long:
-            _, rest = _first_bytes(long, 1)  # its fill has announced its file
+            _, rest = _first_bytes(long, 1)  # its fill holds the slot, half-way
             beside = httpx.get(artifact_url(proxy, other), headers=auth(), timeout=10)
             assert (beside.status_code, beside.content) == (200, body)
             release.set()

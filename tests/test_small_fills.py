@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.store.claims import Holding
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, metric
 from tests.rawupstream import RawUpstream, framed
@@ -146,7 +147,7 @@ def test_another_worker_waits_for_a_small_fill_then_reads_its_entry(
 
     def watched(key: str, stored: Callable[[], bool] | None = None) -> object:
         got = attempt(key, stored)
-        if got is None:  # the lock is held and nothing announced: B waits for it
+        if got is None or isinstance(got, Holding):  # held for the key, unannounced: B waits
             waiting.set()
         return got
 

@@ -7,9 +7,11 @@ one host with ``flock``, and a shared tier may implement it with a lease.
 With ``--workers N`` every worker shares the disk cache. Before fetching a key from upstream, a
 worker takes an exclusive ``flock`` on one of :data:`SLOTS` lock files chosen by the key's hash.
 Locks die with their process, so a crashed worker never leaves a key stuck. Two keys sharing a
-slot never share bytes, and wait for each other only until the holder announces its fill: a key
-that finds its slot announced for another key is fetched at once, unclaimed (at worst another
-worker fetches it too), rather than after that fill or ``first_byte_timeout``.
+slot never share bytes, nor wait for each other: as it takes the lock, the holder writes which
+key it fetches into the lock file (:class:`Holding`), and a key that finds its slot held for
+another key is fetched at once, unclaimed (at worst another worker fetches it too), rather than
+after that fill or ``first_byte_timeout``. A small fill kept in memory announces nothing, and a
+fill announces only once upstream answered: the key is all such a waiter has to go on.
 
 The holder, once it knows the body will be stored, *announces* its fill (:meth:`Lease.announce`):
 a small JSON record, written into the lock file it holds, naming the key, the temporary file it
@@ -84,6 +86,27 @@ class Announcement:
         if "/" in record.name or record.name.startswith("."):
             return None
         return record
+
+
+@dataclasses.dataclass(frozen=True)
+class Holding:
+    """What a holder records as it takes a slot's lock: only the key it fetches (nothing to
+    follow yet), so that a process wanting another key of the slot need not wait for it."""
+
+    key: str
+
+    def to_json(self) -> str:
+        return json.dumps({"key": self.key}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Holding | None:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.keys() != {"key"} or not isinstance(data["key"], str):
+            return None
+        return cls(data["key"])
 
 
 class Lease(Protocol):
@@ -176,6 +199,12 @@ class Claims:
 
     def _announcement(self, key: str) -> Announcement | None:
         """What the holder of ``key``'s slot announced, whichever key it fetches."""
+        found = self._holder(key)
+        return found if isinstance(found, Announcement) else None
+
+    def _holder(self, key: str) -> Announcement | Holding | None:
+        """What the holder of ``key``'s slot recorded, whichever key it fetches: its
+        announcement, or only the key (:class:`Holding`), or None (nothing readable)."""
         try:
             fd = os.open(self._record(key), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
@@ -185,19 +214,28 @@ class Claims:
                 text = record.read(64 * 1024)
             except (OSError, UnicodeDecodeError):
                 return None
-        return Announcement.from_json(text)
+        return Announcement.from_json(text) or Holding.from_json(text)
 
     def try_claim(self, key: str) -> int | None:
         """A held lock (its descriptor) if no other process is fetching ``key``, else None.
 
-        What a crashed holder announced is cleared first: nobody may follow it."""
+        What the last holder left (finished or crashed) is replaced first by which key this
+        one fetches (:class:`Holding`): nobody may follow it. Best effort: if that record
+        cannot be written (a full disk), the file is only emptied, and waiters of other keys
+        of the slot wait as they would for an unannounced fill."""
         fd = try_lock(self._path(key))
-        if fd is not None and os.fstat(fd).st_size:
-            try:
-                os.ftruncate(fd, 0)
+        if fd is None:
+            return None
+        record = Holding(key).to_json().encode()
+        try:
+            try:  # as many syscalls as emptying it took; a torn read parses as no record
+                os.pwrite(fd, record, 0)
+                os.ftruncate(fd, len(record))
             except OSError:
-                self.release(fd)
-                raise
+                os.ftruncate(fd, 0)
+        except OSError:
+            self.release(fd)
+            raise
         return fd
 
     @staticmethod
@@ -208,12 +246,12 @@ class Claims:
 
     def _attempt(
         self, key: str, stored: Callable[[], bool] | None = None
-    ) -> Lease | Announcement | AlreadyStored | None:
-        """A lease (or :data:`ALREADY_STORED`); or the holder's announcement, of any key (None if it
-        has made none)."""
+    ) -> Lease | Announcement | Holding | AlreadyStored | None:
+        """A lease (or :data:`ALREADY_STORED`); or what the holder recorded, of any key (None
+        if nothing readable)."""
         fd = self.try_claim(key)
         if fd is None:
-            return self._announcement(key)
+            return self._holder(key)
         try:
             if stored is not None and stored():
                 self.release(fd)
@@ -229,11 +267,11 @@ class Claims:
         give_up = time.monotonic() + patience
         while True:
             got = await run_sync(self._attempt, key, stored)
-            if isinstance(got, Announcement) and got.key != key:
+            if isinstance(got, (Announcement, Holding)) and got.key != key:
                 # The slot's holder fetches another key (they share one of the SLOTS): waiting
                 # would wait for that fill, as long as it lasts; fetch now, unclaimed.
                 return None
-            if got is not None:
+            if got is not None and not isinstance(got, Holding):  # ours, unannounced: wait
                 return got
             if time.monotonic() > give_up:
                 return None
