@@ -40,6 +40,7 @@ from proxy.resume import rest_from_upstream
 from proxy.services import Services
 from proxy.store import EntryMeta
 from proxy.store.chain import Corrupt, Hit, Interrupted
+from proxy.store.claims import Lease
 from proxy.store.memory import MemoryTier
 from proxy.threads import run_sync
 from proxy.upstream import FAULT_STATUSES, Answer, read_answer
@@ -112,13 +113,25 @@ class ArtifactRoute:
         fingerprint = self.s.access.fingerprint(authorization)
         if self.s.access.is_split(key.scope_kind, key.scope_id):
             key = key.owned_by(fingerprint)
+        leases: list[Lease] = []  # the key's, taken in the lookup's hop for the fill to come
+        on_disk_miss = None
+        if self.s.fills.get(key) is None:
+
+            def on_disk_miss() -> None:
+                lease = self.s.fills.preclaim(key)
+                if lease is not None:
+                    leases.append(lease)
+
         try:
-            response = await self._hit(request, key, authorization, fingerprint)
+            response = await self._hit(request, key, authorization, fingerprint, on_disk_miss)
             if response is None:
-                response = await self._miss(request, key, authorization, fingerprint)
+                response = await self._miss(request, key, authorization, fingerprint, leases)
         except ProxyError:
             self._count("error")
             raise
+        finally:
+            for lease in leases:  # not given to a fill
+                lease.release()
         await response(scope, receive, send)
 
     def _count(self, outcome: str) -> None:
@@ -262,9 +275,10 @@ class ArtifactRoute:
         key: ArtifactKey,
         authorization: str | None,
         fingerprint: str | None,
+        on_disk_miss: Callable[[], None] | None = None,
         outcome: str = "hit",
     ) -> Response | None:
-        hit = await self.s.chain.lookup(key.cache_key)
+        hit = await self.s.chain.lookup(key.cache_key, on_disk_miss)
         if hit is None:
             return None
         try:
@@ -376,14 +390,18 @@ class ArtifactRoute:
         key: ArtifactKey,
         authorization: str | None,
         fingerprint: str | None,
+        leases: list[Lease],
     ) -> Response:
+        """``leases``: the key's lease, if the lookup took it; the fill started here takes it
+        over (the caller releases what is left)."""
         fills = self.s.fills
         fill = fills.get(key)
         on_close = None
         if fill is None:
             if fills.full(fingerprint) or fills.uncacheable(key):  # stream through uncached
                 return await self._bypass(request)
-            fill = fills.start(key, authorization, fingerprint)
+            lease = leases.pop() if leases else None
+            fill = fills.start(key, authorization, fingerprint, lease=lease)
             outcome = b"MISS"
         else:
             if fill.readers >= self.s.config.max_waiters:
@@ -403,7 +421,9 @@ class ArtifactRoute:
                 raise fill.error
             if fill.from_store:  # another worker process fetched it meanwhile
                 reader.close()
-                stored = await self._hit(request, key, authorization, fingerprint, "coalesced")
+                stored = await self._hit(
+                    request, key, authorization, fingerprint, outcome="coalesced"
+                )
                 if stored is not None:
                     return stored
                 return await self._bypass(request)

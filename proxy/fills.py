@@ -132,13 +132,15 @@ class Fills:
         *,
         prefetch: bool = False,
         on_done: Callable[[Fill], None] | None = None,
+        lease: Lease | None = None,
     ) -> Fill:
         """Start the fill of ``key`` with ``authorization`` (kept in this task's memory only).
 
         A ``prefetch`` counts against neither ``max_fills`` nor the credential's
         ``max_fills_per_key`` (:mod:`proxy.prefetch` bounds its own), makes one attempt, and
         is abandoned past ``prefetch_max_object_size`` unless a client joined it. ``on_done``
-        is called with the fill once it is over, before any reader learns that it is.
+        is called with the fill once it is over, before any reader learns that it is. A
+        ``lease`` of the key taken already (:meth:`preclaim`) is the fill's to release.
         """
         assert key not in self._running
         fill = Fill(key, fingerprint, prefetch)
@@ -147,8 +149,20 @@ class Fills:
             self._prefetching += 1
         else:
             self._per_key.acquire(fingerprint)
-        self._spawn(self._run(fill, authorization, on_done), f"fill {key.object_id}")
+        self._spawn(self._run(fill, authorization, on_done, lease), f"fill {key.object_id}")
         return fill
+
+    def preclaim(self, key: ArtifactKey) -> Lease | None:
+        """Blocks: the route calls it in the worker-thread hop of a disk lookup that found
+        nothing. The key's lease for :meth:`start`, if it can be had at once (no other process
+        fetches the key, none stored it meanwhile); else None, also on an error: the fill then
+        claims in a hop of its own, as a prefetch's does."""
+        if self._coordinator is None:
+            return None
+        try:
+            return self._coordinator.try_now(key.cache_key, partial(self._stored, key.cache_key))
+        except OSError:
+            return None
 
     def _spawn(self, work: Coroutine[Any, Any, object], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -200,16 +214,20 @@ class Fills:
         return False
 
     async def _run(
-        self, fill: Fill, authorization: str | None, on_done: Callable[[Fill], None] | None
+        self,
+        fill: Fill,
+        authorization: str | None,
+        on_done: Callable[[Fill], None] | None,
+        lease: Lease | None,
     ) -> None:
         started_at = time.monotonic()
         temp: FillFile | None = None
         response: httpx.Response | None = None
-        claim: Lease | None = None
+        claim: Lease | None = lease
         held: Held | None = None
         broadcast: Broadcast | None = None
         try:
-            got = await self._claim(fill)
+            got = lease if lease is not None else await self._claim(fill)
             if fill.from_store:
                 return
             if isinstance(got, tuple):  # another process is fetching it: follow its file
@@ -398,14 +416,7 @@ class Fills:
             return None
         key = fill.key.cache_key
         give_up = time.monotonic() + self._config.first_byte_timeout
-
-        def stored() -> bool:  # in the claim's own hop, with the lease held
-            entry = self._store.get(key)
-            if entry is None:
-                return False
-            entry.close()
-            return True
-
+        stored = partial(self._stored, key)  # in the claim's own hop, with the lease held
         while True:
             patience = max(0.0, give_up - time.monotonic())
             got = await self._coordinator.claim(key, patience, stored)
@@ -419,6 +430,14 @@ class Fills:
             fill.from_store = True
             return None
         return got
+
+    def _stored(self, key: str) -> bool:
+        """Blocks: True if the store has ``key``."""
+        entry = self._store.get(key)
+        if entry is None:
+            return False
+        entry.close()
+        return True
 
     def _on_lease(self, outcome: str) -> None:
         self._metrics.leases.labels(outcome).inc()

@@ -8,13 +8,15 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from proxy.threads import THREADS
 from tests.conftest import SESSION, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, wait_until
-from tests.standin import StandIn
+from tests.standin import Fault, StandIn
 
 #: More misses committing at once than the store has worker threads.
 MISSES = THREADS + 16
@@ -79,3 +81,60 @@ def test_commits_waiting_for_the_commit_lock_leave_threads_for_hits(
     for future in futures:
         future.result()
     assert got == bodies
+
+
+def test_a_small_miss_makes_two_worker_thread_hops_and_a_memory_hit_none(
+    standin: StandIn, proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a miss costs beside a bare forwarder is mostly its worker-thread hops: a 1 KiB miss
+    makes two (its disk lookup, which also takes the key's lease, and its commit, which writes
+    the file), and a repeated hit from the memory tier none."""
+    from proxy import threads
+
+    hops: list[str] = []
+    real = threads._run
+
+    async def counted(pool: Any, func: Any, args: tuple[object, ...]) -> Any:
+        hops.append(getattr(func, "__qualname__", repr(func)))
+        return await real(pool, func, args)
+
+    standin.add("session", SESSION, "arr_0f0f0e", size=1024)
+    body = standin.add("session", SESSION, "arr_0f0f0f", size=1024)
+    assert fetch(proxy, "arr_0f0f0e").status_code == 200  # the credential's proof, recorded
+    monkeypatch.setattr(threads, "_run", counted)
+    first = fetch(proxy, "arr_0f0f0f")
+    assert (first.headers["x-cache"], first.content) == ("MISS", body)
+    assert len(hops) == 2, hops
+    hops.clear()
+    assert fetch(proxy, "arr_0f0f0f").headers["x-cache"] == "HIT"  # from disk, into memory
+    hops.clear()
+    assert fetch(proxy, "arr_0f0f0f").headers["x-cache"] == "HIT"
+    assert hops == []
+
+
+def test_a_lease_taken_by_the_lookup_is_given_back_when_no_fill_takes_it(
+    standin: StandIn, start_proxy: ProxyFactory, cache_dir: Path
+) -> None:
+    """The lookup of a miss takes the key's lease for the fill to come; when the request is
+    passed through instead (here: its credential already runs its one fill), the lease is given
+    back at once, so no later fill of the key, in any process, waits for it."""
+    from proxy.keys import ArtifactKey
+    from proxy.store.claims import Claims
+
+    proxy = start_proxy(max_fills_per_key=1)
+    release = threading.Event()
+    standin.add("session", SESSION, "arr_a0a0a0", size=1024)
+    standin.faults["arr_a0a0a0"] = Fault(hold_start=release, times=1)
+    other = standin.add("session", SESSION, "arr_b0b0b0", size=1024)
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(fetch, proxy, "arr_a0a0a0")
+        assert standin.wait_for_requests("/v1/artifacts", 1)
+        passed = fetch(proxy, "arr_b0b0b0")  # the credential's one fill is taken
+        assert (passed.headers.get("x-cache"), passed.content) == (None, other)
+        claims = Claims(cache_dir)
+        fd = claims.try_claim(ArtifactKey("session", SESSION, "arr_b0b0b0").cache_key)
+        assert fd is not None  # nobody holds it
+        Claims.release(fd)
+        release.set()
+        assert held.result(timeout=20).status_code == 200
+    assert fetch(proxy, "arr_b0b0b0").headers["x-cache"] == "MISS"

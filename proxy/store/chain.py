@@ -123,8 +123,13 @@ class DiskTier:
         self._backfills = asyncio.Semaphore(BACKFILLS)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def lookup(self, key: str) -> tuple[Hit, str, int] | None:
-        """A hit, with the path and inode of its file (the entry's identity for backfills)."""
+    async def lookup(
+        self, key: str, on_miss: Callable[[], None] | None = None
+    ) -> tuple[Hit, str, int] | None:
+        """A hit, with the path and inode of its file (the entry's identity for backfills).
+        ``on_miss`` (it may block, and must not raise) is called in the lookup's worker-thread
+        hop when the index has no entry for ``key``: the route takes the key's lease for its
+        fill there, one hop less per miss."""
         if self.store.remembers(key, INLINE_READ_LIMIT):
             try:
                 found = self._open(key, memory_only=True)
@@ -133,7 +138,13 @@ class DiskTier:
                 return None
             if found is not None:
                 return found
-        return await run_sync(self._open, key)
+        return await run_sync(self._open_or, key, on_miss)
+
+    def _open_or(self, key: str, on_miss: Callable[[], None] | None) -> tuple[Hit, str, int] | None:
+        found = self._open(key)
+        if found is None and on_miss is not None:
+            on_miss()
+        return found
 
     def _open(self, key: str, memory_only: bool = False) -> tuple[Hit, str, int] | None:
         """Blocks: one worker-thread hop does all the disk work of a small hit. With
@@ -314,12 +325,13 @@ class Chain:
         self.disk = disk
         self.shared = shared
 
-    async def lookup(self, key: str) -> Hit | None:
+    async def lookup(self, key: str, on_disk_miss: Callable[[], None] | None = None) -> Hit | None:
+        """The first tier's hit; ``on_disk_miss`` as :meth:`DiskTier.lookup` takes it."""
         copy = self.memory.get(key)
         if copy is not None:
             self.touch(key)
             return Hit(copy.meta, self.memory.name, body=copy.body)
-        found = await self.disk.lookup(key)
+        found = await self.disk.lookup(key, on_disk_miss)
         if found is None:
             if self.shared is None:
                 return None

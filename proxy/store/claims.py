@@ -129,6 +129,11 @@ class Coordinator(Protocol):
         (blocking) is asked with the lease held, in the same worker-thread hop, and if it
         says so the lease is given back and :data:`ALREADY_STORED` returned."""
 
+    def try_now(self, key: str, stored: Callable[[], bool]) -> Lease | None:
+        """Blocks. The lease of ``key`` at once if no other process holds one and ``stored``
+        (asked with it held) says the key is not stored; otherwise None, having waited for
+        nothing (the caller then goes through :meth:`claim`)."""
+
 
 class AlreadyStored:
     """The type of :data:`ALREADY_STORED`."""
@@ -260,6 +265,10 @@ class Claims:
             self.release(fd)
             raise
         return _Held(fd)
+
+    def try_now(self, key: str, stored: Callable[[], bool]) -> Lease | None:
+        got = self._attempt(key, stored)
+        return got if isinstance(got, _Held) else None
 
     async def claim(
         self, key: str, patience: float, stored: Callable[[], bool] | None = None
