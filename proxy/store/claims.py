@@ -145,6 +145,8 @@ ALREADY_STORED = AlreadyStored()
 
 #: Lock files at most (created on first use; a holder writes its announcement into its own).
 SLOTS = 4096
+#: Bytes a :class:`Holding` record is padded to: more than most announcements take.
+_HOLDING_BYTES = 1024
 
 
 class _Held:
@@ -231,11 +233,15 @@ class Claims:
         fd = try_lock(self._path(key))
         if fd is None:
             return None
-        record = Holding(key).to_json().encode()
+        # Padded (JSON allows trailing spaces) to cover what an announcement usually leaves, so
+        # that the file rarely needs truncating: a pwrite and an fstat cost ~2 us here, where an
+        # ftruncate alone costs ~4 us. A torn read parses as no record.
+        record = Holding(key).to_json().encode().ljust(_HOLDING_BYTES)
         try:
-            try:  # as many syscalls as emptying it took; a torn read parses as no record
+            try:
                 os.pwrite(fd, record, 0)
-                os.ftruncate(fd, len(record))
+                if os.fstat(fd).st_size > len(record):
+                    os.ftruncate(fd, len(record))
             except OSError:
                 os.ftruncate(fd, 0)
         except OSError:
