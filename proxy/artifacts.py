@@ -113,25 +113,18 @@ class ArtifactRoute:
         fingerprint = self.s.access.fingerprint(authorization)
         if self.s.access.is_split(key.scope_kind, key.scope_id):
             key = key.owned_by(fingerprint)
-        leases: list[Lease] = []  # the key's, taken in the lookup's hop for the fill to come
-        on_disk_miss = None
-        if self.s.fills.get(key) is None:
-
-            def on_disk_miss() -> None:
-                lease = self.s.fills.preclaim(key)
-                if lease is not None:
-                    leases.append(lease)
-
+        # The key's lease, taken by a lookup that finds nothing, for the fill to come (none
+        # is wanted when a fill of the key runs here already).
+        leases: list[Lease] | None = [] if self.s.fills.get(key) is None else None
         try:
-            response = await self._hit(request, key, authorization, fingerprint, on_disk_miss)
+            response = await self._hit(request, key, authorization, fingerprint, leases)
             if response is None:
                 response = await self._miss(request, key, authorization, fingerprint, leases)
         except ProxyError:
             self._count("error")
             raise
         finally:
-            for lease in leases:  # not given to a fill
-                lease.release()
+            _give_back(leases)
         await response(scope, receive, send)
 
     def _count(self, outcome: str) -> None:
@@ -275,12 +268,24 @@ class ArtifactRoute:
         key: ArtifactKey,
         authorization: str | None,
         fingerprint: str | None,
-        on_disk_miss: Callable[[], None] | None = None,
+        leases: list[Lease] | None = None,
         outcome: str = "hit",
     ) -> Response | None:
+        """The answer from a tier, or None. With ``leases``, a disk lookup that finds nothing
+        takes the key's lease into it (:meth:`Fills.preclaim`); a hit from a later tier gives
+        it back."""
+        on_disk_miss = None
+        if leases is not None:
+
+            def on_disk_miss() -> None:
+                lease = self.s.fills.preclaim(key)
+                if lease is not None:
+                    leases.append(lease)
+
         hit = await self.s.chain.lookup(key.cache_key, on_disk_miss)
         if hit is None:
             return None
+        _give_back(leases)
         try:
             refusal = await self._authorize(
                 request, key, authorization, fingerprint, hit.meta.filler, hit.meta.validators
@@ -390,18 +395,23 @@ class ArtifactRoute:
         key: ArtifactKey,
         authorization: str | None,
         fingerprint: str | None,
-        leases: list[Lease],
+        leases: list[Lease] | None,
     ) -> Response:
-        """``leases``: the key's lease, if the lookup took it; the fill started here takes it
-        over (the caller releases what is left)."""
+        """``leases``: the key's lease, if the lookup took it. A fill started here takes it
+        over; otherwise it is given back before anything is awaited: a fill this client joins
+        (started meanwhile by another request, without it) may be waiting for it."""
         fills = self.s.fills
         fill = fills.get(key)
         on_close = None
-        if fill is None:
-            if fills.full(fingerprint) or fills.uncacheable(key):  # stream through uncached
-                return await self._bypass(request)
-            lease = leases.pop() if leases else None
-            fill = fills.start(key, authorization, fingerprint, lease=lease)
+        ours = fill is None and not (fills.full(fingerprint) or fills.uncacheable(key))
+        if ours:
+            fill = fills.start(key, authorization, fingerprint, lease=leases[0] if leases else None)
+            if leases:
+                leases.clear()
+        _give_back(leases)
+        if fill is None:  # stream through uncached
+            return await self._bypass(request)
+        if ours:
             outcome = b"MISS"
         else:
             if fill.readers >= self.s.config.max_waiters:
@@ -497,6 +507,12 @@ class ArtifactRoute:
             raise ResponseAborted(str(exc)) from exc
         finally:
             reader.close()
+
+
+def _give_back(leases: list[Lease] | None) -> None:
+    """Release the leases a lookup took that no fill took over."""
+    while leases:
+        leases.pop().release()
 
 
 def _check_limits(request: Request, max_query_length: int) -> None:

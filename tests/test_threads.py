@@ -138,3 +138,42 @@ def test_a_lease_taken_by_the_lookup_is_given_back_when_no_fill_takes_it(
         release.set()
         assert held.result(timeout=20).status_code == 200
     assert fetch(proxy, "arr_b0b0b0").headers["x-cache"] == "MISS"
+
+
+def test_a_client_joining_a_fill_gives_back_the_lease_its_lookup_took(
+    standin: StandIn, start_proxy: ProxyFactory
+) -> None:
+    """Two first requests for a key: the first one's lookup takes the key's lease, but the
+    second one's lookup returns first and starts the fill, which must wait for that lease.
+    The first joins that fill: it gives the lease back as it joins, not after the answer it
+    waits for (which would hold the fill until first_byte_timeout)."""
+    proxy = start_proxy(first_byte_timeout="60s")
+    body = standin.add("session", SESSION, "arr_c1c1c1", size=200_000)
+    assert fetch(proxy, "arr_000000").status_code == 404  # up: its services are open
+    fills = proxy.app.state.services.fills
+    preclaim, start = fills.preclaim, fills.start
+    second_started = threading.Event()
+    calls: list[object] = []
+
+    def first_waits(key: Any) -> Any:
+        lease = preclaim(key)
+        calls.append(lease)
+        if len(calls) == 1:  # the first lookup holds the lease until the second's fill starts
+            assert lease is not None
+            assert second_started.wait(timeout=20)
+        return lease
+
+    def started(*args: Any, **kwargs: Any) -> Any:
+        fill = start(*args, **kwargs)
+        second_started.set()
+        return fill
+
+    fills.preclaim, fills.start = first_waits, started
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(fetch, proxy, "arr_c1c1c1")
+        assert wait_until(lambda: len(calls) == 1)
+        second = pool.submit(fetch, proxy, "arr_c1c1c1")
+        results = [first.result(timeout=20), second.result(timeout=20)]
+    assert all(r.status_code == 200 and r.content == body for r in results)
+    assert sorted(r.headers["x-cache"] for r in results) == ["COALESCED", "MISS"]
+    assert standin.hits("session", SESSION, "arr_c1c1c1") == 1
