@@ -191,7 +191,7 @@ def section_scale(counts: list[int]) -> list[Row]:
                 fill = store.begin_fill()
                 fill.file.write(body)
                 fill.file.close()
-                store._cache.set(f"key-{index}", _Adopt(fill.path), read=True, tag=meta)
+                store._cache.set(f"key-{index}", _Adopt(fill.path, len(body)), read=True, tag=meta)
             populate = time.monotonic() - started
             store.close()
             started = time.monotonic()
