@@ -1,7 +1,7 @@
 """The benchmark: our proxy beside its Python ceilings and nginx's proxy_cache, same machine,
 same run.
 
-    python bench/run.py                 # everything (about 9 minutes)
+    python bench/run.py                 # everything (about 10 minutes)
     python bench/run.py --quick         # fewer, shorter runs (to bench/results/quick.md)
     python bench/run.py --only hits --out /tmp/hits.md
                                         # one section: hits, attack, miss, misses, coalesce,
