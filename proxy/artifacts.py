@@ -632,11 +632,16 @@ class Streamed(StreamingResponse):
                     "headers": self.raw_headers,
                 }
             )
+            sent = 0
             async for chunk in body:
                 if self.gone:
                     break
+                sent += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if not self.gone:
+            if not self.gone or sent == _declared_length(self.raw_headers):
+                # Gone after every announced byte went out (an empty body is whole with its
+                # head): the response ended whole. The server drops the message; the access
+                # log sees the end.
                 await send({"type": "http.response.body", "body": b""})
         finally:
             hangups.discard(self._hang_up)
@@ -645,6 +650,14 @@ class Streamed(StreamingResponse):
             finally:
                 if self.background is not None:  # ...so the close it owes runs here, always
                     await self.background()
+
+
+def _declared_length(headers: RawHeaders) -> int | None:
+    """The ``Content-Length`` among a response's header fields (as the route spells it)."""
+    for name, value in headers:
+        if name == CONTENT_LENGTH:
+            return int(value)
+    return None
 
 
 def _closing(close: Callable[[], None]) -> BackgroundTask:

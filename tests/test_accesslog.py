@@ -129,6 +129,24 @@ def test_one_line_per_request_with_outcome_bytes_and_ids(
     assert "HTTP/1.1" not in daemon.output  # uvicorn's own access log is off
 
 
+def test_an_empty_artifact_fetched_whole_is_logged_as_delivered(
+    standin: StandIn, start_daemon: StartDaemon
+) -> None:
+    """A miss of a 0-byte artifact is whole once its head is sent (Content-Length: 0): a
+    client that closes its connection then, before the fill has committed, got all of it, and
+    the line says ``miss``, not ``aborted``."""
+    daemon = start_daemon()
+    standin.add("session", SESSION, "arr_e0e0e0", size=0)
+    url = f"{daemon.url}/v1/artifacts?object_id=arr_e0e0e0&session_id={SESSION}"
+    with httpx.Client() as client:
+        first = client.get(url, headers=auth())
+    assert (first.status_code, first.headers["x-cache"], first.content) == (200, "MISS", b"")
+    assert httpx.get(f"{daemon.url}/healthz").status_code == 200
+    assert daemon.wait_for("/healthz"), daemon.output
+    (line,) = [r for r in parse_access_log(daemon.output, "text") if r["route"] == "/v1/artifacts"]
+    assert (line["status"], line["outcome"], line["bytes"]) == (200, "miss", 0)
+
+
 @pytest.mark.parametrize(
     ("flags", "logged"),
     [(["--log-level", "warning"], True), (["--access-log", "false"], False)],
