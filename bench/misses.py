@@ -29,13 +29,16 @@ nothing while it fills; so on such a file system the measurement waits that long
 says so. Checks: every
 wrk answer was a 2xx with the whole body; after each proxy run, an id of that run is a HIT (its
 fill was committed) and the number of entries grew by the number of requests. The ratio is
-taken within each round; the table gives medians (min-max).
+taken within each round; the table gives medians (min-max). The first line printed names the
+date, the commit measured and how much of a core other processes used meanwhile (on a busy
+machine, read that first).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
 import shutil
 import statistics
@@ -53,7 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, SCOPE, TOKEN, child, free_port, standin
 from bench.loadgen import wrk
-from bench.servers import LOAD_CPU, NGINX_MAIN, SERVER_CPU, cpu_seconds
+from bench.servers import (
+    LOAD_CPU,
+    NGINX_MAIN,
+    SERVER_CPU,
+    cpu_seconds,
+    descendants,
+    foreign_cpu_seconds,
+)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -318,6 +328,9 @@ def main() -> None:
         "--before", action="append", default=[], help="also the proxy of this git revision"
     )
     args = parser.parse_args()
+    from bench.run import commit  # here: bench/run.py imports this module
+
+    started, foreign = time.monotonic(), foreign_cpu_seconds(descendants(os.getpid()))
     with tempfile.TemporaryDirectory(prefix="bench-misses-logs-") as logs:
         try:
             results = measure(
@@ -325,6 +338,12 @@ def main() -> None:
             )
         except MissingTool as exc:
             raise SystemExit(str(exc)) from None
+    elapsed = time.monotonic() - started
+    busy = max(0.0, foreign_cpu_seconds(descendants(os.getpid())) - foreign) / elapsed
+    print(
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit()}; "
+        f"processes outside the benchmark used {busy:.0%} of a core meanwhile"
+    )
     print(f"{args.size} B artifacts, {args.connections} connections, ", end="")
     print(f"{args.rounds} rounds of {args.seconds:g} s; upstream: {upstream_kind()}")
     print("| " + " | ".join(HEADER) + " |")
