@@ -25,7 +25,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
@@ -46,7 +45,7 @@ from proxy.follower import FollowFailed, follow
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
-from proxy.store import VERIFIED_WHOLE, EntryMeta, FillFile, Store
+from proxy.store import EntryMeta, FillFile, Store, has_room, write_entry
 from proxy.store.claims import POLL_SECONDS, AlreadyStored, Announcement, Coordinator, Lease
 from proxy.store.lease import Held, Stored
 from proxy.threads import run_commit, run_sync
@@ -359,9 +358,7 @@ class Fills:
         self._fetched(fill, response, validators, started_at)
         body = fill.whole_body()
         meta_of = _entry_meta(fill, validators)
-        store, directory = self._store, getattr(self._store, "directory", None)
-        floor = self._config.min_free_space + len(body)
-        sync = len(body) > VERIFIED_WHOLE  # else every read checks it whole: no fsync
+        store, key, min_free_space = self._store, fill.key, self._config.min_free_space
 
         def write_and_commit() -> tuple[EntryMeta, str | None]:
             """The entry's metadata, and which failure kept it from the store, if one did."""
@@ -369,21 +366,9 @@ class Fills:
             digests.update(body)
             meta = meta_of(digests)
             try:
-                if directory is not None and shutil.disk_usage(directory).free < floor:
-                    return meta, "no_space"
-                temp = store.begin_fill()
-            except OSError:
-                return meta, "write"
-            try:
-                temp.file.write(body)
-            except OSError:
-                store.discard(temp)
-                return meta, "write"
-            try:  # the store takes the file over, whatever the outcome
-                stored = store.commit(fill.key.cache_key, temp, meta, sync=sync)
-                return meta, None if stored else "refused"
+                return meta, write_entry(store, key.cache_key, body, meta, min_free_space)
             except OSError as exc:
-                log.warning("could not store %s: %s", fill.key.object_id, exc.strerror or exc)
+                log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
                 return meta, "commit"
 
         meta, failure = await run_commit(write_and_commit)
@@ -525,11 +510,9 @@ class Fills:
         worker-thread hop for the free space, the file, the descriptor and the announcement."""
         if length is not None and length > self._config.object_size_limit:
             return None
-        directory = getattr(self._store, "directory", None)
-        floor = self._config.min_free_space + (length or 0)
 
         def begin() -> FillFile | None:
-            if directory is not None and shutil.disk_usage(directory).free < floor:
+            if not has_room(self._store, length or 0, self._config.min_free_space):
                 return None
             temp = self._store.begin_fill()
             if opener is not None:

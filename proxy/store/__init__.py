@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import BinaryIO, Protocol
 
 from proxy.validators import Validators
@@ -132,6 +133,37 @@ class StoreStats:
     bytes: int
     entries: int
     max_bytes: int
+
+
+def has_room(store: Store, length: int, min_free_space: int) -> bool:
+    """Blocks. True unless writing ``length`` more bytes would leave less than
+    ``min_free_space`` free where ``store`` keeps its files (a store without a directory
+    always has room). Raises ``OSError`` if the file system cannot say."""
+    directory = getattr(store, "directory", None)
+    return directory is None or shutil.disk_usage(directory).free - length >= min_free_space
+
+
+def write_entry(
+    store: Store, key: str, body: bytes, meta: EntryMeta, min_free_space: int
+) -> str | None:
+    """Blocks. Store a whole ``body`` under ``key``: a temporary file written at once, then
+    committed (fsynced unless it is :data:`VERIFIED_WHOLE` bytes or less). None once stored,
+    else why not: ``no_space`` (:func:`has_room`), ``write`` (no file, or a failed write) or
+    ``refused`` (the store would not keep it). An ``OSError`` of the commit propagates."""
+    try:
+        if not has_room(store, len(body), min_free_space):
+            return "no_space"
+        temp = store.begin_fill()
+    except OSError:
+        return "write"
+    try:
+        temp.file.write(body)
+        temp.file.flush()
+    except OSError:
+        store.discard(temp)
+        return "write"
+    # The store takes the file over, whatever the outcome.
+    return None if store.commit(key, temp, meta, sync=len(body) > VERIFIED_WHOLE) else "refused"
 
 
 class Store(Protocol):

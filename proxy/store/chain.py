@@ -29,14 +29,13 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
 from proxy.integrity import Verifier, intact
-from proxy.store import VERIFIED_WHOLE, Entry, EntryMeta, FillFile, Store
+from proxy.store import VERIFIED_WHOLE, Entry, EntryMeta, FillFile, Store, has_room, write_entry
 from proxy.store.memory import MemoryTier
 from proxy.threads import run_commit, run_sync
 
@@ -266,27 +265,17 @@ class DiskTier:
         async with self._backfills:
 
             def write() -> None:
-                fill = self._begin(len(body))
-                if fill is None:
-                    return
                 try:
-                    fill.file.write(body)
-                    fill.file.flush()
-                except OSError:
-                    self.store.discard(fill)
-                    return
-                self._commit(key, fill, meta, sync=len(body) > VERIFIED_WHOLE)
+                    write_entry(self.store, key, body, meta, self.min_free_space)
+                except OSError as exc:
+                    log.info("could not keep a shared-tier hit on disk: %s", exc)
 
             await run_commit(write)
 
     def _begin(self, length: int) -> FillFile | None:
         """Blocks. A temporary file, unless the disk lacks room (then no backfill)."""
-        directory = getattr(self.store, "directory", None)
         try:
-            if (
-                directory is not None
-                and shutil.disk_usage(directory).free - length < self.min_free_space
-            ):
+            if not has_room(self.store, length, self.min_free_space):
                 return None
             return self.store.begin_fill()
         except OSError:
@@ -300,11 +289,10 @@ class DiskTier:
             return None
         return fill
 
-    def _commit(self, key: str, fill: FillFile, meta: EntryMeta, sync: bool = True) -> None:
-        """Blocks. The store takes the file over, whatever the outcome; ``sync=False`` for an
-        entry this tier reads whole and verifies on every read (:data:`VERIFIED_WHOLE`)."""
+    def _commit(self, key: str, fill: FillFile, meta: EntryMeta) -> None:
+        """Blocks. The store takes the file over, whatever the outcome."""
         try:
-            self.store.commit(key, fill, meta, sync=sync)
+            self.store.commit(key, fill, meta)
         except OSError as exc:
             log.info("could not keep a shared-tier hit on disk: %s", exc)
 
