@@ -19,7 +19,17 @@ from proxy.store.claims import Holding
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, metric
 from tests.rawupstream import RawUpstream, framed
+from tests.servers import ServerThread
 from tests.standin import Fault, StandIn
+
+
+@contextlib.contextmanager
+def _half_way(proxy: ServerThread, object_id: str) -> Iterator[tuple[bytes, Iterator[bytes]]]:
+    """A client of ``proxy`` streaming ``object_id``, whose upstream holds it half-way: the
+    bytes it has, and the rest to come."""
+    with httpx.stream("GET", artifact_url(proxy, object_id), headers=auth(), timeout=20) as r:
+        chunks = r.iter_raw()
+        yield next(chunks), chunks
 
 
 @pytest.fixture
@@ -69,11 +79,7 @@ def test_another_worker_waits_out_a_stalled_small_fill_then_fetches_itself(
     release = threading.Event()
     standin.faults["arr_2a2a2a"] = Fault(hold_middle=release, times=1)
     try:
-        with httpx.stream(
-            "GET", artifact_url(a, "arr_2a2a2a"), headers=auth(), timeout=20
-        ) as leader:
-            chunks = leader.iter_raw()
-            first = next(chunks)  # A's fill is half-way, held by the upstream
+        with _half_way(a, "arr_2a2a2a") as (first, chunks):  # A's fill, held by the upstream
             asked = time.monotonic()
             other = fetch(b, "arr_2a2a2a", token)
             assert time.monotonic() - asked >= 1.0  # it waited for A's lease first
@@ -153,17 +159,15 @@ def test_another_worker_waits_for_a_small_fill_then_reads_its_entry(
 
     coordinator._attempt = watched
     try:
-        with httpx.stream(
-            "GET", artifact_url(a, "arr_3b3b3b"), headers=auth(), timeout=20
-        ) as leader:
-            chunks = leader.iter_raw()
-            first = next(chunks)  # A's fill is half-way, held by the upstream
-            with ThreadPoolExecutor(1) as pool:
-                other = pool.submit(fetch, b, "arr_3b3b3b", token)
-                assert waiting.wait(timeout=20)
-                release.set()
-                assert first + b"".join(chunks) == body
-                got = other.result(timeout=20)
+        with (
+            _half_way(a, "arr_3b3b3b") as (first, chunks),  # A's fill, held upstream
+            ThreadPoolExecutor(1) as pool,
+        ):
+            other = pool.submit(fetch, b, "arr_3b3b3b", token)
+            assert waiting.wait(timeout=20)
+            release.set()
+            assert first + b"".join(chunks) == body
+            got = other.result(timeout=20)
     finally:
         release.set()
     assert got.status_code == status
