@@ -45,7 +45,7 @@ from proxy.follower import FollowFailed, follow
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
-from proxy.store import EntryMeta, FillFile, Store, has_room, write_entry
+from proxy.store import EntryMeta, FillFile, Store, commit, has_room, write_entry
 from proxy.store.claims import POLL_SECONDS, AlreadyStored, Announcement, Coordinator, Lease
 from proxy.store.lease import Held, Stored
 from proxy.threads import run_commit, run_sync
@@ -639,7 +639,7 @@ class Fills:
         """Store the entry; True if it was stored (then copied to the shared tier with
         ``publish``)."""
         try:
-            stored = await run_commit(self._store.commit, key.cache_key, temp, meta)
+            stored = await commit(self._store, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()

@@ -177,3 +177,38 @@ def test_a_client_joining_a_fill_gives_back_the_lease_its_lookup_took(
     assert all(r.status_code == 200 and r.content == body for r in results)
     assert sorted(r.headers["x-cache"] for r in results) == ["COALESCED", "MISS"]
     assert standin.hits("session", SESSION, "arr_c1c1c1") == 1
+
+
+def test_a_small_commit_never_waits_for_the_fsync_of_a_large_one(
+    standin: StandIn, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits run on one thread, one at a time. A large entry's fsync (a slow disk flush)
+    runs before its commit, in the shared pool: while it is held, a small miss of another key
+    completes and is stored; the large one then completes too, fsynced before it was indexed."""
+    real_fsync = os.fsync
+    flushing = threading.Event()
+    release = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".fill"):
+            flushing.set()
+            assert release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    proxy = start_proxy()
+    large = standin.add("session", SESSION, "arr_1a7e00", size=300_000)
+    small = standin.add("session", SESSION, "arr_5e1100", size=SMALL)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(fetch, proxy, "arr_1a7e00")
+        try:
+            assert flushing.wait(30)
+            first = fetch(proxy, "arr_5e1100")
+            assert (first.headers["x-cache"], first.content) == ("MISS", small)
+            again = fetch(proxy, "arr_5e1100")
+            assert (again.headers["x-cache"], again.content) == ("HIT", small)
+            assert not pending.done()  # its last byte waits for its commit
+        finally:
+            release.set()
+        assert pending.result().content == large
+    assert fetch(proxy, "arr_1a7e00").headers["x-cache"] == "HIT"

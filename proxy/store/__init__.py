@@ -16,7 +16,8 @@ Contract (every implementation):
   fsynced first, unless ``sync=False``: for entries of :data:`VERIFIED_WHOLE` bytes at most,
   which every read verifies whole (their bytes lost in a power failure are then found on the
   first read, evicted and fetched again, as an index row of the last commits may be lost:
-  SQLite's WAL is synced only at checkpoints).
+  SQLite's WAL is synced only at checkpoints), and for a file already fsynced (:func:`commit`
+  does that in another thread, so that the commit thread only renames and indexes).
 * ``evict(key)`` removes an entry; evicting a missing key is not an error.
 * ``stats()`` is cheap (no scan).
 * A ``prefetched`` entry is committed as the least recently used one (first to be evicted);
@@ -44,6 +45,9 @@ import os
 import shutil
 from typing import BinaryIO, Protocol
 
+import anyio
+
+from proxy.threads import run_commit, run_sync
 from proxy.validators import Validators
 
 #: How long a process trusts one look at a file another process may change: a memory copy's
@@ -146,10 +150,22 @@ def has_room(store: Store, length: int, min_free_space: int) -> bool:
 def write_entry(
     store: Store, key: str, body: bytes, meta: EntryMeta, min_free_space: int
 ) -> str | None:
-    """Blocks. Store a whole ``body`` under ``key``: a temporary file written at once, then
-    committed (fsynced unless it is :data:`VERIFIED_WHOLE` bytes or less). None once stored,
-    else why not: ``no_space`` (:func:`has_room`), ``write`` (no file, or a failed write) or
-    ``refused`` (the store would not keep it). An ``OSError`` of the commit propagates."""
+    """Blocks. Store a whole ``body`` of :data:`VERIFIED_WHOLE` bytes at most under ``key``:
+    a temporary file written at once (:func:`write_fill`), then committed without an fsync.
+    None once stored, else why not: ``no_space`` (:func:`has_room`), ``write`` (no file, or a
+    failed write) or ``refused`` (the store would not keep it). An ``OSError`` of the commit
+    propagates. A larger body goes through :func:`write_fill` and :func:`commit`."""
+    assert len(body) <= VERIFIED_WHOLE
+    temp = write_fill(store, body, min_free_space)
+    if isinstance(temp, str):
+        return temp
+    # The store takes the file over, whatever the outcome.
+    return None if store.commit(key, temp, meta, sync=False) else "refused"
+
+
+def write_fill(store: Store, body: bytes, min_free_space: int) -> FillFile | str:
+    """Blocks. A temporary file of ``store`` holding ``body``, flushed; or why there is none:
+    ``no_space`` (:func:`has_room`) or ``write`` (no file, or a failed write)."""
     try:
         if not has_room(store, len(body), min_free_space):
             return "no_space"
@@ -162,8 +178,32 @@ def write_entry(
     except OSError:
         store.discard(temp)
         return "write"
-    # The store takes the file over, whatever the outcome.
-    return None if store.commit(key, temp, meta, sync=len(body) > VERIFIED_WHOLE) else "refused"
+    return temp
+
+
+async def commit(store: Store, key: str, fill: FillFile, meta: EntryMeta) -> bool:
+    """``store.commit(key, fill, meta)`` from the event loop, its fsync apart: the fsync of an
+    entry over :data:`VERIFIED_WHOLE` bytes runs in the shared pool, where fsyncs overlap, and
+    only then the commit itself on the one commit thread (:func:`proxy.threads.run_commit`),
+    which so never waits on a disk flush. Shielded as one call: a cancelled caller still
+    commits (or discards) the file, which the store takes over whatever the outcome. An
+    ``OSError`` propagates."""
+    stored = False
+    with anyio.CancelScope(shield=True):
+        if meta.length > VERIFIED_WHOLE:
+            await run_sync(_durable, store, fill)
+        stored = await run_commit(store.commit, key, fill, meta, False)
+    return stored
+
+
+def _durable(store: Store, fill: FillFile) -> None:
+    """Blocks. Flush and fsync ``fill``'s file; on failure it is discarded and the error raised."""
+    try:
+        fill.file.flush()
+        os.fsync(fill.file.fileno())
+    except OSError:
+        store.discard(fill)
+        raise
 
 
 class Store(Protocol):

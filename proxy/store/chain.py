@@ -35,9 +35,18 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from proxy.integrity import Verifier, intact
-from proxy.store import VERIFIED_WHOLE, Entry, EntryMeta, FillFile, Store, has_room, write_entry
+from proxy.store import (
+    VERIFIED_WHOLE,
+    Entry,
+    EntryMeta,
+    FillFile,
+    Store,
+    commit,
+    has_room,
+    write_fill,
+)
 from proxy.store.memory import MemoryTier
-from proxy.threads import run_commit, run_sync
+from proxy.threads import run_sync
 
 if TYPE_CHECKING:
     from proxy.store.shared import SharedTier
@@ -253,7 +262,7 @@ class DiskTier:
                         yield data
                     if fill is not None:  # every byte arrived and the digest matched
                         pending, fill = fill, None
-                        await run_commit(self._commit, key, pending, meta)
+                        await self._commit(key, pending, meta)
                 finally:
                     if fill is not None:
                         with anyio.CancelScope(shield=True):
@@ -263,14 +272,9 @@ class DiskTier:
 
     async def _write_whole(self, key: str, meta: EntryMeta, body: bytes) -> None:
         async with self._backfills:
-
-            def write() -> None:
-                try:
-                    write_entry(self.store, key, body, meta, self.min_free_space)
-                except OSError as exc:
-                    log.info("could not keep a shared-tier hit on disk: %s", exc)
-
-            await run_commit(write)
+            temp = await run_sync(write_fill, self.store, body, self.min_free_space)
+            if not isinstance(temp, str):
+                await self._commit(key, temp, meta)
 
     def _begin(self, length: int) -> FillFile | None:
         """Blocks. A temporary file, unless the disk lacks room (then no backfill)."""
@@ -289,10 +293,10 @@ class DiskTier:
             return None
         return fill
 
-    def _commit(self, key: str, fill: FillFile, meta: EntryMeta) -> None:
-        """Blocks. The store takes the file over, whatever the outcome."""
+    async def _commit(self, key: str, fill: FillFile, meta: EntryMeta) -> None:
+        """The store takes the file over, whatever the outcome."""
         try:
-            self.store.commit(key, fill, meta)
+            await commit(self.store, key, fill, meta)
         except OSError as exc:
             log.info("could not keep a shared-tier hit on disk: %s", exc)
 
