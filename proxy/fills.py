@@ -375,7 +375,9 @@ class Fills:
         if failure is None:
             if self._share_entry is not None:  # off the hot path
                 self._share_entry(fill.key.cache_key, meta)
-        elif failure != "refused":
+            return
+        fill.disk_failed = True  # not stored (a prefetch counts it so)
+        if failure != "refused":
             self._metrics.store_failures.labels(failure).inc()
 
     def _fetched(

@@ -305,6 +305,24 @@ def test_a_prefetch_over_its_size_cap_is_abandoned(standin: StandIn, start_proxy
     assert fetch(proxy, "vid_b16b16").headers["x-cache"] == "HIT"
 
 
+@pytest.mark.parametrize("size", [10_000, 200_000], ids=["in-memory", "file"])
+def test_a_prefetch_the_disk_has_no_room_for_is_not_counted_fetched(
+    standin: StandIn, start_proxy: Any, size: int
+) -> None:
+    """With less free space than min_free_space, a prefetch stores nothing: it counts as an
+    error (and a no_space store failure), not as fetched, and the client's get is a miss."""
+    proxy = start_proxy(min_free_space=1024**5)  # 1 PiB: more than any test disk has free
+    standin.chat_session = SESSION
+    standin.chat_content = "arr_f011f0"
+    body = standin.add("session", SESSION, "arr_f011f0", size=size)
+    _complete(proxy)
+    _eventually(lambda: _prefetches(proxy, "error") == 1)
+    assert _prefetches(proxy, "fetched") == 0
+    assert metric(proxy, "vlmrun_cache_store_failures_total", reason="no_space") == 1
+    got = fetch(proxy, "arr_f011f0")
+    assert (got.headers["x-cache"], got.content) == ("MISS", body)
+
+
 def test_a_client_joining_a_failed_prefetch_fetches_on_its_own(
     standin: StandIn, proxy: ServerThread
 ) -> None:
