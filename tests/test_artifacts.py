@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -307,14 +308,24 @@ def test_a_small_fill_cut_short_is_never_delivered_whole_nor_stored(
     assert (again.headers["x-cache"], again.content) == ("MISS", body)
 
 
-def test_fill_survives_the_client_disconnecting(standin: StandIn, proxy) -> None:
-    """A client that hangs up mid-miss does not waste the download: the entry still commits."""
-    body = standin.add("session", SESSION, "recon_777777", size=2_000_000)
+@pytest.mark.parametrize("size", [40_000, 2_000_000], ids=["in-memory", "file"])
+def test_fill_survives_the_client_disconnecting(standin: StandIn, proxy, size: int) -> None:
+    """A client that hangs up mid-miss does not waste the download: the entry still commits,
+    and a client that joined the fill before the hang-up gets every byte."""
+    body = standin.add("session", SESSION, "recon_777777", size=size)
     release = threading.Event()
     standin.faults["recon_777777"] = Fault(hold_middle=release, times=1)
-    with httpx.stream("GET", artifact_url(proxy, "recon_777777"), headers=auth(), timeout=20) as r:
-        next(r.iter_raw())
-    release.set()
+    url = artifact_url(proxy, "recon_777777")
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(httpx.stream("GET", url, headers=auth(), timeout=20))
+        assert first.headers["x-cache"] == "MISS"
+        next(first.iter_raw())
+        client = stack.enter_context(httpx.Client(timeout=20))
+        joined = stack.enter_context(client.stream("GET", url, headers=auth()))
+        assert joined.headers["x-cache"] == "COALESCED"
+        first.close()  # the client that started the fill hangs up
+        release.set()
+        assert joined.read() == body
     again = fetch(proxy, "recon_777777")  # joins the still-running fill, or hits
     assert again.content == body
     assert fetch(proxy, "recon_777777").headers["x-cache"] == "HIT"
