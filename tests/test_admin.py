@@ -48,6 +48,8 @@ def test_stats_and_ls_describe_a_live_cache(
             fetch(live_server, object_id, scope=scope, scope_id=scope_id).content
         )
     assert fetch(live_server, "arr_57a702").headers["x-cache"] == "HIT"
+    bad = httpx.get(f"{live_server.url}/v1/artifacts?object_id=x", headers=auth(), timeout=10)
+    assert bad.status_code == 422  # an error answer: not a request the cache could have hit
 
     stats = admin("stats", "--json", cache_dir=cache_dir)
     assert stats.code == 0, stats.err
@@ -58,11 +60,13 @@ def test_stats_and_ls_describe_a_live_cache(
     assert figures["oldest_stored_at"] <= figures["newest_stored_at"]
     assert figures["server"]["url"] == live_server.url
     assert figures["server"]["requests"] == 4 and figures["server"]["hits"] == 1
+    assert figures["server"]["errors"] == 1
     assert figures["server"]["hit_rate"] == 0.25
     assert figures["server"]["bytes_saved"] == sizes["arr_57a702"]
     assert figures["server"]["hits_by_tier"] == {"memory": 0, "disk": 1}
     human = admin("stats", cache_dir=cache_dir)
-    assert "entries          3" in human.out and "25.0% (1 of 4 requests)" in human.out
+    assert "entries          3" in human.out
+    assert "25.0% (1 of 4 requests; 1 answered with an error, not counted)" in human.out
 
     listed = admin("ls", "--json", cache_dir=cache_dir).json()
     assert isinstance(listed, list)

@@ -157,9 +157,12 @@ class ServerFigures:
     """What the running server's /metrics says (summed over its workers)."""
 
     url: str
+    #: Artifact requests the cache could answer: every outcome but ``error``.
     requests: int
     #: Hits and coalesced requests: answered without a fetch of their own.
     hits: int
+    #: Artifact requests answered with an error (a bad request, a refused key, the API down).
+    errors: int
     bytes_saved: int
     max_bytes: int
     #: Hits by the tier that answered them (memory, disk).
@@ -215,8 +218,9 @@ def server_figures(cache_dir: Path, timeout: float = 2.0) -> ServerFigures | Non
     counts = {o: int(samples.get(("vlmrun_cache_requests_total", o), 0)) for o in OUTCOMES}
     return ServerFigures(
         url=url,
-        requests=sum(counts.values()),
+        requests=sum(n for outcome, n in counts.items() if outcome != "error"),
         hits=counts["hit"] + counts["coalesced"],
+        errors=counts["error"],
         bytes_saved=sum(
             int(samples.get(("vlmrun_cache_served_bytes_total", source), 0))
             for source in ("cache", "shared")

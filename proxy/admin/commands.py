@@ -96,6 +96,7 @@ def stats(args: argparse.Namespace, config: Config) -> int:
             "url": server.url,
             "requests": server.requests,
             "hits": server.hits,
+            "errors": server.errors,
             "hit_rate": server.hit_rate,
             "bytes_saved": server.bytes_saved,
             "hits_by_tier": server.hits_by_tier,
@@ -122,7 +123,8 @@ def stats(args: argparse.Namespace, config: Config) -> int:
         rate = "-" if server.hit_rate is None else f"{server.hit_rate:.1%}"
         lines.append(["server", server.url])
         tiers = ", ".join(f"{n} from {tier}" for tier, n in server.hits_by_tier.items())
-        lines.append(["hit rate", f"{rate} ({server.hits} of {server.requests} requests)"])
+        errors = f"; {server.errors} answered with an error, not counted" if server.errors else ""
+        lines.append(["hit rate", f"{rate} ({server.hits} of {server.requests} requests{errors})"])
         lines.append(["hits", tiers])
         lines.append(["bytes saved", human_size(server.bytes_saved)])
     print("\n".join(f"{name:<16} {value}" for name, value in lines))
