@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,9 @@ def framed(body: bytes, extra: bytes = b"") -> bytes:
 
 
 class RawUpstream:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        #: With a server context, every connection speaks TLS (``https://``).
+        self.tls = tls
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
         #: Builds the bytes answered to a request for a path on connection number n: one
@@ -42,7 +45,7 @@ class RawUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> RawUpstream:
         self._thread.start()
@@ -71,6 +74,12 @@ class RawUpstream:
 
     def _serve(self, conn: socket.socket, number: int) -> None:
         buffer = b""
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
         with conn:
             while True:
                 while b"\r\n\r\n" not in buffer:

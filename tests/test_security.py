@@ -8,16 +8,19 @@ import hashlib
 import json
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 
 import anyio
 import httpx
 import pytest
+import trustme
 
 from proxy.config import load
 from proxy.errors import ProxyError
 from proxy.redirects import allowed, is_public
+from proxy.transport import SharedClient, transport
 from proxy.upstream import Upstream
 from tests.conftest import OTHER_TOKEN, SESSION, TOKEN
 from tests.helpers import auth, fetch
@@ -92,6 +95,64 @@ def test_an_overlong_answer_never_reaches_the_next_user(start_proxy, raw_upstrea
     assert first.content == b"hello"
     second = httpx.get(f"{proxy.url}/v1/other", headers=auth(OTHER_TOKEN))
     assert second.content == b"answer to /v1/other on connection 2"
+
+
+def test_an_overlong_answer_read_ahead_past_its_end_never_reaches_the_next_user(
+    start_proxy, raw_upstream
+) -> None:
+    """The same attack, with the answer ending exactly where the HTTP client's read of 64 KiB
+    does: the extra bytes were not in that read, but the event loop had already taken them off
+    the socket (libuv reads up to 8 MB per wake-up), so neither the parser's leftover nor a
+    look at the idle socket finds them. The connection must not be reused all the same."""
+    smuggled = framed(b"STOLEN")
+    head = len(framed(b"x" * 60_000)) - 60_000
+    exact = b"x" * (65_536 - head)  # the answer: head and body, 64 KiB exactly
+    raw_upstream.answer = lambda path, n: (
+        framed(exact, extra=smuggled)
+        if path == "/v1/overlong"
+        else framed(f"answer to {path} on connection {n}".encode())
+    )
+    proxy = start_proxy(upstream=raw_upstream.url, max_connections=1)
+    first = httpx.get(f"{proxy.url}/v1/overlong", headers=auth())
+    assert first.content == exact
+    second = httpx.get(f"{proxy.url}/v1/other", headers=auth(OTHER_TOKEN))
+    assert second.content == b"answer to /v1/other on connection 2"
+
+
+@pytest.mark.parametrize("overlong", [False, True], ids=["exact", "overlong"])
+def test_a_tls_connection_is_reused_only_after_an_answer_that_ended_exactly(
+    overlong: bool,
+) -> None:
+    """Over TLS, bytes past an answer can also wait in the TLS layer (records not yet
+    decrypted, or decrypted and not yet read). The proxy's pool of one connection reuses it
+    after an exact answer, and opens another after one of 64 KiB followed by more."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    upstream = RawUpstream(tls=server_context).start()
+    head = len(framed(b"x" * 60_000)) - 60_000
+    exact = b"x" * (65_536 - head)
+    upstream.answer = lambda path, n: (
+        framed(exact, extra=framed(b"STOLEN") if overlong else b"")
+        if path == "/first"
+        else framed(f"answer to {path} on connection {n}".encode())
+    )
+
+    async def two_requests() -> tuple[bytes, bytes]:
+        pool = transport(httpx.Limits(max_connections=1), verify=client_context)
+        async with SharedClient(transport=pool, base_url=upstream.url) as client:
+            first = await client.get("/first")
+            second = await client.get("/second")
+        return first.content, second.content
+
+    try:
+        first, second = anyio.run(two_requests)
+    finally:
+        upstream.stop()
+    assert first == exact
+    assert second == f"answer to /second on connection {2 if overlong else 1}".encode()
 
 
 def test_a_request_body_never_rides_on_a_get(start_proxy, raw_upstream) -> None:
