@@ -119,9 +119,9 @@ class _ExactlyFramedHTTP11(httpcore.AsyncHTTP11Connection):
 def _read_ahead(stream: httpcore.AsyncNetworkStream) -> bool:
     """Whether ``stream`` holds bytes taken off its socket that the HTTP parser has not read.
 
-    httpcore reads 64 KiB at a time, but the event loop reads what the socket has (libuv: up to
-    32 reads of 256 KB per wake-up) into anyio's queue, and a TLS stream keeps records in its
-    BIO and decrypted bytes in its ``SSLObject``. Bytes there after an answer's last framed
+    httpcore reads 64 KiB at a time, but the event loop reads what the socket has (uvloop: up
+    to 256 KB a read) into anyio's queue, and a TLS stream keeps records in its BIO and
+    decrypted bytes in its ``SSLObject``. Bytes there after an answer's last framed
     byte are more than it framed: neither the parser's leftover nor a ``poll`` of the idle
     socket shows them (``tests/test_security.py`` has the attack). Streams of another shape
     than httpcore 1.0's anyio backend are not looked into."""

@@ -102,7 +102,7 @@ def test_an_overlong_answer_read_ahead_past_its_end_never_reaches_the_next_user(
 ) -> None:
     """The same attack, with the answer ending exactly where the HTTP client's read of 64 KiB
     does: the extra bytes were not in that read, but the event loop had already taken them off
-    the socket (libuv reads up to 8 MB per wake-up), so neither the parser's leftover nor a
+    the socket (uvloop reads up to 256 KB at once), so neither the parser's leftover nor a
     look at the idle socket finds them. The connection must not be reused all the same."""
     smuggled = framed(b"STOLEN")
     head = len(framed(b"x" * 60_000)) - 60_000
