@@ -212,3 +212,49 @@ def test_a_small_commit_never_waits_for_the_fsync_of_a_large_one(
             release.set()
         assert pending.result().content == large
     assert fetch(proxy, "arr_1a7e00").headers["x-cache"] == "HIT"
+
+
+def test_fsyncs_of_large_commits_on_a_slow_disk_leave_threads_for_hits(
+    standin: StandIn, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk: every large entry's fsync hangs. More large misses reach their commit at
+    once than the store has worker threads (a few users fetching big artifacts); a hit of a
+    stored entry (looked up and read in worker threads) is still served meanwhile, and the
+    misses complete with their exact bytes once the disk catches up."""
+    from proxy import fills as fills_module
+
+    proxy = start_proxy(max_fills=MISSES + 8, max_fills_per_key=MISSES + 8)
+    stored = standin.add("session", SESSION, "arr_b16b17", size=300_000)
+    assert fetch(proxy, "arr_b16b17").content == stored
+    real_fsync, real_commit = os.fsync, fills_module.commit
+    committing = threading.Semaphore(0)
+    release = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".fill"):
+            assert release.wait(60)
+        real_fsync(fd)
+
+    async def counted(*args: Any) -> bool:
+        committing.release()  # on the event loop, before the commit hands its fsync on
+        return await real_commit(*args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(fills_module, "commit", counted)
+    bodies = {
+        f"arr_{i:06x}": standin.add("session", SESSION, f"arr_{i:06x}", size=100_000)
+        for i in range(MISSES)
+    }
+    pool = ThreadPoolExecutor(MISSES)
+    try:
+        futures = {o: pool.submit(fetch, proxy, o) for o in bodies}
+        for _ in range(THREADS):  # as many misses wait for their fsync as there are threads
+            assert committing.acquire(timeout=20)
+        hit = httpx.get(artifact_url(proxy, "arr_b16b17"), headers=auth(), timeout=10)
+        assert (hit.status_code, hit.headers["x-cache"]) == (200, "HIT")
+        assert hit.content == stored
+        assert not any(f.done() for f in futures.values())
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert {o: f.result().content for o, f in futures.items()} == bodies

@@ -47,7 +47,7 @@ from typing import BinaryIO, Protocol
 
 import anyio
 
-from proxy.threads import run_commit, run_sync
+from proxy.threads import run_commit, run_flush
 from proxy.validators import Validators
 
 #: How long a process trusts one look at a file another process may change: a memory copy's
@@ -183,7 +183,7 @@ def write_fill(store: Store, body: bytes, min_free_space: int) -> FillFile | str
 
 async def commit(store: Store, key: str, fill: FillFile, meta: EntryMeta) -> bool:
     """``store.commit(key, fill, meta)`` from the event loop, its fsync apart: the fsync of an
-    entry over :data:`VERIFIED_WHOLE` bytes runs in the shared pool, where fsyncs overlap, and
+    entry over :data:`VERIFIED_WHOLE` bytes runs in the flush pool, where fsyncs overlap, and
     only then the commit itself on the one commit thread (:func:`proxy.threads.run_commit`),
     which so never waits on a disk flush. Shielded as one call: a cancelled caller still
     commits (or discards) the file, which the store takes over whatever the outcome. An
@@ -191,7 +191,7 @@ async def commit(store: Store, key: str, fill: FillFile, meta: EntryMeta) -> boo
     stored = False
     with anyio.CancelScope(shield=True):
         if meta.length > VERIFIED_WHOLE:
-            await run_sync(_durable, store, fill)
+            await run_flush(_durable, store, fill)
         stored = await run_commit(store.commit, key, fill, meta, False)
     return stored
 
