@@ -132,17 +132,22 @@ def _sized(build: Callable[[bytes], bytes], size: int) -> bytes:
     return answer
 
 
-@pytest.mark.parametrize("framing", ["chunked", "interim", "trailers"])
+@pytest.mark.parametrize("framing", ["chunked", "interim", "trailers", "close", "http/1.0"])
 def test_more_bytes_after_an_answer_of_another_framing_never_reach_the_next_user(
     start_proxy, raw_upstream, framing: str
 ) -> None:
     """The read-ahead attack with other framings, each answer ending exactly at the HTTP
     client's 64 KiB read: a chunked body, an answer after a 100 Continue, a chunked body with
-    trailers. The bytes behind it never answer the next user's request."""
+    trailers, an answer that says ``Connection: close`` (or is HTTP/1.0) and leaves the
+    connection open. The bytes behind it never answer the next user's request."""
     builds: dict[str, Callable[[bytes], bytes]] = {
         "chunked": _chunked,
         "interim": lambda body: b"HTTP/1.1 100 Continue\r\n\r\n" + framed(body),
         "trailers": lambda body: _chunked(body)[:-2] + b"X-Checksum: 1\r\n\r\n",
+        "close": lambda body: framed(body).replace(
+            b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1
+        ),
+        "http/1.0": lambda body: framed(body).replace(b"HTTP/1.1", b"HTTP/1.0", 1),
     }
     answer = _sized(builds[framing], 65_536)
     raw_upstream.answer = lambda path, n: (
