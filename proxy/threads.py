@@ -22,8 +22,10 @@ keeps its page cache (each connection rereads the pages another one changed). In
 commit thread made 630 misses/s where eight made 534, ahead in every round. A large entry's
 fsync runs before, in a pool of :data:`FLUSH_THREADS` of its own (:func:`run_flush`, called
 by :func:`proxy.store.commit`), so fsyncs still overlap and the commit thread never waits on a
-disk flush. Not in the shared pool: on a slow disk, ``max_fills`` fsyncs would take all of its
-threads, and every hit would wait for the disk to catch up (``tests/test_threads.py``).
+disk flush; so does the eviction that makes room for it, whose file deletions (many small
+files, or large ones) would otherwise hold up every other commit. Not in the shared pool: on
+a slow disk, ``max_fills`` fsyncs would take all of its threads, and every hit would wait for
+the disk to catch up (``tests/test_threads.py`` has both).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ T = TypeVar("T")
 THREADS = 40
 #: Threads for commits, besides those (see above).
 COMMIT_THREADS = 1
-#: Threads for the fsyncs of large entries before their commit: this many overlap.
+#: Threads for the fsyncs of large entries before their commit (and the room made for them).
 FLUSH_THREADS = 8
 
 _pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="proxy-io")

@@ -260,11 +260,6 @@ def test_fsyncs_of_large_commits_on_a_slow_disk_leave_threads_for_hits(
     assert {o: f.result().content for o, f in futures.items()} == bodies
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the one commit thread deletes an eviction's files itself: every other commit, and "
-    "the last byte of every small miss, waits for that (with eight threads, they did not)",
-)
 def test_a_commit_making_room_never_holds_up_other_misses_while_it_deletes_files(
     standin: StandIn, start_proxy: ProxyFactory, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
