@@ -446,6 +446,8 @@ class DiskStore:
             return
         cache = self._cache
         try:
+            if self._bytes() + length <= self.max_bytes:
+                return  # room enough: no lock to take
             with self._room(length):
                 pass
         except sqlite3.DatabaseError as exc:
