@@ -16,6 +16,7 @@ import pytest
 from proxy.threads import THREADS
 from tests.conftest import SESSION, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, wait_until
+from tests.servers import ServerThread
 from tests.standin import Fault, StandIn
 
 #: More misses committing at once than the store has worker threads.
@@ -183,7 +184,7 @@ def test_a_small_commit_never_waits_for_the_fsync_of_a_large_one(
     standin: StandIn, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Commits run on one thread, one at a time. A large entry's fsync (a slow disk flush)
-    runs before its commit, in the shared pool: while it is held, a small miss of another key
+    runs before its commit, in a pool of its own: while it is held, a small miss of another key
     completes and is stored; the large one then completes too, fsynced before it was indexed."""
     real_fsync = os.fsync
     flushing = threading.Event()
@@ -197,13 +198,26 @@ def test_a_small_commit_never_waits_for_the_fsync_of_a_large_one(
 
     monkeypatch.setattr(os, "fsync", fsync)
     proxy = start_proxy()
-    large = standin.add("session", SESSION, "arr_1a7e00", size=300_000)
+    _small_miss_while_a_large_commit_is_held(proxy, standin, 300_000, flushing, release)
+
+
+def _small_miss_while_a_large_commit_is_held(
+    proxy: ServerThread,
+    standin: StandIn,
+    size: int,
+    held: threading.Event,
+    release: threading.Event,
+) -> None:
+    """A large miss of ``size`` bytes runs until its commit is held (``held`` is set); then a
+    small miss of another key completes and is stored. Once ``release`` is set, the large miss
+    completes with its bytes and is stored too."""
+    large = standin.add("session", SESSION, "arr_1a7e00", size=size)
     small = standin.add("session", SESSION, "arr_5e1100", size=SMALL)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(fetch, proxy, "arr_1a7e00")
         try:
-            assert flushing.wait(30)
-            first = fetch(proxy, "arr_5e1100")
+            assert held.wait(30)
+            first = httpx.get(artifact_url(proxy, "arr_5e1100"), headers=auth(), timeout=10)
             assert (first.headers["x-cache"], first.content) == ("MISS", small)
             again = fetch(proxy, "arr_5e1100")
             assert (again.headers["x-cache"], again.content) == ("HIT", small)
@@ -283,17 +297,4 @@ def test_a_commit_making_room_never_holds_up_other_misses_while_it_deletes_files
         real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    large = standin.add("session", SESSION, "arr_1a7e01", size=600_000)
-    small = standin.add("session", SESSION, "arr_5e1101", size=SMALL)
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(fetch, proxy, "arr_1a7e01")
-        try:
-            assert deleting.wait(30)
-            first = httpx.get(artifact_url(proxy, "arr_5e1101"), headers=auth(), timeout=10)
-            assert (first.headers["x-cache"], first.content) == ("MISS", small)
-            again = fetch(proxy, "arr_5e1101")
-            assert (again.headers["x-cache"], again.content) == ("HIT", small)
-        finally:
-            release.set()
-        assert pending.result().content == large
-    assert fetch(proxy, "arr_1a7e01").headers["x-cache"] == "HIT"
+    _small_miss_while_a_large_commit_is_held(proxy, standin, 600_000, deleting, release)
