@@ -200,9 +200,9 @@ class Metrics:
         self.prefetches = Counter(
             "vlmrun_cache_prefetches",
             "Artifacts named by a passed-through answer, by what their prefetch came to: fetched, "
-            "already_cached (stored or being fetched), refused (the API said 401/403/404 to the "
-            "requester's key, now or in the last 10 minutes), too_large, dropped (queue full, "
-            "upstream down), rate_limited (429, or the key is waiting out a Retry-After), "
+            "already_cached (stored, being fetched or queued), refused (the API said 401/403/404 "
+            "to the requester's key, now or in the last 10 minutes), too_large, dropped (queue "
+            "full, upstream down), rate_limited (429, or the key is waiting out a Retry-After), "
             "error (the fetch failed, or the disk could not take the bytes).",
             ["result"],
             registry=r,
