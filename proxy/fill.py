@@ -100,7 +100,7 @@ class Fill:
         self._window: deque[tuple[int, bytes]] = deque()
         self._window_bytes = 0
         #: Set once the temporary file stopped taking writes (disk full, I/O error), or the
-        #: store refused a body held in memory: nothing of this fill is stored.
+        #: commit did not store the body (refused, or failed): nothing of this fill is stored.
         self.disk_failed = False
         #: A small body with no temporary file: the window keeps every byte of it (see
         #: :meth:`proxy.fills.Fills._fill_in_memory`).

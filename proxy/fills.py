@@ -283,7 +283,7 @@ class Fills:
             stored = False
             if not fill.disk_failed:
                 pending, temp = temp, None
-                stored = await self._commit(fill.key, pending, meta, publish=not shared)
+                stored = await self._commit(fill, pending, meta, publish=not shared)
             if broadcast is not None:  # if it fails (or failed), the committed copy is uploaded
                 publish, key = self._share_entry, fill.key.cache_key
                 later = None
@@ -498,7 +498,7 @@ class Fills:
             fill._notify()
             if not fill.disk_failed:
                 pending, temp = temp, None
-                await self._commit(fill.key, pending, meta, publish=remote.resumed)
+                await self._commit(fill, pending, meta, publish=remote.resumed)
         finally:
             if temp is not None:
                 await run_sync(self._store.discard, temp)
@@ -636,19 +636,23 @@ class Fills:
         fill.disk_failed = True
 
     async def _commit(
-        self, key: ArtifactKey, temp: FillFile, meta: EntryMeta, publish: bool = True
+        self, fill: Fill, temp: FillFile, meta: EntryMeta, publish: bool = True
     ) -> bool:
-        """Store the entry; True if it was stored (then copied to the shared tier with
-        ``publish``)."""
+        """Store ``fill``'s entry; True if it was stored (then copied to the shared tier with
+        ``publish``). If not, ``fill.disk_failed`` says so (a prefetch counts it an error)."""
+        key = fill.key
+        stored = False
         try:
             stored = await commit(self._store, key.cache_key, temp, meta)
         except OSError as exc:  # readers already have every byte; only the cache misses out
             log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
             self._metrics.store_failures.labels("commit").inc()
+        if not stored:
+            fill.disk_failed = True
             return False
-        if stored and publish and self._share_entry is not None:  # off the hot path
+        if publish and self._share_entry is not None:  # off the hot path
             self._share_entry(key.cache_key, meta)
-        return bool(stored)
+        return True
 
     def _remember_proof(self, fill: Fill) -> None:
         scope = fill.key.proof_scope(self._config.access_check == "object")

@@ -20,8 +20,12 @@ rather than several: no thread wakes only to wait for the lock, and its one SQLi
 keeps its page cache (each connection rereads the pages another one changed). In
 ``bench/misses.py``-style runs (1 KiB misses, 32 connections, 10 alternating rounds), one
 commit thread made 630 misses/s where eight made 534, ahead in every round. A large entry's
-fsync runs before, in the shared pool (:func:`proxy.store.commit`), so fsyncs still overlap
-and the commit thread never waits on a disk flush.
+fsync runs before, in a pool of :data:`FLUSH_THREADS` of its own (:func:`run_flush`, called
+by :func:`proxy.store.commit`), so fsyncs still overlap and the commit thread never waits on a
+disk flush; so does the eviction that makes room for it, whose file deletions (many small
+files, or large ones) would otherwise hold up every other commit. Not in the shared pool: on
+a slow disk, ``max_fills`` fsyncs would take all of its threads, and every hit would wait for
+the disk to catch up (``tests/test_threads.py`` has both).
 """
 
 from __future__ import annotations
@@ -39,9 +43,12 @@ T = TypeVar("T")
 THREADS = 40
 #: Threads for commits, besides those (see above).
 COMMIT_THREADS = 1
+#: Threads for the fsyncs of large entries before their commit (and the room made for them).
+FLUSH_THREADS = 8
 
 _pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="proxy-io")
 _commits = concurrent.futures.ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="proxy-commit")
+_flushes = concurrent.futures.ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="proxy-flush")
 
 
 async def run_sync(func: Callable[..., T], *args: object) -> T:
@@ -52,6 +59,11 @@ async def run_sync(func: Callable[..., T], *args: object) -> T:
 async def run_commit(func: Callable[..., T], *args: object) -> T:
     """:func:`run_sync` for a call that commits to the store (it may wait on other processes)."""
     return await _run(_commits, func, args)
+
+
+async def run_flush(func: Callable[..., T], *args: object) -> T:
+    """:func:`run_sync` for a call that waits on the disk (an fsync)."""
+    return await _run(_flushes, func, args)
 
 
 async def _run(

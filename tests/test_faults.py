@@ -250,3 +250,35 @@ def test_no_room_at_all_still_serves_and_still_checks_keys(standin: StandIn, sta
         assert (response.status_code, response.content) == (200, body)
     assert standin.hits("session", SESSION, "arr_d1d1d1") == 3
     assert metric(proxy, "vlmrun_cache_entries") == 0
+
+
+def test_an_fsync_that_fails_stores_nothing_and_leaves_no_file(
+    standin: StandIn, proxy, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fails the flush of a large entry (EIO) before its commit: the client still
+    gets every byte, nothing is indexed nor left in tmp/, the failure is counted, and the next
+    request fetches again; once the disk is well, the entry is stored."""
+    import errno
+    import os
+
+    real_fsync = os.fsync
+    failing = [True]
+
+    def fsync(fd: int) -> None:
+        if failing[0] and os.readlink(f"/proc/self/fd/{fd}").endswith(".fill"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    body = standin.add("session", SESSION, "arr_e10e10", size=300_000)
+    first = fetch(proxy, "arr_e10e10")
+    assert (first.status_code, first.headers["x-cache"], first.content) == (200, "MISS", body)
+    assert metric(proxy, "vlmrun_cache_store_failures_total", reason="commit") == 1
+    assert metric(proxy, "vlmrun_cache_entries") == 0
+    assert list((cache_dir / "tmp").iterdir()) == []
+    assert list((cache_dir / "entries").rglob("*.val")) == []
+    failing[0] = False
+    assert fetch(proxy, "arr_e10e10").headers["x-cache"] == "MISS"
+    again = fetch(proxy, "arr_e10e10")
+    assert (again.headers["x-cache"], again.content) == ("HIT", body)
+    assert standin.hits("session", SESSION, "arr_e10e10") == 2

@@ -323,6 +323,46 @@ def test_a_prefetch_the_disk_has_no_room_for_is_not_counted_fetched(
     assert (got.headers["x-cache"], got.content) == ("MISS", body)
 
 
+@pytest.mark.parametrize("failure", ["fsync", "refused"])
+def test_a_prefetch_whose_commit_fails_is_not_counted_fetched(
+    standin: StandIn, start_proxy: Any, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """A large prefetch whose every byte arrived but whose commit failed (the fsync before it
+    raised EIO, or the store refused the entry) stored nothing: it counts as an error, as a
+    small one does, not as fetched, and the client's get is a miss."""
+    import errno
+    import os
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".fill"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    if failure == "fsync":
+        monkeypatch.setattr(os, "fsync", fsync)
+    else:
+        monkeypatch.setattr(DiskStore, "commit", _refusing_commit)
+    proxy = start_proxy()
+    standin.chat_session = SESSION
+    standin.chat_content = "arr_f011f1"
+    body = standin.add("session", SESSION, "arr_f011f1", size=200_000)
+    _complete(proxy)
+    _eventually(lambda: _prefetches(proxy, "error") + _prefetches(proxy, "fetched") == 1)
+    assert (_prefetches(proxy, "error"), _prefetches(proxy, "fetched")) == (1, 0)
+    got = fetch(proxy, "arr_f011f1")
+    assert (got.headers["x-cache"], got.content) == ("MISS", body)
+
+
+def _refusing_commit(
+    self: DiskStore, key: str, fill: Any, meta: EntryMeta, sync: bool = True
+) -> bool:
+    """:meth:`DiskStore.commit` of a store that keeps nothing (as when its index fails)."""
+    self.discard(fill)
+    return False
+
+
 def test_a_client_joining_a_failed_prefetch_fetches_on_its_own(
     standin: StandIn, proxy: ServerThread
 ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -169,3 +171,48 @@ def test_two_accounts_with_one_scope_id_never_get_each_others_bytes_through_redi
         for token in (bob, alice):
             own(replica, token)
             own(replica, token, Range="bytes=10-20")
+
+
+@pytest.mark.parametrize("size", [8 * 1024, 200_000, 3 * 1024 * 1024 + 5])
+def test_a_redis_hit_kept_on_disk_is_fsynced_before_it_is_indexed_unless_small(
+    standin: StandIn,
+    start_replica: ProxyFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    size: int,
+) -> None:
+    """B's copy of a Redis hit (a whole body read at once, or a streamed one) is durable as a
+    fill is: over 64 KiB, its file is fsynced whole before its index row is written (so a
+    power failure cannot leave a row over a short file that a range would read unverified);
+    at 64 KiB or less (verified whole on every read) it is not."""
+    import os
+
+    from proxy.store.disk import DiskStore
+
+    synced: list[tuple[str, int]] = []  # (replica directory, bytes) of each fill fsynced
+    committed: list[tuple[str, int, bool]] = []  # (directory, bytes, fsynced before)
+    real_fsync, real_commit = os.fsync, DiskStore.commit
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".fill"):
+            synced.append((path.rsplit("/tmp/", 1)[0], os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def commit(store: DiskStore, key: str, fill: Any, meta: Any, sync: bool = True) -> bool:
+        before = (str(store.directory), meta.length) in synced
+        committed.append((str(store.directory), meta.length, sync or before))
+        return real_commit(store, key, fill, meta, sync)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(DiskStore, "commit", commit)
+    body = standin.add("session", SESSION, "arr_durable", size)
+    a, b = start_replica(), start_replica()
+    assert fetch(a, "arr_durable").content == body
+    assert stored_in_redis(a)
+    shared = fetch(b, "arr_durable")
+    assert shared.headers["cache-status"].endswith("detail=redis") and shared.content == body
+    assert wait_until(lambda: "detail=redis" not in fetch(b, "arr_durable").headers["cache-status"])
+    b_dir = str(tmp_path / "replica-2")
+    (b_commit,) = [c for c in committed if c[0] == b_dir]
+    assert b_commit == (b_dir, size, size > 64 * 1024)

@@ -10,7 +10,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import httpx
@@ -116,6 +116,69 @@ def test_an_overlong_answer_read_ahead_past_its_end_never_reaches_the_next_user(
     first = httpx.get(f"{proxy.url}/v1/overlong", headers=auth())
     assert first.content == exact
     second = httpx.get(f"{proxy.url}/v1/other", headers=auth(OTHER_TOKEN))
+    assert second.content == b"answer to /v1/other on connection 2"
+
+
+def _chunked(body: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
+def _sized(build: Callable[[bytes], bytes], size: int) -> bytes:
+    """``build(body)`` for the body that makes the whole answer ``size`` bytes long."""
+    probe = size - 200  # its length field as long as the answer's
+    answer = build(b"x" * (size - (len(build(b"x" * probe)) - probe)))
+    assert len(answer) == size
+    return answer
+
+
+@pytest.mark.parametrize("framing", ["chunked", "interim", "trailers", "close", "http/1.0"])
+def test_more_bytes_after_an_answer_of_another_framing_never_reach_the_next_user(
+    start_proxy, raw_upstream, framing: str
+) -> None:
+    """The read-ahead attack with other framings, each answer ending exactly at the HTTP
+    client's 64 KiB read: a chunked body, an answer after a 100 Continue, a chunked body with
+    trailers, an answer that says ``Connection: close`` (or is HTTP/1.0) and leaves the
+    connection open. The bytes behind it never answer the next user's request."""
+    builds: dict[str, Callable[[bytes], bytes]] = {
+        "chunked": _chunked,
+        "interim": lambda body: b"HTTP/1.1 100 Continue\r\n\r\n" + framed(body),
+        "trailers": lambda body: _chunked(body)[:-2] + b"X-Checksum: 1\r\n\r\n",
+        "close": lambda body: framed(body).replace(
+            b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1
+        ),
+        "http/1.0": lambda body: framed(body).replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+    }
+    answer = _sized(builds[framing], 65_536)
+    raw_upstream.answer = lambda path, n: (
+        answer + framed(b"STOLEN")
+        if path == "/v1/first"
+        else framed(f"answer to {path} on connection {n}".encode())
+    )
+    proxy = start_proxy(upstream=raw_upstream.url, max_connections=1)
+    first = httpx.get(f"{proxy.url}/v1/first", headers=auth())
+    assert first.status_code == 200 and set(first.content) == {ord("x")}
+    second = httpx.get(f"{proxy.url}/v1/other", headers=auth(OTHER_TOKEN))
+    assert second.content == b"answer to /v1/other on connection 2"
+
+
+def test_a_client_that_hangs_up_mid_answer_leaves_no_bytes_for_the_next_user(
+    start_proxy, raw_upstream
+) -> None:
+    """A client that reads part of a passed-through answer and hangs up: the rest of that
+    answer, still coming, is never read as the next user's answer on a reused connection."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 400000\r\n\r\n"
+    raw_upstream.answer = lambda path, n: (
+        [head + b"a" * 200_000, b"b" * 200_000]
+        if path == "/v1/first"
+        else framed(f"answer to {path} on connection {n}".encode())
+    )
+    proxy = start_proxy(upstream=raw_upstream.url, max_connections=1)
+    with httpx.stream("GET", f"{proxy.url}/v1/first", headers=auth(), timeout=20) as first:
+        assert next(first.iter_raw())[:1] == b"a"
+    # The one connection is busy until the proxy has given up the first answer: the second
+    # request waits for it, then must not read the rest of that answer as its own.
+    second = httpx.get(f"{proxy.url}/v1/other", headers=auth(OTHER_TOKEN), timeout=20)
     assert second.content == b"answer to /v1/other on connection 2"
 
 

@@ -16,6 +16,7 @@ import pytest
 from proxy.threads import THREADS
 from tests.conftest import SESSION, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, wait_until
+from tests.servers import ServerThread
 from tests.standin import Fault, StandIn
 
 #: More misses committing at once than the store has worker threads.
@@ -183,7 +184,7 @@ def test_a_small_commit_never_waits_for_the_fsync_of_a_large_one(
     standin: StandIn, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Commits run on one thread, one at a time. A large entry's fsync (a slow disk flush)
-    runs before its commit, in the shared pool: while it is held, a small miss of another key
+    runs before its commit, in a pool of its own: while it is held, a small miss of another key
     completes and is stored; the large one then completes too, fsynced before it was indexed."""
     real_fsync = os.fsync
     flushing = threading.Event()
@@ -197,13 +198,26 @@ def test_a_small_commit_never_waits_for_the_fsync_of_a_large_one(
 
     monkeypatch.setattr(os, "fsync", fsync)
     proxy = start_proxy()
-    large = standin.add("session", SESSION, "arr_1a7e00", size=300_000)
+    _small_miss_while_a_large_commit_is_held(proxy, standin, 300_000, flushing, release)
+
+
+def _small_miss_while_a_large_commit_is_held(
+    proxy: ServerThread,
+    standin: StandIn,
+    size: int,
+    held: threading.Event,
+    release: threading.Event,
+) -> None:
+    """A large miss of ``size`` bytes runs until its commit is held (``held`` is set); then a
+    small miss of another key completes and is stored. Once ``release`` is set, the large miss
+    completes with its bytes and is stored too."""
+    large = standin.add("session", SESSION, "arr_1a7e00", size=size)
     small = standin.add("session", SESSION, "arr_5e1100", size=SMALL)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(fetch, proxy, "arr_1a7e00")
         try:
-            assert flushing.wait(30)
-            first = fetch(proxy, "arr_5e1100")
+            assert held.wait(30)
+            first = httpx.get(artifact_url(proxy, "arr_5e1100"), headers=auth(), timeout=10)
             assert (first.headers["x-cache"], first.content) == ("MISS", small)
             again = fetch(proxy, "arr_5e1100")
             assert (again.headers["x-cache"], again.content) == ("HIT", small)
@@ -212,3 +226,75 @@ def test_a_small_commit_never_waits_for_the_fsync_of_a_large_one(
             release.set()
         assert pending.result().content == large
     assert fetch(proxy, "arr_1a7e00").headers["x-cache"] == "HIT"
+
+
+def test_fsyncs_of_large_commits_on_a_slow_disk_leave_threads_for_hits(
+    standin: StandIn, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk: every large entry's fsync hangs. More large misses reach their commit at
+    once than the store has worker threads (a few users fetching big artifacts); a hit of a
+    stored entry (looked up and read in worker threads) is still served meanwhile, and the
+    misses complete with their exact bytes once the disk catches up."""
+    from proxy import fills as fills_module
+
+    proxy = start_proxy(max_fills=MISSES + 8, max_fills_per_key=MISSES + 8)
+    stored = standin.add("session", SESSION, "arr_b16b17", size=300_000)
+    assert fetch(proxy, "arr_b16b17").content == stored
+    real_fsync, real_commit = os.fsync, fills_module.commit
+    committing = threading.Semaphore(0)
+    release = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".fill"):
+            assert release.wait(60)
+        real_fsync(fd)
+
+    async def counted(*args: Any) -> bool:
+        committing.release()  # on the event loop, before the commit hands its fsync on
+        return await real_commit(*args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(fills_module, "commit", counted)
+    bodies = {
+        f"arr_{i:06x}": standin.add("session", SESSION, f"arr_{i:06x}", size=100_000)
+        for i in range(MISSES)
+    }
+    pool = ThreadPoolExecutor(MISSES)
+    try:
+        futures = {o: pool.submit(fetch, proxy, o) for o in bodies}
+        for _ in range(THREADS):  # as many misses wait for their fsync as there are threads
+            assert committing.acquire(timeout=20)
+        hit = httpx.get(artifact_url(proxy, "arr_b16b17"), headers=auth(), timeout=10)
+        assert (hit.status_code, hit.headers["x-cache"]) == (200, "HIT")
+        assert hit.content == stored
+        assert not any(f.done() for f in futures.values())
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert {o: f.result().content for o, f in futures.items()} == bodies
+
+
+def test_a_commit_making_room_never_holds_up_other_misses_while_it_deletes_files(
+    standin: StandIn, start_proxy: ProxyFactory, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full cache: a large miss's commit evicts entries, then deletes their files (many, or
+    large ones on a slow disk: here the deletion hangs). Meanwhile a small miss of another key,
+    whose last byte waits for its own commit, completes and is stored; the large one completes
+    too once the deletion does."""
+    proxy = start_proxy(max_size="1MiB", max_object_size="1MiB")
+    for i in range(6):  # 600 kB stored, the oldest to go first
+        standin.add("session", SESSION, f"arr_01d{i:03d}", size=100_000)
+        assert fetch(proxy, f"arr_01d{i:03d}").headers["x-cache"] == "MISS"
+    entries = str(cache_dir / "entries")
+    real_unlink = os.unlink
+    deleting = threading.Event()
+    release = threading.Event()
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).startswith(entries) and str(path).endswith(".val"):
+            deleting.set()
+            assert release.wait(60)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    _small_miss_while_a_large_commit_is_held(proxy, standin, 600_000, deleting, release)

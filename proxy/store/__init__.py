@@ -18,6 +18,8 @@ Contract (every implementation):
   first read, evicted and fetched again, as an index row of the last commits may be lost:
   SQLite's WAL is synced only at checkpoints), and for a file already fsynced (:func:`commit`
   does that in another thread, so that the commit thread only renames and indexes).
+* ``make_room(length)`` evicts least recently used entries until ``length`` more bytes fit, as
+  ``commit`` would first; best effort (errors are not raised), it stores nothing.
 * ``evict(key)`` removes an entry; evicting a missing key is not an error.
 * ``stats()`` is cheap (no scan).
 * A ``prefetched`` entry is committed as the least recently used one (first to be evicted);
@@ -47,7 +49,7 @@ from typing import BinaryIO, Protocol
 
 import anyio
 
-from proxy.threads import run_commit, run_sync
+from proxy.threads import run_commit, run_flush
 from proxy.validators import Validators
 
 #: How long a process trusts one look at a file another process may change: a memory copy's
@@ -183,7 +185,7 @@ def write_fill(store: Store, body: bytes, min_free_space: int) -> FillFile | str
 
 async def commit(store: Store, key: str, fill: FillFile, meta: EntryMeta) -> bool:
     """``store.commit(key, fill, meta)`` from the event loop, its fsync apart: the fsync of an
-    entry over :data:`VERIFIED_WHOLE` bytes runs in the shared pool, where fsyncs overlap, and
+    entry over :data:`VERIFIED_WHOLE` bytes runs in the flush pool, where fsyncs overlap, and
     only then the commit itself on the one commit thread (:func:`proxy.threads.run_commit`),
     which so never waits on a disk flush. Shielded as one call: a cancelled caller still
     commits (or discards) the file, which the store takes over whatever the outcome. An
@@ -191,19 +193,23 @@ async def commit(store: Store, key: str, fill: FillFile, meta: EntryMeta) -> boo
     stored = False
     with anyio.CancelScope(shield=True):
         if meta.length > VERIFIED_WHOLE:
-            await run_sync(_durable, store, fill)
+            await run_flush(_prepare, store, fill, meta.length)
         stored = await run_commit(store.commit, key, fill, meta, False)
     return stored
 
 
-def _durable(store: Store, fill: FillFile) -> None:
-    """Blocks. Flush and fsync ``fill``'s file; on failure it is discarded and the error raised."""
+def _prepare(store: Store, fill: FillFile, length: int) -> None:
+    """Blocks. Flush and fsync ``fill``'s file (on failure it is discarded and the error
+    raised), then make room for its ``length`` bytes: deleting the files of many evicted
+    entries, or of large ones, may take a while, which the one commit thread then does not
+    spend while every other commit (and a small miss's last byte) waits for it."""
     try:
         fill.file.flush()
         os.fsync(fill.file.fileno())
     except OSError:
         store.discard(fill)
         raise
+    store.make_room(length)
 
 
 class Store(Protocol):
@@ -216,6 +222,8 @@ class Store(Protocol):
     def commit(self, key: str, fill: FillFile, meta: EntryMeta, sync: bool = True) -> bool: ...
 
     def discard(self, fill: FillFile) -> None: ...
+
+    def make_room(self, length: int) -> None: ...
 
     def evict(self, key: str) -> None: ...
 

@@ -438,6 +438,23 @@ class DiskStore:
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
 
+    def make_room(self, length: int) -> None:
+        """Evict as :meth:`commit` does before storing ``length`` bytes, storing nothing (see
+        :func:`proxy.store.commit`, which calls it from another thread than the commit's).
+        Best effort: the commit makes room again, under its lock, for what this could not."""
+        if length > self.max_object_bytes:
+            return
+        cache = self._cache
+        try:
+            if self._bytes() + length <= self.max_bytes:
+                return  # room enough: no lock to take
+            with self._room(length):
+                pass
+        except sqlite3.DatabaseError as exc:
+            self._damaged(cache, exc)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not make room for an entry: %s", exc)
+
     @contextlib.contextmanager
     def _room(self, incoming: int, replacing: str | None = None) -> Iterator[None]:
         """Hold the commit lock (:meth:`_exclusive`) with ``incoming`` more bytes fitting under
