@@ -12,16 +12,20 @@ cancelled fill never discards a temporary file that a commit is still renaming, 
 open file that ``begin_fill`` returned). Calls run in a pool of :data:`THREADS` threads of their
 own, apart from the anyio limiter that Starlette uses.
 
-Commits go through :func:`run_commit`, on one thread of their own. They run one at a time
+Commits go through :func:`run_commit`, on two threads of their own. They run one at a time
 under the commit lock anyway, which another process (a worker making room) may hold for a
 while: in the shared pool, ``max_fills`` commits (64) waiting so would take all 40 threads,
-and every lookup, disk read of a hit and start of a fill would queue behind them. One thread
-rather than several: no thread wakes only to wait for the lock, and its one SQLite connection
-keeps its page cache (each connection rereads the pages another one changed). In
-``bench/misses.py``-style runs (1 KiB misses, 32 connections, 10 alternating rounds), one
-commit thread made 630 misses/s where eight made 534, ahead in every round. A large entry's
+and every lookup, disk read of a hit and start of a fill would queue behind them. Two threads
+rather than eight: fewer threads woken only to wait for the lock, and fewer SQLite connections
+rereading the pages another one changed. In ``bench/misses.py``-style runs (1 KiB misses, 32
+connections, alternating rounds), one commit thread made 630 misses/s where eight made 534,
+ahead in all 10 rounds; one, two and four made 646, 621 and 645/s (8 rounds), within the
+noise. Two rather than one: a small miss's commit writes its file there (created, written,
+then renamed under the lock), and on a file system with slow metadata one commit can create
+its file, or delete what an eviction made room from, while the other holds the lock.
+A large entry's
 fsync runs before, in a pool of :data:`FLUSH_THREADS` of its own (:func:`run_flush`, called
-by :func:`proxy.store.commit`), so fsyncs still overlap and the commit thread never waits on a
+by :func:`proxy.store.commit`), so fsyncs still overlap and the commit threads never wait on a
 disk flush; so does the eviction that makes room for it, whose file deletions (many small
 files, or large ones) would otherwise hold up every other commit. Not in the shared pool: on
 a slow disk, ``max_fills`` fsyncs would take all of its threads, and every hit would wait for
@@ -42,7 +46,7 @@ T = TypeVar("T")
 #: Threads at most (anyio's default limiter has 40 tokens, which this replaces for the store).
 THREADS = 40
 #: Threads for commits, besides those (see above).
-COMMIT_THREADS = 1
+COMMIT_THREADS = 2
 #: Threads for the fsyncs of large entries before their commit (and the room made for them).
 FLUSH_THREADS = 8
 

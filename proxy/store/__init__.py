@@ -186,7 +186,7 @@ def write_fill(store: Store, body: bytes, min_free_space: int) -> FillFile | str
 async def commit(store: Store, key: str, fill: FillFile, meta: EntryMeta) -> bool:
     """``store.commit(key, fill, meta)`` from the event loop, its fsync apart: the fsync of an
     entry over :data:`VERIFIED_WHOLE` bytes runs in the flush pool, where fsyncs overlap, and
-    only then the commit itself on the one commit thread (:func:`proxy.threads.run_commit`),
+    only then the commit itself on a commit thread (:func:`proxy.threads.run_commit`),
     which so never waits on a disk flush. Shielded as one call: a cancelled caller still
     commits (or discards) the file, which the store takes over whatever the outcome. An
     ``OSError`` propagates."""
@@ -201,7 +201,7 @@ async def commit(store: Store, key: str, fill: FillFile, meta: EntryMeta) -> boo
 def _prepare(store: Store, fill: FillFile, length: int) -> None:
     """Blocks. Flush and fsync ``fill``'s file (on failure it is discarded and the error
     raised), then make room for its ``length`` bytes: deleting the files of many evicted
-    entries, or of large ones, may take a while, which the one commit thread then does not
+    entries, or of large ones, may take a while, which a commit thread then does not
     spend while every other commit (and a small miss's last byte) waits for it."""
     try:
         fill.file.flush()
