@@ -285,8 +285,10 @@ class AccessProofs:
         revocation since it was written has it rewritten at once.
 
         With ``on_loop`` (the caller is the event loop) nothing is written: when a write to
-        disk is due, it does nothing and returns False, and the caller calls again from a
-        worker thread. So most misses record their proof without a thread hop."""
+        disk is due, it only keeps the proof in memory and returns False, and the caller calls
+        again from a worker thread. So most misses record their proof without a thread hop, and
+        a hit of this process right after never waits for that write (it asked the API again
+        when it came first, one upstream request more under load)."""
         if fingerprint is None:
             return True
         now = time.time()
@@ -298,6 +300,8 @@ class AccessProofs:
             if now - written >= rewrite or self.revocations.voids(fingerprint, written):
                 due.append(scope)
         if due and on_loop:
+            for scope in (*scopes, _ANY):
+                self._keep(fingerprint, scope, now)
             return False
         for scope in due:
             # An int (milliseconds): diskcache stores it as is; floats it would pickle.

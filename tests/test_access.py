@@ -8,6 +8,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,10 @@ from proxy.access import (
     fingerprint_with,
 )
 from proxy.store import RECHECK_SECONDS
+from tests.conftest import SESSION
+from tests.helpers import fetch
+from tests.servers import ServerThread
+from tests.standin import StandIn
 
 
 def test_fingerprints_are_stable_keyed_and_not_the_token(tmp_path: Path) -> None:
@@ -92,14 +97,15 @@ def test_a_repeated_proof_is_rewritten_on_disk_only_after_a_tenth_of_its_ttl(
 def test_a_proof_recorded_on_the_event_loop_never_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``on_loop``: the disk write a proof is due for is left to a worker thread (False, and
-    nothing recorded); one not due is kept in memory at once (True)."""
+    """``on_loop``: the disk write a proof is due for is left to a worker thread (False, kept
+    in memory only, so that this process's next hit does not ask the API again); one not due
+    is kept in memory at once (True)."""
     now = [1_000_000.0]
     monkeypatch.setattr(time, "time", lambda: now[0])
     proofs = AccessProofs(tmp_path, ttl=60)
     fp = proofs.fingerprint("Bearer t")
     assert proofs.record(fp, ("session", "s"), on_loop=True) is False  # never written: due
-    assert not proofs.remembered(fp, ("session", "s"))
+    assert proofs.remembered(fp, ("session", "s"))  # but kept in memory at once
     assert not AccessProofs(tmp_path, ttl=60).has_proof(fp, ("session", "s"))
     assert proofs.record(fp, ("session", "s")) is True  # from a worker thread: written
     now[0] += 5
@@ -264,3 +270,28 @@ def test_workers_creating_the_secret_at_once_all_read_the_same_whole_secret(
         found, failed = _open_at_once(directory, 8)
         assert failed == [] and len(found) == 8 and len(set(found)) == 1
         assert [p.name for p in directory.iterdir() if p.name.startswith(".secret")] == []
+
+
+def test_a_hit_right_after_a_miss_never_waits_for_the_proofs_disk_write(
+    standin: StandIn, proxy: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The miss's proof is due for a disk write, which a worker thread makes; held there, the
+    same key's hit of the same artifact is still served from the proof kept in memory, with
+    no second request to the API (under load the write came late and the hit asked again)."""
+    release = threading.Event()
+    real = AccessProofs.record
+
+    def record(self: AccessProofs, *args: Any, on_loop: bool = False) -> bool:
+        if not on_loop:  # the worker thread's disk write
+            assert release.wait(20)
+        return real(self, *args, on_loop=on_loop)
+
+    monkeypatch.setattr(AccessProofs, "record", record)
+    body = standin.add("session", SESSION, "arr_9a0f00", size=20_000)
+    try:
+        assert fetch(proxy, "arr_9a0f00").headers["x-cache"] == "MISS"
+        again = fetch(proxy, "arr_9a0f00")
+        assert (again.headers["x-cache"], again.content) == ("HIT", body)
+        assert standin.hits("session", SESSION, "arr_9a0f00") == 1
+    finally:
+        release.set()
