@@ -405,9 +405,9 @@ class ArtifactRoute:
         on_close = None
         ours = fill is None and not (fills.full(fingerprint) or fills.uncacheable(key))
         if ours:
-            fill = fills.start(key, authorization, fingerprint, lease=leases[0] if leases else None)
-            if leases:
-                leases.clear()
+            fill = fills.start(
+                key, authorization, fingerprint, lease=leases.pop() if leases else None
+            )
         _give_back(leases)
         if fill is None:  # stream through uncached
             return await self._bypass(request)

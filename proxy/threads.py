@@ -23,13 +23,13 @@ ahead in all 10 rounds; one, two and four made 646, 621 and 645/s (8 rounds), wi
 noise. Two rather than one: a small miss's commit writes its file there (created, written,
 then renamed under the lock), and on a file system with slow metadata one commit can create
 its file, or delete what an eviction made room from, while the other holds the lock.
-A large entry's
-fsync runs before, in a pool of :data:`FLUSH_THREADS` of its own (:func:`run_flush`, called
-by :func:`proxy.store.commit`), so fsyncs still overlap and the commit threads never wait on a
-disk flush; so does the eviction that makes room for it, whose file deletions (many small
-files, or large ones) would otherwise hold up every other commit. Not in the shared pool: on
-a slow disk, ``max_fills`` fsyncs would take all of its threads, and every hit would wait for
-the disk to catch up (``tests/test_threads.py`` has both).
+
+A large entry's fsync runs before, in a pool of :data:`FLUSH_THREADS` of its own
+(:func:`run_flush`, called by :func:`proxy.store.commit`), so fsyncs still overlap and the
+commit threads never wait on a disk flush; so does the eviction that makes room for it, whose
+file deletions (many small files, or large ones) would otherwise hold up every other commit.
+Not in the shared pool: on a slow disk, ``max_fills`` fsyncs would take all of its threads,
+and every hit would wait for the disk to catch up (``tests/test_threads.py`` has both).
 """
 
 from __future__ import annotations
