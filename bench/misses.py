@@ -56,14 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, SCOPE, TOKEN, child, free_port, standin
 from bench.loadgen import wrk
-from bench.servers import (
-    LOAD_CPU,
-    NGINX_MAIN,
-    SERVER_CPU,
-    cpu_seconds,
-    descendants,
-    foreign_cpu_seconds,
-)
+from bench.servers import LOAD_CPU, NGINX_MAIN, SERVER_CPU, ForeignShare, cpu_seconds
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -330,7 +323,7 @@ def main() -> None:
     args = parser.parse_args()
     from bench.run import commit  # here: bench/run.py imports this module
 
-    started, foreign = time.monotonic(), foreign_cpu_seconds(descendants(os.getpid()))
+    busy = ForeignShare()
     with tempfile.TemporaryDirectory(prefix="bench-misses-logs-") as logs:
         try:
             results = measure(
@@ -338,11 +331,9 @@ def main() -> None:
             )
         except MissingTool as exc:
             raise SystemExit(str(exc)) from None
-    elapsed = time.monotonic() - started
-    busy = max(0.0, foreign_cpu_seconds(descendants(os.getpid())) - foreign) / elapsed
     print(
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit()}; "
-        f"processes outside the benchmark used {busy:.0%} of a core meanwhile"
+        f"processes outside the benchmark used {busy.cores():.0%} of a core meanwhile"
     )
     print(f"{args.size} B artifacts, {args.connections} connections, ", end="")
     print(f"{args.rounds} rounds of {args.seconds:g} s; upstream: {upstream_kind()}")

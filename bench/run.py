@@ -68,6 +68,7 @@ from bench.sections import (
 from bench.servers import (
     LOAD_CPU,
     SERVER_CPU,
+    ForeignShare,
     Target,
     ceiling,
     check_hit,
@@ -310,8 +311,7 @@ def run(args: argparse.Namespace, sections: set[str], plan: Plan, logs: Path) ->
             "show it (see the notes under each table)",
             file=sys.stderr,
         )
-    started_at = time.monotonic()
-    foreign_at_start = foreign_cpu_seconds(descendants(os.getpid()))
+    busy = ForeignShare()
     with contextlib.ExitStack() as stack:
         cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-proxy-")))
         stack.enter_context(standin(ports["upstream"], args.latency, LOAD_CPU, logs / "api.log"))
@@ -353,14 +353,12 @@ def run(args: argparse.Namespace, sections: set[str], plan: Plan, logs: Path) ->
         bench = Bench(targets, upstream, plan, args, logs, report)
         for name, section in SECTION_RUNNERS.items():
             if name in sections:
-                minutes = (time.monotonic() - started_at) / 60
+                minutes = (time.monotonic() - busy.started) / 60
                 print(f"running {name} (at {minutes:.1f} min)...", file=sys.stderr, flush=True)
                 section(bench)
-        elapsed = time.monotonic() - started_at
-        foreign = foreign_cpu_seconds(descendants(os.getpid())) - foreign_at_start
         report.add(
-            f"Whole run: {elapsed / 60:.1f} minutes; processes outside the benchmark used "
-            f"{max(0.0, foreign) / elapsed * 100:.0f}% of a core over it on average.\n"
+            f"Whole run: {(time.monotonic() - busy.started) / 60:.1f} minutes; processes "
+            f"outside the benchmark used {busy.cores():.0%} of a core over it on average.\n"
         )
 
 

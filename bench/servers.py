@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,3 +210,16 @@ def foreign_cpu_seconds(ours: set[int]) -> float:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             total += sum(int(n) for n in fields[11:15])  # utime stime cutime cstime
     return total / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignShare:
+    """How much of a core processes outside the benchmark have used since it was made (a
+    whole run's note: how busy the rest of the machine was while we measured)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self._foreign = foreign_cpu_seconds(descendants(os.getpid()))
+
+    def cores(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return max(0.0, foreign_cpu_seconds(descendants(os.getpid())) - self._foreign) / elapsed
