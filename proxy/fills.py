@@ -45,10 +45,11 @@ from proxy.follower import FollowFailed, follow
 from proxy.integrity import BodyDigests
 from proxy.keys import ArtifactKey
 from proxy.metrics import Metrics
-from proxy.store import EntryMeta, FillFile, Store, commit, has_room, write_entry
+from proxy.store import EntryMeta, FillFile, Store, commit, has_room
+from proxy.store.batches import Batches
 from proxy.store.claims import POLL_SECONDS, AlreadyStored, Announcement, Coordinator, Lease
 from proxy.store.lease import Held, Stored
-from proxy.threads import run_commit, run_sync
+from proxy.threads import run_sync
 from proxy.upstream import Upstream, read_answer, translate
 from proxy.validators import Validators
 
@@ -90,6 +91,7 @@ class Fills:
         self._share_proofs = share_proofs
         self._upstream = upstream
         self._store = store
+        self._batches = Batches(store, config.min_free_space)
         self._access = access
         self._metrics = metrics
         self._running: dict[ArtifactKey, Fill] = {}
@@ -346,35 +348,38 @@ class Fills:
         self, fill: Fill, response: httpx.Response, validators: Validators, started_at: float
     ) -> None:
         """Fetch a small body of announced length into ``fill``'s window, which keeps it whole
-        (readers take it from there), then hash it, write it and commit it in one worker-thread
-        hop. A fill with a temporary file from the start makes two more (one to create, open
-        and announce the file, one per batch appended), a third of a 1 KiB miss's cost beside
-        a bare forwarder (bench/misses.py). Nothing is announced: another worker of the host
-        wanting the key waits for the lease (a few milliseconds at this size), then reads the
-        entry. Durability is a large fill's: the entry exists only once its file is fsynced."""
+        (readers take it from there), then hash it, write it and commit it in one commit-thread
+        hop, in a batch with the other small fills' commits waiting then
+        (:mod:`proxy.store.batches`). A fill with a temporary file from the start makes two
+        more hops (one to create, open and announce the file, one per batch appended), a third
+        of a 1 KiB miss's cost beside a bare forwarder (bench/misses.py). Nothing is announced:
+        another worker of the host wanting the key waits for the lease (a few milliseconds at
+        this size), then reads the entry. Its file is not fsynced: every read verifies an entry
+        this small whole (see :mod:`proxy.store`)."""
         fill.in_memory = True
         fill.started.set()
         await self._tee(fill, response.aiter_raw(), None)
         self._fetched(fill, response, validators, started_at)
         body = fill.whole_body()
         meta_of = _entry_meta(fill, validators)
-        store, key, min_free_space = self._store, fill.key, self._config.min_free_space
+        key = fill.key
 
-        def write_and_commit() -> tuple[EntryMeta, str | None]:
-            """The entry's metadata, and which failure kept it from the store, if one did."""
+        def meta() -> EntryMeta:
             digests = BodyDigests()
             digests.update(body)
-            meta = meta_of(digests)
-            try:
-                return meta, write_entry(store, key.cache_key, body, meta, min_free_space)
-            except OSError as exc:
-                log.warning("could not store %s: %s", key.object_id, exc.strerror or exc)
-                return meta, "commit"
+            return meta_of(digests)
 
-        meta, failure = await run_commit(write_and_commit)
+        failure: str | OSError | None
+        try:
+            entry, failure = await self._batches.write(key.cache_key, body, meta)
+        except OSError as exc:  # the whole batch's commit failed
+            failure = exc
+        if isinstance(failure, OSError):
+            log.warning("could not store %s: %s", key.object_id, failure.strerror or failure)
+            failure = "commit"
         if failure is None:
             if self._share_entry is not None:  # off the hot path
-                self._share_entry(fill.key.cache_key, meta)
+                self._share_entry(fill.key.cache_key, entry)
             return
         fill.disk_failed = True  # not stored (a prefetch counts it so)
         if failure != "refused":

@@ -18,6 +18,9 @@ Contract (every implementation):
   first read, evicted and fetched again, as an index row of the last commits may be lost:
   SQLite's WAL is synced only at checkpoints), and for a file already fsynced (:func:`commit`
   does that in another thread, so that the commit thread only renames and indexes).
+* ``commit_many(items)`` commits each ``(key, fill, meta)`` as ``commit`` does with
+  ``sync=False``, together (one transaction, say), and says for each: True, False, or the
+  ``OSError`` that kept its file from the store (the others are committed regardless).
 * ``make_room(length)`` evicts least recently used entries until ``length`` more bytes fit, as
   ``commit`` would first; best effort (errors are not raised), it stores nothing.
 * ``evict(key)`` removes an entry; evicting a missing key is not an error.
@@ -45,6 +48,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
 import anyio
@@ -149,20 +153,33 @@ def has_room(store: Store, length: int, min_free_space: int) -> bool:
     return directory is None or shutil.disk_usage(directory).free - length >= min_free_space
 
 
-def write_entry(
-    store: Store, key: str, body: bytes, meta: EntryMeta, min_free_space: int
-) -> str | None:
-    """Blocks. Store a whole ``body`` of :data:`VERIFIED_WHOLE` bytes at most under ``key``:
-    a temporary file written at once (:func:`write_fill`), then committed without an fsync.
-    None once stored, else why not: ``no_space`` (:func:`has_room`), ``write`` (no file, or a
-    failed write) or ``refused`` (the store would not keep it). An ``OSError`` of the commit
-    propagates. A larger body goes through :func:`write_fill` and :func:`commit`."""
-    assert len(body) <= VERIFIED_WHOLE
-    temp = write_fill(store, body, min_free_space)
-    if isinstance(temp, str):
-        return temp
-    # The store takes the file over, whatever the outcome.
-    return None if store.commit(key, temp, meta, sync=False) else "refused"
+def write_entries(
+    store: Store,
+    items: Sequence[tuple[str, bytes, EntryMeta]],
+    min_free_space: int,
+) -> list[str | OSError | None]:
+    """Blocks. Store whole bodies of :data:`VERIFIED_WHOLE` bytes at most, each under its key:
+    a temporary file each, written at once (:func:`write_fill`), then committed together
+    without an fsync (``store.commit_many``). For each item, None once stored, else why not:
+    ``no_space`` (:func:`has_room`), ``write`` (no file, or a failed write), ``refused`` (the
+    store would not keep it), or the ``OSError`` that kept its file from its place. An
+    ``OSError`` of the whole commit propagates. A larger body goes through :func:`write_fill`
+    and :func:`commit`."""
+    failures: list[str | OSError | None] = [None] * len(items)
+    pending: list[tuple[str, FillFile, EntryMeta]] = []
+    written: list[int] = []
+    for i, (key, body, meta) in enumerate(items):
+        assert len(body) <= VERIFIED_WHOLE
+        temp = write_fill(store, body, min_free_space)
+        if isinstance(temp, str):
+            failures[i] = temp
+            continue
+        pending.append((key, temp, meta))
+        written.append(i)
+    # The store takes the files over, whatever the outcome.
+    for i, outcome in zip(written, store.commit_many(pending), strict=True):
+        failures[i] = None if outcome is True else "refused" if outcome is False else outcome
+    return failures
 
 
 def write_fill(store: Store, body: bytes, min_free_space: int) -> FillFile | str:
@@ -220,6 +237,10 @@ class Store(Protocol):
     def open_fill(self, name: str) -> int | None: ...
 
     def commit(self, key: str, fill: FillFile, meta: EntryMeta, sync: bool = True) -> bool: ...
+
+    def commit_many(
+        self, items: Sequence[tuple[str, FillFile, EntryMeta]]
+    ) -> list[bool | OSError]: ...
 
     def discard(self, fill: FillFile) -> None: ...
 
