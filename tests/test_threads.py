@@ -3,8 +3,12 @@ take the threads that lookups and hits need."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.threads import THREADS
+from proxy.threads import THREADS, Pool, _run
 from tests.conftest import SESSION, ProxyFactory
 from tests.helpers import artifact_url, auth, fetch, wait_until
 from tests.servers import ServerThread
@@ -298,3 +302,98 @@ def test_a_commit_making_room_never_holds_up_other_misses_while_it_deletes_files
 
     monkeypatch.setattr(os, "unlink", unlink)
     _small_miss_while_a_large_commit_is_held(proxy, standin, 600_000, deleting, release)
+
+
+def test_the_pool_runs_calls_on_up_to_its_size_of_threads_and_returns_their_outcomes() -> None:
+    """A pool of three threads runs three blocking calls at once and no more (the fourth waits
+    for a free thread, then runs); each caller gets its own result, or its own exception."""
+    pool = Pool(3, "test-pool")
+    started = threading.Barrier(4, timeout=20)  # three calls and this test
+    release = threading.Event()
+    running: list[int] = []
+
+    def blocking(n: int) -> int:
+        running.append(n)
+        if n < 3:
+            started.wait()
+            assert release.wait(20)
+        return n * 10
+
+    def failing() -> None:
+        raise ValueError("its own")
+
+    async def main() -> tuple[list[int], str]:
+        calls = [asyncio.create_task(_run(pool, blocking, (n,))) for n in range(4)]
+        await asyncio.to_thread(started.wait)
+        assert sorted(running) == [0, 1, 2]  # the fourth waits for a thread
+        release.set()
+        results = list(await asyncio.gather(*calls))
+        with pytest.raises(ValueError) as raised:
+            await _run(pool, failing, ())
+        return results, str(raised.value)
+
+    try:
+        assert asyncio.run(main()) == ([0, 10, 20, 30], "its own")
+        assert len(pool._threads) == 3
+    finally:
+        pool.join()
+
+
+def test_a_call_whose_caller_was_cancelled_before_it_started_never_runs() -> None:
+    """With the pool's one thread busy, a caller is cancelled while its call waits in the
+    queue: the call is skipped (as an executor skips a cancelled future), and the pool goes
+    on with the next."""
+    pool = Pool(1, "test-pool")
+    busy = threading.Event()
+    release = threading.Event()
+    ran: list[str] = []
+
+    def hold() -> None:
+        busy.set()
+        assert release.wait(20)
+
+    async def main() -> None:
+        first = asyncio.create_task(_run(pool, hold, ()))
+        await asyncio.to_thread(busy.wait)
+        queued = asyncio.create_task(_run(pool, ran.append, ("cancelled",)))
+        await asyncio.sleep(0)  # it is submitted
+        queued.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await queued
+        release.set()
+        await first
+        await _run(pool, ran.append, ("next",))
+
+    try:
+        asyncio.run(main())
+        assert ran == ["next"]
+    finally:
+        pool.join()
+
+
+def test_calls_under_way_at_exit_are_finished_before_the_process_ends(tmp_path: Path) -> None:
+    """A process whose event loop ended while two commits ran (on the two commit threads) and
+    a third waited: the interpreter waits for the two under way before it exits, as it waits
+    for an executor's. The third's caller was cancelled as the loop ended, so it never runs
+    (its fill's file is left for the next start's sweep), as with an executor."""
+    done = tmp_path / "done"
+    script = f"""
+import asyncio, threading, time
+from proxy.threads import run_commit
+
+def slow(name):
+    time.sleep(0.3)  # a slow commit, not a wait for another thread
+    with open({str(done)!r}, "a") as out:
+        out.write(name + "\\n")
+
+async def main():
+    for name in ("one", "two", "three"):
+        asyncio.get_running_loop().create_task(run_commit(slow, name))
+    await asyncio.sleep(0)
+
+asyncio.run(main())
+"""
+    subprocess.run(
+        [sys.executable, "-c", script], check=True, timeout=30, cwd=Path(__file__).parents[1]
+    )
+    assert sorted(done.read_text().split()) == ["one", "two"]
