@@ -225,3 +225,46 @@ def test_commit_many_keeps_each_entry_as_commit_would(tmp_path: Path) -> None:
     hot = store.get("hot")
     assert hot is not None
     hot.close()
+
+
+def test_a_batch_larger_than_max_bytes_keeps_the_store_within_it(tmp_path: Path) -> None:
+    """A batch whose entries together exceed ``max_bytes`` (32 small entries of a small store)
+    is stored as one commit after another would be: the store stays within ``max_bytes``,
+    the newest entries kept, and no file is left over beside the index."""
+    store = DiskStore(tmp_path, max_bytes=10_000, max_object_bytes=3_000)
+    bodies = [bytes([n]) * 2_500 for n in range(8)]  # 20,000 bytes in all
+    items = [(f"k{n}", _fill(store, body), _meta(body)) for n, body in enumerate(bodies)]
+    assert store.commit_many(items) == [True] * 8
+    stats = store.stats()
+    assert stats.bytes <= 10_000
+    assert len(_files(tmp_path)) == stats.entries
+    newest = store.get("k7")
+    assert newest is not None
+    with newest.file:
+        assert newest.file.read() == bodies[7]
+
+
+def test_a_batch_of_misses_larger_than_max_size_keeps_the_cache_within_it(
+    standin: StandIn, start_proxy: ProxyFactory, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack: with ``max_size`` 8 KiB, ten concurrent 2 KiB misses committed in one batch
+    (20 KiB) made the cache hold 20 KiB, two and a half times its bound, and evicted every
+    other entry on the way. Each client still gets its bytes; the cache stays within bound."""
+    held = _Held(monkeypatch)
+    proxy = start_proxy(max_size=8192, max_fills_per_key=64)
+    standin.add("session", SESSION, "arr_ba0000", size=SMALL)
+    ids = [f"arr_ba{i:04x}" for i in range(1, 11)]
+    bodies = {
+        object_id: standin.add("session", SESSION, object_id, size=SMALL) for object_id in ids
+    }
+    with ThreadPoolExecutor(1) as lone:
+        leading = lone.submit(fetch, proxy, "arr_ba0000")
+        assert held.entered.wait(20)
+        with _misses_waiting_for_their_commit(proxy, ids) as futures:
+            held.release.set()
+            results = [future.result() for future in futures]
+        assert leading.result().status_code == 200
+    assert held.sizes == [1, 10]
+    assert results == [(200, "MISS", body) for body in bodies.values()]
+    assert metric(proxy, "vlmrun_cache_bytes") <= 8192
+    assert len(_files(cache_dir / "entries")) == metric(proxy, "vlmrun_cache_entries")

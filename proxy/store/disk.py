@@ -348,7 +348,38 @@ class DiskStore:
 
         A small miss's commit costs half as much in a batch of 32 as alone (the lock's
         ``flock``, the room check, the transaction's WAL frames and locks are paid once):
-        :mod:`proxy.store.batches` gathers the commits of small fills so."""
+        :mod:`proxy.store.batches` gathers the commits of small fills so.
+
+        Items that together exceed ``max_bytes`` (32 small entries of a small store) go in
+        parts that each fit, one after another, as separate commits would: the room made for
+        one part evicts the parts before it, and the store stays within ``max_bytes``."""
+        outcomes: list[bool | OSError] = []
+        start = 0
+        try:
+            for end in self._parts(items):
+                outcomes += self._commit_part(items[start:end])
+                start = end
+        finally:
+            for _key, fill, _meta in items[len(outcomes) :]:  # a part raised: the rest dropped
+                self.discard(fill)
+        return outcomes
+
+    def _parts(self, items: Sequence[tuple[str, FillFile, EntryMeta]]) -> Iterator[int]:
+        """Where each part of ``items`` ends, each part's entries fitting in ``max_bytes``
+        together (those over ``max_object_bytes``, refused, take no room)."""
+        total = 0
+        for i, (_key, _fill, meta) in enumerate(items):
+            length = meta.length if meta.length <= self.max_object_bytes else 0
+            if i and total + length > self.max_bytes:
+                yield i
+                total = 0
+            total += length
+        yield len(items)
+
+    def _commit_part(
+        self, items: Sequence[tuple[str, FillFile, EntryMeta]]
+    ) -> list[bool | OSError]:
+        """:meth:`commit_many` of ``items`` that fit in ``max_bytes`` together."""
         outcomes: list[bool | OSError] = [False] * len(items)
         placed: list[_Adopt] = []
         try:
