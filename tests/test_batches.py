@@ -244,6 +244,36 @@ def test_a_batch_larger_than_max_bytes_keeps_the_store_within_it(tmp_path: Path)
         assert newest.file.read() == bodies[7]
 
 
+def test_a_part_of_a_batch_that_fails_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch over ``max_bytes`` goes in two parts; the commit lock of the second cannot be
+    taken (an I/O error): the first part's entries are stored and say so, the second's say
+    why not, and none of their files is left behind."""
+    store = DiskStore(tmp_path, max_bytes=10_000, max_object_bytes=3_000)
+    real = DiskStore._exclusive
+    calls = 0
+
+    @contextlib.contextmanager
+    def exclusive(self: DiskStore) -> Iterator[None]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(5, "Input/output error")
+        with real(self):
+            yield
+
+    monkeypatch.setattr(DiskStore, "_exclusive", exclusive)
+    bodies = [bytes([n]) * 2_500 for n in range(8)]
+    items = [(f"k{n}", _fill(store, body), _meta(body)) for n, body in enumerate(bodies)]
+    outcomes = store.commit_many(items)
+    assert outcomes[:4] == [True] * 4
+    assert [type(outcome) for outcome in outcomes[4:]] == [OSError] * 4
+    assert store.stats().entries == 4
+    assert len(_files(tmp_path)) == 4
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_a_batch_of_misses_larger_than_max_size_keeps_the_cache_within_it(
     standin: StandIn, start_proxy: ProxyFactory, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

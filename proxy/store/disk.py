@@ -357,7 +357,11 @@ class DiskStore:
         start = 0
         try:
             for end in self._parts(items):
-                outcomes += self._commit_part(items[start:end])
+                part = items[start:end]
+                try:
+                    outcomes += self._commit_part(part)
+                except OSError as exc:  # the whole part's (the lock's, say), not the parts before
+                    outcomes += [exc] * len(part)
                 start = end
         finally:
             for _key, fill, _meta in items[len(outcomes) :]:  # a part raised: the rest dropped
