@@ -106,7 +106,8 @@ class Pool:
                     _reply(loop, _fail, future, exc)
                 else:
                     _reply(loop, _succeed, future, result)
-                del loop, future, func, args
+                    del result  # the caller's alone: not kept alive while this thread idles
+            del loop, future, func, args
             self._idle.release()
 
     def join(self) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import os
 import subprocess
 import sys
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -367,6 +369,32 @@ def test_a_call_whose_caller_was_cancelled_before_it_started_never_runs() -> Non
     try:
         asyncio.run(main())
         assert ran == ["next"]
+    finally:
+        pool.join()
+
+
+def test_an_idle_thread_keeps_no_result_of_its_last_call_alive() -> None:
+    """A call's result (a chunk of a read, 1 MiB by default) is the caller's alone: once the
+    caller drops it, nothing holds it. A thread of the pool keeping its last result until its
+    next call kept up to 40 chunks alive in idle threads (an executor's thread keeps none)."""
+    pool = Pool(1, "test-pool")
+
+    class Chunk:
+        pass
+
+    async def main() -> bool:
+        chunk = await _run(pool, Chunk, ())
+        ref = weakref.ref(chunk)
+        del chunk
+
+        def collected() -> bool:  # on the pool's one thread, where the last call ran
+            gc.collect()
+            return ref() is None
+
+        return await _run(pool, collected, ())
+
+    try:
+        assert asyncio.run(main())
     finally:
         pool.join()
 
