@@ -174,14 +174,16 @@ class Fills:
         """Wait up to ``shutdown_timeout`` for running fills, then cancel the rest.
 
         A cancelled fill leaves no entry: commits are atomic and its temporary file is removed.
+        A batch of small commits under way (:mod:`proxy.store.batches`) is waited for, queued
+        ones too, so that none reaches the store after it closes.
         """
-        if not self._tasks:
-            return
-        with anyio.move_on_after(self._config.shutdown_timeout):
+        if self._tasks:
+            with anyio.move_on_after(self._config.shutdown_timeout):
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            for task in list(self._tasks):
+                task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._batches.aclose()
 
     # -- the fill task ------------------------------------------------------------------------
 

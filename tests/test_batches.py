@@ -3,6 +3,7 @@ commits waiting behind one go together, and one entry's failure is its own."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import sqlite3
@@ -298,3 +299,45 @@ def test_a_batch_of_misses_larger_than_max_size_keeps_the_cache_within_it(
     assert results == [(200, "MISS", body) for body in bodies.values()]
     assert metric(proxy, "vlmrun_cache_bytes") <= 8192
     assert len(_files(cache_dir / "entries")) == metric(proxy, "vlmrun_cache_entries")
+
+
+def test_closing_waits_for_the_batch_under_way_and_the_commits_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At shutdown the fills still waiting are cancelled; their commits, one batch under way
+    and three queued behind it, are still made, and ``Batches.aclose`` (which the fills'
+    ``aclose`` awaits before the store closes) returns only once they are: none reaches the
+    store after it closed."""
+    from proxy.store.batches import Batches
+
+    held = _Held(monkeypatch)
+    store = DiskStore(tmp_path, max_bytes=1_000_000, max_object_bytes=400_000)
+    batches = Batches(store, min_free_space=0)
+    bodies = {f"k{n}": bytes([n]) * 1000 for n in range(4)}
+
+    async def main() -> bool:
+        def write(key: str) -> asyncio.Task[object]:
+            body = bodies[key]
+            return asyncio.create_task(batches.write(key, body, lambda: _meta(body)))
+
+        writes = [write("k0")]
+        await asyncio.to_thread(held.entered.wait)  # k0's batch runs
+        writes += [write(key) for key in ("k1", "k2", "k3")]
+        await asyncio.sleep(0)  # queued behind it
+        for write in writes:
+            write.cancel()  # as Fills.aclose cancels the fills left
+        closing = asyncio.create_task(batches.aclose())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        waited = not closing.done()
+        held.release.set()
+        await closing
+        return waited
+
+    assert asyncio.run(main())
+    assert held.sizes == [1, 3]
+    for key, body in bodies.items():
+        entry = store.get(key)
+        assert entry is not None, key
+        with entry.file:
+            assert entry.file.read() == body

@@ -54,6 +54,11 @@ class Batches:
             outcome = await future
         return outcome
 
+    async def aclose(self) -> None:
+        """Wait until every commit asked for so far is done (or failed)."""
+        while self._draining is not None:
+            await asyncio.gather(self._draining, return_exceptions=True)
+
     async def _drain(self) -> None:
         try:
             while self._queue:
