@@ -341,3 +341,26 @@ def test_closing_waits_for_the_batch_under_way_and_the_commits_queued(
         assert entry is not None, key
         with entry.file:
             assert entry.file.read() == body
+
+
+def test_an_index_locked_past_its_timeout_fails_the_batch_as_a_commit_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holds the index's write lock longer than SQLite waits (diskcache
+    then raises its ``Timeout``, which is no ``OSError``): each entry of the batch fails with an
+    ``OSError`` (a commit failure, counted and logged as one, rather than an unexpected error in
+    every fill of the batch), and no file is left behind."""
+    store = DiskStore(tmp_path, max_bytes=1_000_000, max_object_bytes=400_000)
+
+    def locked(cache: diskcache.Cache, retry: bool = False) -> Any:
+        raise diskcache.Timeout
+
+    monkeypatch.setattr(diskcache.Cache, "transact", locked)
+    bodies = [bytes([n]) * 1000 for n in range(3)]
+    items = [(f"k{n}", _fill(store, body), _meta(body)) for n, body in enumerate(bodies)]
+    outcomes = store.commit_many(items)
+    assert [type(outcome) for outcome in outcomes] == [OSError] * 3
+    assert _files(tmp_path) == []
+    with pytest.raises(OSError):
+        store.commit("k0", _fill(store, bodies[0]), _meta(bodies[0]))
+    assert _files(tmp_path) == []
