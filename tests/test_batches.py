@@ -93,6 +93,27 @@ def _misses_waiting_for_their_commit(
         pool.shutdown(wait=True)
 
 
+def _misses_behind_a_held_commit(
+    proxy: Any, standin: StandIn, held: _Held, ids: list[str]
+) -> dict[str, bytes]:
+    """A miss of ``arr_ba0000`` whose commit ``held`` holds, then misses of ``ids`` that finish
+    their bodies meanwhile; released, each client must get all of its own body, as a MISS.
+    Returns the bodies of ``ids``."""
+    first = standin.add("session", SESSION, "arr_ba0000", size=SMALL)
+    bodies = {
+        object_id: standin.add("session", SESSION, object_id, size=SMALL) for object_id in ids
+    }
+    with ThreadPoolExecutor(1) as lone:
+        leading = lone.submit(fetch, proxy, "arr_ba0000")
+        assert held.entered.wait(20)  # its commit runs, and waits
+        with _misses_waiting_for_their_commit(proxy, ids) as futures:
+            held.release.set()
+            results = [future.result() for future in futures]
+        assert leading.result().content == first
+    assert results == [(200, "MISS", body) for body in bodies.values()]
+    return bodies
+
+
 def test_commits_waiting_behind_a_batch_go_together_in_the_next(
     standin: StandIn, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -100,22 +121,10 @@ def test_commits_waiting_behind_a_batch_go_together_in_the_next(
     commits are one batch, and every client gets its own bytes, stored (hits next)."""
     held = _Held(monkeypatch)
     proxy = start_proxy(max_fills_per_key=64)
-    first = standin.add("session", SESSION, "arr_ba0000", size=SMALL)
-    bodies = {
-        f"arr_ba{i:04x}": standin.add("session", SESSION, f"arr_ba{i:04x}", size=SMALL)
-        for i in range(1, 11)
-    }
-    with ThreadPoolExecutor(1) as lone:
-        leading = lone.submit(fetch, proxy, "arr_ba0000")
-        assert held.entered.wait(20)  # its commit runs, and waits
-        with _misses_waiting_for_their_commit(proxy, list(bodies)) as futures:
-            held.release.set()
-            results = [future.result() for future in futures]
-        assert leading.result().content == first
+    bodies = _misses_behind_a_held_commit(
+        proxy, standin, held, [f"arr_ba{i:04x}" for i in range(1, 11)]
+    )
     assert held.sizes == [1, 10]
-    assert [(status, cache, data) for status, cache, data in results] == [
-        (200, "MISS", body) for body in bodies.values()
-    ]
     for object_id, body in bodies.items():
         again = fetch(proxy, object_id)
         assert (again.headers["x-cache"], again.content) == ("HIT", body)
@@ -139,20 +148,9 @@ def test_an_entry_that_cannot_be_placed_fails_alone_in_its_batch(
 
     monkeypatch.setattr(_AdoptingDisk, "store", store)
     proxy = start_proxy(max_fills_per_key=64)
-    standin.add("session", SESSION, "arr_ba0000", size=SMALL)
     ids = ["arr_ba0001", "arr_ba0002", "arr_bad000", "arr_ba0003", "arr_ba0004"]
-    bodies = {
-        object_id: standin.add("session", SESSION, object_id, size=SMALL) for object_id in ids
-    }
-    with ThreadPoolExecutor(1) as lone:
-        leading = lone.submit(fetch, proxy, "arr_ba0000")
-        assert held.entered.wait(20)
-        with _misses_waiting_for_their_commit(proxy, ids) as futures:
-            held.release.set()
-            results = [future.result() for future in futures]
-        assert leading.result().status_code == 200
+    bodies = _misses_behind_a_held_commit(proxy, standin, held, ids)
     assert held.sizes == [1, 5]
-    assert results == [(200, "MISS", body) for body in bodies.values()]
     assert metric(proxy, "vlmrun_cache_store_failures_total", reason="commit") == 1
     for object_id, body in bodies.items():
         again = fetch(proxy, object_id)
@@ -283,20 +281,8 @@ def test_a_batch_of_misses_larger_than_max_size_keeps_the_cache_within_it(
     other entry on the way. Each client still gets its bytes; the cache stays within bound."""
     held = _Held(monkeypatch)
     proxy = start_proxy(max_size=8192, max_fills_per_key=64)
-    standin.add("session", SESSION, "arr_ba0000", size=SMALL)
-    ids = [f"arr_ba{i:04x}" for i in range(1, 11)]
-    bodies = {
-        object_id: standin.add("session", SESSION, object_id, size=SMALL) for object_id in ids
-    }
-    with ThreadPoolExecutor(1) as lone:
-        leading = lone.submit(fetch, proxy, "arr_ba0000")
-        assert held.entered.wait(20)
-        with _misses_waiting_for_their_commit(proxy, ids) as futures:
-            held.release.set()
-            results = [future.result() for future in futures]
-        assert leading.result().status_code == 200
+    _misses_behind_a_held_commit(proxy, standin, held, [f"arr_ba{i:04x}" for i in range(1, 11)])
     assert held.sizes == [1, 10]
-    assert results == [(200, "MISS", body) for body in bodies.values()]
     assert metric(proxy, "vlmrun_cache_bytes") <= 8192
     assert len(_files(cache_dir / "entries")) == metric(proxy, "vlmrun_cache_entries")
 
@@ -341,3 +327,26 @@ def test_closing_waits_for_the_batch_under_way_and_the_commits_queued(
         assert entry is not None, key
         with entry.file:
             assert entry.file.read() == body
+
+
+def test_an_index_locked_past_its_timeout_fails_the_batch_as_a_commit_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holds the index's write lock longer than SQLite waits (diskcache
+    then raises its ``Timeout``, which is no ``OSError``): each entry of the batch fails with an
+    ``OSError`` (a commit failure, counted and logged as one, rather than an unexpected error in
+    every fill of the batch), and no file is left behind."""
+    store = DiskStore(tmp_path, max_bytes=1_000_000, max_object_bytes=400_000)
+
+    def locked(cache: diskcache.Cache, retry: bool = False) -> Any:
+        raise diskcache.Timeout
+
+    monkeypatch.setattr(diskcache.Cache, "transact", locked)
+    bodies = [bytes([n]) * 1000 for n in range(3)]
+    items = [(f"k{n}", _fill(store, body), _meta(body)) for n, body in enumerate(bodies)]
+    outcomes = store.commit_many(items)
+    assert [type(outcome) for outcome in outcomes] == [OSError] * 3
+    assert _files(tmp_path) == []
+    with pytest.raises(OSError):
+        store.commit("k0", _fill(store, bodies[0]), _meta(bodies[0]))
+    assert _files(tmp_path) == []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -418,6 +419,9 @@ class DiskStore:
             except sqlite3.DatabaseError as exc:
                 self._damaged(cache, exc)
                 outcomes = [False] * len(items)
+            except diskcache.Timeout:  # another connection held the index past SQLite's timeout
+                locked = OSError(errno.EBUSY, "the cache index stayed locked")
+                outcomes = [locked] * len(items)
             return outcomes
         finally:
             # Moved into place, but the transaction was rolled back (diskcache leaves the file
