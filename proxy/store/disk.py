@@ -533,8 +533,8 @@ class DiskStore:
                 pass
         except sqlite3.DatabaseError as exc:
             self._damaged(cache, exc)
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("could not make room for an entry: %s", exc)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            log.warning("could not make room for an entry: %s", exc or type(exc).__name__)
 
     @contextlib.contextmanager
     def _room(self, incoming: int, replacing: Collection[str] = ()) -> Iterator[None]:
@@ -558,14 +558,21 @@ class DiskStore:
                 # (a write transaction each, for keys that are seldom there) only matters when
                 # their bytes are needed to make room.
                 if replacing and size + incoming > self.max_bytes:
-                    for key in replacing:
+                    # A read for each (diskcache's ``delete`` is a write transaction even for a
+                    # key it does not hold): a full store evicts on every batch.
+                    stored = [key for key in replacing if key in self._cache]
+                    for key in stored:
                         self.evict(key)
-                    size = self._bytes()
+                    if stored:
+                        size = self._bytes()
                 replacing = ()
                 excess = size + incoming - self.max_bytes
                 victims = []
                 if excess > 0:
-                    victims = self._index.remove_least_recent(excess, _EVICT_BATCH)
+                    with self._cache.transact():  # on this thread's own connection
+                        victims = self._index.remove_least_recent(
+                            self._cache._con, excess, _EVICT_BATCH
+                        )
                     for victim, unread in victims:
                         self._forget(victim.key)
                         self._on_evict(victim.size)
