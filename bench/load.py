@@ -130,7 +130,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         tally = Tally()
         rss_samples: list[int] = []
         base = f"http://127.0.0.1:{proxy_port}"
-        limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+        # Idle connections are dropped before the proxy's keep-alive timeout (5 s, uvicorn's)
+        # ends them. At httpx's default, 5 s too, a hit sent on a connection just as the proxy
+        # closed it can fail with RemoteProtocolError (a race of HTTP/1.1 keep-alive, not a
+        # fault of the proxy's): seen once in 17 runs, a connection idle for seconds while its
+        # client waited for a thread to hash the bytes it expects.
+        limits = httpx.Limits(
+            max_connections=args.clients,
+            max_keepalive_connections=args.clients,
+            keepalive_expiry=2.0,
+        )
         async with httpx.AsyncClient(
             headers={"Authorization": f"Bearer {TOKEN}"}, limits=limits, timeout=120
         ) as http:
