@@ -371,12 +371,8 @@ class Fills:
             digests.update(body)
             return meta_of(digests)
 
-        failure: str | OSError | None
-        try:
-            entry, failure = await self._batches.write(key.cache_key, body, meta)
-        except OSError as exc:  # the whole batch's commit failed
-            failure = exc
-        if isinstance(failure, OSError):
+        entry, failure = await self._batches.write(key.cache_key, body, meta)
+        if isinstance(failure, OSError):  # the commit's, as the store said for this entry
             log.warning("could not store %s: %s", key.object_id, failure.strerror or failure)
             failure = "commit"
         if failure is None:

@@ -162,8 +162,8 @@ def write_entries(
     a temporary file each, written at once (:func:`write_fill`), then committed together
     without an fsync (``store.commit_many``). For each item, None once stored, else why not:
     ``no_space`` (:func:`has_room`), ``write`` (no file, or a failed write), ``refused`` (the
-    store would not keep it), or the ``OSError`` that kept its file from its place. An
-    ``OSError`` of the whole commit propagates. A larger body goes through :func:`write_fill`
+    store would not keep it), or the ``OSError`` that kept it from the store (``commit_many``
+    reports those per entry; none is raised). A larger body goes through :func:`write_fill`
     and :func:`commit`."""
     failures: list[str | OSError | None] = [None] * len(items)
     pending: list[tuple[str, FillFile, EntryMeta]] = []
